@@ -1,0 +1,166 @@
+"""The `dicomnode` command: serve the node, and the tools an administrator reaches for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dicomnode.config import DEFAULT_CONFIG, ConfigError, load_config, load_routing
+
+# Tracebacks never show local variables: they could hold patient data.
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_show_locals=False)
+
+ConfigOption = Annotated[
+    Path,
+    typer.Option("--config", "-c", envvar="DICOMNODE_CONFIG", help="dicomnode.yaml to use."),
+]
+CallingAE = Annotated[str, typer.Option("--aet", help="Our (calling) AE title.")]
+CalledAE = Annotated[str, typer.Option("--aec", help="The peer's (called) AE title.")]
+Timeout = Annotated[float, typer.Option("--timeout", help="Network timeout in seconds.")]
+
+
+def _config(path: Path):
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        typer.echo(f"configuration error:\n{exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def serve(config: ConfigOption = DEFAULT_CONFIG) -> None:
+    """Run the node: receive studies, classify them, send the results to the destinations."""
+    from dicomnode.node import serve as run
+
+    cfg = _config(config)
+    try:
+        load_routing(cfg.routing)
+    except ConfigError as exc:
+        typer.echo(f"configuration error:\n{exc}", err=True)
+        raise typer.Exit(2) from None
+    run(cfg)
+
+
+@app.command()
+def echo(
+    host: str,
+    port: int,
+    aet: CallingAE = "DICOMNODE",
+    aec: CalledAE = "ANY-SCP",
+    timeout: Timeout = 30.0,
+) -> None:
+    """C-ECHO a DICOM node: exit 0 when it answers success."""
+    from dicomnode.net.scu import AssociationFailed, Peer
+    from dicomnode.net.scu import echo as c_echo
+
+    try:
+        status = c_echo(Peer(host, port, aec, timeout), calling_ae=aet)
+    except AssociationFailed as exc:
+        typer.echo(f"echo failed: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"C-ECHO {aec}@{host}:{port}: status 0x{status:04X}")
+    raise typer.Exit(0 if status == 0 else 1)
+
+
+@app.command()
+def send(
+    host: str,
+    port: int,
+    files: Annotated[list[Path], typer.Argument(help="DICOM files or folders to send.")],
+    aet: CallingAE = "DICOMNODE",
+    aec: CalledAE = "ANY-SCP",
+    timeout: Timeout = 30.0,
+) -> None:
+    """C-STORE files (folders are walked) to a DICOM node; exit 1 if any was refused."""
+    from pydicom.errors import InvalidDicomError
+
+    from dicomnode.net.scu import AssociationFailed, Peer, store
+
+    paths = [
+        p for f in files for p in (sorted(x for x in f.rglob("*") if x.is_file()) if f.is_dir() else [f])
+    ]
+    if not paths:
+        typer.echo("no files to send", err=True)
+        raise typer.Exit(2)
+    try:
+        outcomes = store(Peer(host, port, aec, timeout), paths, calling_ae=aet)
+    except (InvalidDicomError, OSError, ValueError) as exc:
+        typer.echo(f"cannot send: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except AssociationFailed as exc:
+        typer.echo(f"send failed: {exc}", err=True)
+        raise typer.Exit(1) from None
+    for outcome in outcomes:
+        status = "no status" if outcome.status is None else f"0x{outcome.status:04X}"
+        typer.echo(f"{outcome.path}: {status} {outcome.comment}".rstrip())
+    failed = sum(not o.ok for o in outcomes)
+    typer.echo(f"{len(outcomes) - failed} sent, {failed} failed")
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def route(
+    files: Annotated[list[Path], typer.Argument(help="DICOM files to route.")],
+    config: ConfigOption = DEFAULT_CONFIG,
+    calling_ae: Annotated[str, typer.Option(help="Calling AE title to route as.")] = "",
+) -> None:
+    """Print which prompt set each file would go to, and why."""
+    from pydicom.errors import InvalidDicomError
+
+    from dicomnode.routing import decide, read_header
+
+    cfg = _config(config)
+    try:
+        routing = load_routing(cfg.routing)
+    except ConfigError as exc:
+        typer.echo(f"configuration error:\n{exc}", err=True)
+        raise typer.Exit(2) from None
+    for path in files:
+        try:
+            decision = decide(routing, read_header(path), calling_ae)
+        except (OSError, InvalidDicomError) as exc:
+            typer.echo(f"{path}: unreadable: {exc}")
+            continue
+        target = decision.prompt_set or "(ignored)"
+        typer.echo(f"{path}: {target}: {decision.reason}")
+
+
+@app.command()
+def status(config: ConfigOption = DEFAULT_CONFIG) -> None:
+    """Counts of studies and deliveries, and the latest problems, from the journal."""
+    from dicomnode.spool import Spool
+
+    cfg = _config(config)
+    if not (cfg.state_dir / "journal.sqlite").exists():
+        typer.echo(f"no journal in {cfg.state_dir}: the node has not run yet")
+        raise typer.Exit(0)
+    spool = Spool(cfg.state_dir)
+    counts = spool.counts()
+    for section, values in counts.items():
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(values.items())) or "none"
+        typer.echo(f"{section}: {shown}")
+    problems = spool.problems()
+    if problems:
+        typer.echo("recent problems:")
+        for kind, study, reason in problems:
+            typer.echo(f"  {kind} study {study}: {reason}")
+
+
+@app.command("config")
+def check_config(config: ConfigOption = DEFAULT_CONFIG) -> None:
+    """Validate dicomnode.yaml, routing.yaml and the prompt sets the rules name."""
+    from dicomnode.model.promptset import PromptSetError, load_prompt_set
+
+    cfg = _config(config)
+    try:
+        routing = load_routing(cfg.routing)
+        for rule in routing.rules:
+            if rule.prompt_set is not None:
+                load_prompt_set(cfg.prompts_dir / rule.prompt_set)
+    except (ConfigError, PromptSetError) as exc:
+        typer.echo(f"configuration error:\n{exc}", err=True)
+        raise typer.Exit(2) from None
+    demo = "" if cfg.model.checkpoint else " (no checkpoint: DEMO model, no clinical meaning)"
+    typer.echo(f"{config}: valid; {len(routing.rules)} routing rules; model {cfg.model.architecture}{demo}")

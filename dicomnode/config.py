@@ -1,0 +1,254 @@
+"""The node's configuration: YAML files validated once, at start-up, into typed objects.
+
+Every error names the file and the key that is wrong, so an administrator editing
+/etc/dicomnode/dicomnode.yaml at night knows exactly what to fix. Relative paths in a file
+are resolved against the folder of that file, so a checkout and an installed node read the
+same configuration the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_CONFIG = Path("conf/dicomnode.yaml")
+
+AETitle = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=16,
+        pattern=r"^[\x21-\x5b\x5d-\x7e]([\x20-\x5b\x5d-\x7e]*[\x21-\x5b\x5d-\x7e])?$",
+    ),
+]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, unreadable or invalid; the message names file and key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ScpConfig(_Strict):
+    """The Storage SCP that the PACS forwards studies to."""
+
+    host: str = "0.0.0.0"
+    port: Port = 11112
+    ae_title: AETitle = "DICOMNODE"
+    allowed_calling_aes: tuple[AETitle, ...] = ()
+    require_called_ae: bool = True
+    max_associations: int = Field(default=10, ge=1, le=1000)
+    min_free_mb: int = Field(default=500, ge=0)
+    acse_timeout_s: float = Field(default=30.0, gt=0)
+    dimse_timeout_s: float = Field(default=60.0, gt=0)
+    network_timeout_s: float = Field(default=60.0, gt=0)
+
+
+class StudiesConfig(_Strict):
+    """When a study counts as complete: no new instance for `quiet_period_s` seconds."""
+
+    quiet_period_s: float = Field(default=30.0, ge=0)
+    poll_interval_s: float = Field(default=1.0, gt=0)
+
+
+class ModelConfig(_Strict):
+    """The frozen backbone: an open_clip architecture and, for clinical use, a local checkpoint."""
+
+    architecture: str = "ViT-B-16"
+    architecture_config: Path | None = None
+    checkpoint: Path | None = None
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_batch: int = Field(default=16, ge=1)
+
+
+class DestinationConfig(_Strict):
+    """A DICOM node that receives the results by C-STORE."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    host: str = Field(min_length=1)
+    port: Port
+    ae_title: AETitle
+    max_attempts: int = Field(default=10, ge=1)
+    backoff_s: float = Field(default=5.0, gt=0)
+    max_backoff_s: float = Field(default=600.0, gt=0)
+    timeout_s: float = Field(default=30.0, gt=0)
+
+
+class NodeConfig(_Strict):
+    """The whole node, as read from dicomnode.yaml."""
+
+    source: Path
+    state_dir: Path = Path("../var")
+    prompts_dir: Path = Path("../prompts")
+    routing: Path = Path("routing.yaml")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    scp: ScpConfig = ScpConfig()
+    studies: StudiesConfig = StudiesConfig()
+    model: ModelConfig = ModelConfig()
+    destinations: tuple[DestinationConfig, ...] = ()
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_names(cls, value: tuple[DestinationConfig, ...]) -> tuple[DestinationConfig, ...]:
+        names = [d.name for d in value]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"destination names must be unique, repeated: {', '.join(duplicated)}")
+        return value
+
+
+class MatchCondition(_Strict):
+    """One attribute condition of a routing rule: a list of values or a regular expression."""
+
+    values: tuple[str, ...] | None = None
+    regex: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> MatchCondition:
+        if (self.values is None) == (self.regex is None):
+            raise ValueError("give either a list of values or {regex: ...}")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"invalid regex {self.regex!r}: {exc}") from exc
+        return self
+
+
+class RoutingRule(_Strict):
+    """A rule: when every condition matches, send the study to `prompt_set` or ignore it."""
+
+    name: str = Field(min_length=1)
+    match: dict[str, MatchCondition]
+    prompt_set: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
+    ignore: str | None = None
+
+    @field_validator("match", mode="before")
+    @classmethod
+    def _normalise(cls, value: Any) -> Any:
+        """Accept `Modality: CR`, `Modality: [CR, DX]` and `SeriesDescription: {regex: ...}`."""
+        if not isinstance(value, dict) or not value:
+            raise ValueError("match must be a non-empty mapping of attribute keyword to values")
+        out = {}
+        for key, cond in value.items():
+            if isinstance(cond, str | int | float):
+                cond = {"values": [str(cond)]}
+            elif isinstance(cond, list):
+                cond = {"values": [str(v) for v in cond]}
+            out[key] = cond
+        return out
+
+    @model_validator(mode="after")
+    def _one_action(self) -> RoutingRule:
+        if (self.prompt_set is None) == (self.ignore is None):
+            raise ValueError(f"rule {self.name!r} needs exactly one of prompt_set or ignore")
+        return self
+
+
+class RoutingConfig(_Strict):
+    """Ordered routing rules; the first rule that matches decides."""
+
+    source: Path
+    rules: tuple[RoutingRule, ...]
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from exc
+    try:
+        content = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if content is None:
+        content = {}
+    if not isinstance(content, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys, not {type(content).__name__}")
+    return content
+
+
+def _explain(path: Path, exc: ValidationError) -> ConfigError:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        shown = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
+        lines.append(f"{path}: {key}: {err['msg']}{shown}")
+    return ConfigError("\n".join(lines))
+
+
+def _resolve(base: Path, value: Path | None) -> Path | None:
+    if value is None:
+        return None
+    value = value.expanduser()
+    return value if value.is_absolute() else (base / value).resolve()
+
+
+def load_config(path: Path) -> NodeConfig:
+    """Read and validate dicomnode.yaml; relative paths become absolute against its folder."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    raw["source"] = path
+    try:
+        cfg = NodeConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise _explain(path, exc) from None
+    base = path.resolve().parent
+    model = cfg.model.model_copy(
+        update={
+            "architecture_config": _resolve(base, cfg.model.architecture_config),
+            "checkpoint": _resolve(base, cfg.model.checkpoint),
+        }
+    )
+    for key, value in (
+        ("model.architecture_config", model.architecture_config),
+        ("model.checkpoint", model.checkpoint),
+    ):
+        if value is not None and not value.is_file():
+            raise ConfigError(f"{path}: {key}: file {value} does not exist")
+    return cfg.model_copy(
+        update={
+            "state_dir": _resolve(base, cfg.state_dir),
+            "prompts_dir": _resolve(base, cfg.prompts_dir),
+            "routing": _resolve(base, cfg.routing),
+            "model": model,
+        }
+    )
+
+
+def load_routing(path: Path) -> RoutingConfig:
+    """Read and validate routing.yaml; attribute keywords must be DICOM keywords."""
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    path = Path(path)
+    raw = _read_yaml(path)
+    raw["source"] = path
+    try:
+        routing = RoutingConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise _explain(path, exc) from None
+    for index, rule in enumerate(routing.rules):
+        for keyword in rule.match:
+            if keyword == "CallingAETitle":
+                continue
+            tag = tag_for_keyword(keyword)
+            if tag is None:
+                raise ConfigError(f"{path}: rules.{index}.match.{keyword}: not a DICOM attribute keyword")
+            if dictionary_VR(tag) == "SQ":
+                raise ConfigError(f"{path}: rules.{index}.match.{keyword}: sequences cannot be matched")
+    return routing

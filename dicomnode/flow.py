@@ -1,0 +1,117 @@
+"""The values that travel between the rooms of the node, in the order of the flow.
+
+spool -> StoredInstance -> routing -> StudyJob -> imaging -> Sample -> engine -> Prediction
+-> results -> ResultSet -> outbox -> Delivery.
+
+Each room reads only these values from its neighbours, never their internals, so a room can
+be rewritten without touching the others. Nothing here imports torch or pynetdicom.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """One received instance, durable on disk and committed in the journal."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    path: Path
+    calling_ae: str
+
+
+@dataclass(frozen=True)
+class StudyJob:
+    """A quiet study that a routing rule assigned to a prompt set."""
+
+    study_instance_uid: str
+    prompt_set: str
+    rule: str
+    instances: tuple[StoredInstance, ...]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the backbone expects of an image: square side in pixels and channel statistics."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image ready for the backbone, with the instance it came from.
+
+    `pixels` is float32, shape (3, image_size, image_size), already normalised with the
+    backbone's mean and std. `display` is the same image as uint8 (rows, columns) after the
+    viewer's transforms (modality LUT, VOI, MONOCHROME1 inversion), kept for the rendered
+    Secondary Capture.
+    """
+
+    sop_instance_uid: str
+    pixels: np.ndarray
+    display: np.ndarray
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One class of a prompt set as the results need it: name, code and decision threshold."""
+
+    name: str
+    code_value: str
+    coding_scheme: str
+    code_meaning: str
+    threshold: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Per-finding probabilities for one image, from one prompt set on one backbone."""
+
+    sop_instance_uid: str
+    probabilities: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What produced a prediction: recorded in every result so a reader can trace it."""
+
+    algorithm_name: str
+    algorithm_version: str
+    prompt_set: str
+    prompt_set_sha256: str
+    backbone: str
+    backbone_sha256: str | None
+    demo: bool
+
+    @property
+    def parameters(self) -> str:
+        """The algorithm parameters as one line, for TID 4019's Algorithm Parameters."""
+        weights = self.backbone_sha256 or "random seeded weights (DEMO)"
+        return f"prompt set {self.prompt_set} sha256 {self.prompt_set_sha256}; {self.backbone} {weights}"
+
+
+@dataclass(frozen=True)
+class ResultSet:
+    """The DICOM objects written for one study, on disk in the outbox folder."""
+
+    study_instance_uid: str
+    paths: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One file to send to one destination; a row of the outbox."""
+
+    id: int
+    destination: str
+    path: Path
+    attempts: int

@@ -1,0 +1,188 @@
+"""The Storage SCP: DIMSE events in, spool calls and DICOM status codes out.
+
+Handlers only translate. C-STORE answers success (0x0000) only after the spool made the
+instance durable; anything else gets the DICOM status that tells the sender what to do
+(0xA700 retry later, 0xC000 do not resend as is), with an Error Comment that says why.
+Association outcomes go to the audit log, without patient data.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+import pydicom
+from pydicom import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicomnode.config import ScpConfig
+from dicomnode.spool import Spool, SpoolFull, is_valid_uid, uid_tag
+
+log = logging.getLogger(__name__)
+audit = logging.getLogger("dicomnode.audit")
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A C-STORE the node refused: the status and the reason sent back as Error Comment."""
+
+    status: int
+    reason: str
+
+    def as_dataset(self) -> Dataset:
+        ds = Dataset()
+        ds.Status = self.status
+        ds.ErrorComment = self.reason[:64]  # LO: at most 64 characters
+        return ds
+
+
+def _parse(encoded: bytes) -> Dataset:
+    """Parse what the peer sent, fully, so a truncated or malformed stream is caught now."""
+    return pydicom.dcmread(io.BytesIO(encoded))
+
+
+def _check_identity(ds: Dataset, affected_sop_instance_uid: str) -> Refusal | None:
+    for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"):
+        value = str(ds.get(keyword, "")).strip()
+        if not value:
+            return Refusal(CANNOT_UNDERSTAND, f"{keyword} missing")
+        if not is_valid_uid(value):
+            return Refusal(CANNOT_UNDERSTAND, f"{keyword} is not a valid UID")
+    if ds.SOPInstanceUID != affected_sop_instance_uid:
+        return Refusal(CANNOT_UNDERSTAND, "SOPInstanceUID differs from Affected SOP Instance UID")
+    return None
+
+
+class StorageHandlers:
+    """The SCP's event handlers, bound to one spool."""
+
+    def __init__(self, spool: Spool, scp: ScpConfig) -> None:
+        self.spool = spool
+        self.scp = scp
+        self._counts: dict[int, Counter[str]] = {}
+        self._lock = threading.Lock()
+
+    def _count(self, event: evt.Event, outcome: str) -> None:
+        with self._lock:
+            self._counts.setdefault(id(event.assoc), Counter())[outcome] += 1
+
+    def on_echo(self, event: evt.Event) -> int:
+        """C-ECHO: always success while the node is up."""
+        return SUCCESS
+
+    def on_store(self, event: evt.Event) -> int | Dataset:
+        """C-STORE: parse, make durable, then acknowledge; refuse with the reason otherwise."""
+        request = event.request
+        affected = str(request.AffectedSOPInstanceUID)
+        encoded = event.encoded_dataset(include_meta=True)
+        try:
+            ds = _parse(encoded)
+        except Exception as exc:  # pydicom raises many types for a bad stream; all mean the same
+            log.warning("refused instance %s: cannot parse (%s)", uid_tag(affected), exc.__class__.__name__)
+            self._count(event, "refused")
+            return Refusal(CANNOT_UNDERSTAND, "dataset cannot be parsed").as_dataset()
+        refusal = _check_identity(ds, affected)
+        if refusal is None:
+            try:
+                self.spool.store(
+                    encoded,
+                    sop_instance_uid=ds.SOPInstanceUID,
+                    sop_class_uid=ds.SOPClassUID,
+                    study_instance_uid=ds.StudyInstanceUID,
+                    series_instance_uid=ds.SeriesInstanceUID,
+                    calling_ae=event.assoc.requestor.ae_title,
+                )
+            except SpoolFull as exc:
+                refusal = Refusal(OUT_OF_RESOURCES, f"node storage full: {exc}")
+            except Exception as exc:  # the spool failed; the sender must retry later
+                log.exception("spool failed for instance %s", uid_tag(affected))
+                refusal = Refusal(OUT_OF_RESOURCES, f"node cannot store: {exc.__class__.__name__}")
+        if refusal is not None:
+            log.warning("refused instance %s: %s", uid_tag(affected), refusal.reason)
+            self._count(event, "refused")
+            return refusal.as_dataset()
+        log.info("stored instance %s of study %s", uid_tag(affected), uid_tag(ds.StudyInstanceUID))
+        self._count(event, "stored")
+        return SUCCESS
+
+    def on_accepted(self, event: evt.Event) -> None:
+        """Audit the peer of every accepted association."""
+        requestor = event.assoc.requestor
+        audit.info(
+            "association accepted peer=%s:%s calling=%s called=%s",
+            requestor.address,
+            requestor.port,
+            requestor.ae_title,
+            event.assoc.acceptor.ae_title,
+        )
+
+    def on_rejected(self, event: evt.Event) -> None:
+        """Audit why an association was refused: such refusals look like timeouts to the peer."""
+        request = event.assoc.requestor.primitive
+        calling, called = request.calling_ae_title.strip(), request.called_ae_title.strip()
+        if self.scp.require_called_ae and called != self.scp.ae_title:
+            reason = f"called AE title {called!r} is not ours ({self.scp.ae_title!r})"
+        elif self.scp.allowed_calling_aes and calling not in self.scp.allowed_calling_aes:
+            reason = f"calling AE title {calling!r} is not in scp.allowed_calling_aes"
+        else:
+            reason = f"association limit of {self.scp.max_associations} reached"
+        audit.warning(
+            "association rejected peer=%s:%s calling=%s called=%s: %s",
+            event.assoc.requestor.address,
+            event.assoc.requestor.port,
+            calling,
+            called,
+            reason,
+        )
+
+    def on_ended(self, event: evt.Event) -> None:
+        """Audit how an association ended and what it delivered."""
+        with self._lock:
+            counts = self._counts.pop(id(event.assoc), Counter())
+        how = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        audit.info(
+            "association %s peer=%s calling=%s stored=%d refused=%d",
+            how,
+            event.assoc.requestor.address,
+            event.assoc.requestor.ae_title,
+            counts["stored"],
+            counts["refused"],
+        )
+
+    def bindings(self) -> list[tuple]:
+        """The (event, handler) pairs for pynetdicom's start_server."""
+        return [
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_ACCEPTED, self.on_accepted),
+            (evt.EVT_REJECTED, self.on_rejected),
+            (evt.EVT_RELEASED, self.on_ended),
+            (evt.EVT_ABORTED, self.on_ended),
+        ]
+
+
+def start_scp(spool: Spool, scp: ScpConfig) -> ThreadedAssociationServer:
+    """Start listening in the background; every storage SOP class, every transfer syntax."""
+    ae = AE(ae_title=scp.ae_title)
+    ae.add_supported_context(Verification)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    ae.maximum_associations = scp.max_associations
+    ae.require_called_aet = scp.require_called_ae
+    ae.require_calling_aet = list(scp.allowed_calling_aes)
+    ae.acse_timeout = scp.acse_timeout_s
+    ae.dimse_timeout = scp.dimse_timeout_s
+    ae.network_timeout = scp.network_timeout_s
+    handlers = StorageHandlers(spool, scp)
+    server = ae.start_server((scp.host, scp.port), block=False, evt_handlers=handlers.bindings())
+    log.info("Storage SCP %s listening on %s:%d", scp.ae_title, scp.host, scp.port)
+    return server

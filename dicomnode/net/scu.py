@@ -1,0 +1,124 @@
+"""C-ECHO and C-STORE as a client: used by the outbox and by `dicomnode echo` / `send`.
+
+Files are sent as they are on disk, in their own transfer syntax (pynetdicom streams them
+from the file without decoding), so what we send is byte for byte what we wrote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.filereader import read_file_meta_info
+from pynetdicom import AE, _config, build_context
+from pynetdicom.sop_class import Verification
+
+
+# Send files as stored, without decoding and re-encoding them (pynetdicom's documented switch).
+_config.STORE_SEND_CHUNKED_DATASET = True
+
+
+class AssociationFailed(ConnectionError):
+    """The peer could not be reached or refused the association; names the peer."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A remote DICOM application entity."""
+
+    host: str
+    port: int
+    ae_title: str
+    timeout_s: float = 30.0
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """The answer of the peer for one file: status 0x0000 is success."""
+
+    path: Path
+    status: int | None
+    comment: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """True when the peer took the instance (success, or a warning status)."""
+        return self.status is not None and (
+            self.status == 0 or self.status in (0x0001, 0x0107, 0x0116) or (self.status & 0xF000) == 0xB000
+        )
+
+
+def _client(calling_ae: str, peer: Peer) -> AE:
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = peer.timeout_s
+    ae.dimse_timeout = peer.timeout_s
+    ae.network_timeout = peer.timeout_s
+    ae.connection_timeout = peer.timeout_s
+    return ae
+
+
+def _associate(ae: AE, peer: Peer, contexts: list | None = None):
+    assoc = ae.associate(peer.host, peer.port, contexts=contexts, ae_title=peer.ae_title)
+    if not assoc.is_established:
+        if assoc.is_rejected:
+            raise AssociationFailed(f"{peer} rejected the association")
+        raise AssociationFailed(f"{peer} did not accept an association (unreachable or aborted)")
+    return assoc
+
+
+def echo(peer: Peer, calling_ae: str = "DICOMNODE") -> int:
+    """C-ECHO the peer and return its status (0x0000 when it is alive)."""
+    ae = _client(calling_ae, peer)
+    assoc = _associate(ae, peer, [build_context(Verification)])
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if "Status" not in status:
+        raise AssociationFailed(f"{peer} sent no C-ECHO response")
+    return int(status.Status)
+
+
+def _context_for(path: Path) -> tuple[str, str]:
+    """SOP class and transfer syntax from the file meta alone: the body is not our business."""
+    meta = read_file_meta_info(path)
+    return str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
+
+
+def store(peer: Peer, paths: Sequence[Path], calling_ae: str = "DICOMNODE") -> list[StoreOutcome]:
+    """C-STORE each file in one association; a file's failure does not stop the others."""
+    wanted: dict[str, set[str]] = {}
+    for path in paths:
+        sop_class, syntax = _context_for(Path(path))
+        wanted.setdefault(sop_class, set()).add(syntax)
+    contexts = [build_context(sop_class, sorted(syntaxes)) for sop_class, syntaxes in wanted.items()]
+    if len(contexts) > 128:
+        raise ValueError(
+            f"{len(contexts)} SOP classes exceed the 128 presentation contexts of one association"
+        )
+    ae = _client(calling_ae, peer)
+    assoc = _associate(ae, peer, contexts)
+    outcomes = []
+    try:
+        for path in paths:
+            if not assoc.is_established:
+                outcomes.append(StoreOutcome(Path(path), None, "association lost"))
+                continue
+            try:
+                response = assoc.send_c_store(Path(path))
+            except ValueError as exc:  # pynetdicom: no accepted context for this file
+                outcomes.append(StoreOutcome(Path(path), None, str(exc)))
+                continue
+            status = int(response.Status) if "Status" in response else None
+            comment = str(response.get("ErrorComment", "")) if status else ""
+            if status is None:
+                comment = "no response (timeout or abort)"
+            outcomes.append(StoreOutcome(Path(path), status, comment))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return outcomes

@@ -1,0 +1,204 @@
+"""`dicomnode serve`: wires receive -> route -> image -> infer -> results -> deliver.
+
+One process: the SCP's association threads write the spool; one study worker takes quiet
+studies from the journal and processes them; one outbox worker per destination sends the
+results. Every hand-over goes through the journal, so a crash at any point resumes on the
+next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pydicom
+
+from dicomnode import imaging
+from dicomnode.config import NodeConfig, RoutingConfig, load_routing
+from dicomnode.engine import Engine
+from dicomnode.flow import Sample
+from dicomnode.model.backbone import load_backbone
+from dicomnode.model.promptset import load_prompt_set
+from dicomnode.net.scp import start_scp
+from dicomnode.outbox import DestinationWorker
+from dicomnode.results import write_results
+from dicomnode.routing import Ignored, read_header, route_study
+from dicomnode.spool import Spool, StudyRecord, uid_tag
+
+log = logging.getLogger(__name__)
+
+
+class StudyFailed(RuntimeError):
+    """A study could not be processed; the message is recorded in the journal."""
+
+
+def configure_logging(state_dir: Path, level: str) -> None:
+    """Log to stderr (journald under systemd) and to files under state_dir/logs.
+
+    pynetdicom's own debug output can dump datasets, patient names included, so it is held
+    at WARNING whatever the node's level.
+    """
+    logs = state_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.setLevel(level)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in (
+        logging.StreamHandler(),
+        logging.handlers.RotatingFileHandler(logs / "dicomnode.log", maxBytes=20 << 20, backupCount=5),
+    ):
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    audit_file = logging.handlers.RotatingFileHandler(logs / "audit.log", maxBytes=20 << 20, backupCount=10)
+    audit_file.setFormatter(fmt)
+    logging.getLogger("dicomnode.audit").addHandler(audit_file)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+class StudyWorker(threading.Thread):
+    """Takes quiet studies from the journal and turns each into results in the outbox."""
+
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        spool: Spool,
+        routing: RoutingConfig,
+        engine: Engine,
+        stop: threading.Event,
+    ) -> None:
+        super().__init__(name="studies", daemon=True)
+        self.cfg = cfg
+        self.spool = spool
+        self.routing = routing
+        self.engine = engine
+        self.stop_event = stop
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                study = self.spool.claim_quiet_study(self.cfg.studies.quiet_period_s)
+                if study is None:
+                    self.stop_event.wait(self.cfg.studies.poll_interval_s)
+                    continue
+                self.process(study)
+            except Exception:  # the loop must outlive any single failure
+                log.exception("study worker: unexpected error")
+                self.stop_event.wait(1.0)
+        self.spool.close()
+
+    def process(self, study: StudyRecord) -> None:
+        """Route, classify and write results for one study, recording the outcome."""
+        tag = uid_tag(study.study_instance_uid)
+        job = route_study(
+            self.routing, study.study_instance_uid, self.spool.instances(study.study_instance_uid)
+        )
+        if isinstance(job, Ignored):
+            self.spool.finish_study(study, state="ignored", reason=job.reason)
+            log.info("study %s ignored: %s", tag, job.reason)
+            return
+        try:
+            paths = self._results_for(job)
+        except Exception as exc:
+            reason = f"{exc.__class__.__name__}: {exc}"
+            self.spool.finish_study(study, state="failed", reason=reason, prompt_set=job.prompt_set)
+            log.error(
+                "study %s failed with prompt set %s: %s",
+                tag,
+                job.prompt_set,
+                exc.__class__.__name__,
+            )
+            return
+        deliveries = [(d.name, p) for d in self.cfg.destinations for p in paths]
+        self.spool.finish_study(study, state="done", prompt_set=job.prompt_set, deliveries=deliveries)
+        log.info(
+            "study %s processed with prompt set %s (%d images)",
+            tag,
+            job.prompt_set,
+            len(job.instances),
+        )
+
+    def _results_for(self, job) -> tuple[Path, ...]:
+        prompt_set = load_prompt_set(self.cfg.prompts_dir / job.prompt_set)
+        samples: list[Sample] = []
+        sources: list[pydicom.Dataset] = []
+        problems: list[str] = []
+        for instance in job.instances:
+            try:
+                samples.append(imaging.prepare(prompt_set.domain, instance.path, self.engine.input_spec))
+                sources.append(read_header(instance.path))
+            except imaging.ImagingError as exc:
+                problems.append(str(exc))
+                log.warning("instance %s skipped: %s", uid_tag(instance.sop_instance_uid), exc)
+        if not samples:
+            raise StudyFailed("no image could be prepared: " + "; ".join(problems))
+        predictions = self.engine.predict(prompt_set, samples)
+        result = write_results(
+            out_dir=self.spool.outbox_dir / job.study_instance_uid,
+            sources=sources,
+            samples=samples,
+            predictions=predictions,
+            findings=prompt_set.findings,
+            model=self.engine.identity(prompt_set),
+        )
+        return result.paths
+
+
+class Node:
+    """The running node: SCP, study worker and outbox workers, stopped together."""
+
+    def __init__(self, cfg: NodeConfig) -> None:
+        self.cfg = cfg
+        self.stop_event = threading.Event()
+        self.spool = Spool(cfg.state_dir, min_free_bytes=cfg.scp.min_free_mb << 20)
+        self.routing = load_routing(cfg.routing)
+        self.engine = Engine(load_backbone(cfg.model), max_batch=cfg.model.max_batch)
+        for rule in self.routing.rules:
+            if rule.prompt_set is not None:
+                # Fail at start-up, not on the first study, and warm the text-feature cache.
+                self.engine.text_features(load_prompt_set(cfg.prompts_dir / rule.prompt_set))
+        self.threads: list[threading.Thread] = []
+        self.server = None
+
+    def start(self) -> None:
+        """Resume interrupted work, then start receiving, processing and delivering."""
+        recovered = self.spool.recover()
+        if recovered:
+            log.info("resumed %d studies interrupted by the last stop", recovered)
+        self.threads = [StudyWorker(self.cfg, self.spool, self.routing, self.engine, self.stop_event)]
+        self.threads += [
+            DestinationWorker(self.spool, d, self.cfg.scp.ae_title, self.stop_event)
+            for d in self.cfg.destinations
+        ]
+        for thread in self.threads:
+            thread.start()
+        self.server = start_scp(self.spool, self.cfg.scp)
+
+    def stop(self) -> None:
+        """Stop accepting, let workers finish their current step, close the journal."""
+        if self.server is not None:
+            self.server.shutdown()
+        self.stop_event.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
+        log.info("dicomnode stopped")
+
+
+def serve(cfg: NodeConfig) -> None:
+    """Run the node until SIGTERM or SIGINT."""
+    os.umask(0o077)  # state, spool and logs are private to the service user
+    configure_logging(cfg.state_dir, cfg.log_level)
+    node = Node(cfg)
+    node.start()
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    log.info("dicomnode ready: state in %s", cfg.state_dir)
+    stopping.wait()
+    log.info("stopping")
+    node.stop()

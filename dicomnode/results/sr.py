@@ -1,0 +1,177 @@
+"""The study's findings as a DICOM Structured Report (TID 1500 Measurement Report).
+
+One measurement group per finding of the prompt set, each with the algorithm that produced it
+(TID 4019), the finding as a coded Present/Absent evaluation, the study-level probability as a
+numeric measurement, and references to the source images. A PACS or viewer that understands
+TID 1500 (or a script reading it back with highdicom) finds every finding by its code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pydicom
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodedConcept,
+    ComprehensiveSR,
+    DeviceObserverIdentifyingAttributes,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    QualitativeEvaluation,
+    SourceImageForMeasurementGroup,
+    TrackingIdentifier,
+)
+from pydicom.sr.codedict import codes
+
+from dicomnode.flow import Finding, ModelIdentity
+from dicomnode.results.uids import derive_uid, name_based_uid
+
+MANUFACTURER = "dicomnode"
+DEMO_NOTICE = "DEMO model, random weights, no clinical meaning"
+
+# Procedure reported (TID 1500 row 4): SNOMED CT 399208008 |Plain chest X-ray (procedure)|.
+# The cxr prompt sets classify frontal chest radiographs, whatever the number of views.
+CHEST_RADIOGRAPH = CodedConcept(value="399208008", scheme_designator="SCT", meaning="Plain chest X-ray")
+
+# The probability is written as (111012, DCM, "Certainty of Finding") in percent: it is the
+# concept PS3.16 uses for exactly this in the Chest CAD SR (TID 4104 row 12, NUM, units
+# (%, UCUM, "Percent"), 0-100) and it is listed in CID 6048 "CAD Operating Point Axis Label",
+# so a reader that knows CAD SR needs no private code to interpret it.
+CERTAINTY_OF_FINDING = codes.DCM.CertaintyOfFinding
+PERCENT = codes.UCUM.Percent
+
+# CID 241 "Present-Absent Only".
+PRESENT = codes.SCT.Present
+ABSENT = codes.SCT.Absent
+
+
+@dataclass(frozen=True)
+class StudyFinding:
+    """One finding decided for the whole study from its highest probability over the images."""
+
+    finding: Finding
+    probability: float
+
+    @property
+    def present(self) -> bool:
+        """True when the probability reaches the finding's calibrated threshold."""
+        return self.probability >= self.finding.threshold
+
+    @property
+    def code(self) -> CodedConcept:
+        """The finding's code as the prompt set declares it."""
+        return CodedConcept(
+            value=self.finding.code_value,
+            scheme_designator=self.finding.coding_scheme,
+            meaning=self.finding.code_meaning,
+        )
+
+
+def build_report(
+    *,
+    sources: Sequence[pydicom.Dataset],
+    findings: Sequence[StudyFinding],
+    model: ModelIdentity,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    series_description: str,
+) -> ComprehensiveSR:
+    """A Comprehensive SR holding the TID 1500 report of `findings` on `sources`.
+
+    Comprehensive SR rather than Comprehensive 3D SR: the report has no 3-D coordinates, and
+    more PACS and viewers accept the older SOP class.
+    """
+    source_uids = [str(ds.SOPInstanceUID) for ds in sources]
+    report = MeasurementReport(
+        observation_context=_observation_context(model),
+        procedure_reported=CHEST_RADIOGRAPH,
+        imaging_measurements=[
+            _measurement_group(study_finding, sources, source_uids, model) for study_finding in findings
+        ],
+    )
+    return ComprehensiveSR(
+        evidence=sources,
+        content=report,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description=series_description,
+        manufacturer_model_name=model.algorithm_name[:64],
+        software_versions=model.algorithm_version[:64],
+    )
+
+
+def _observation_context(model: ModelIdentity) -> ObservationContext:
+    """The observer is the algorithm running in the node (TID 1004 device observer)."""
+    device = DeviceObserverIdentifyingAttributes(
+        uid=name_based_uid(MANUFACTURER, model.algorithm_name, model.algorithm_version),
+        name=MANUFACTURER,
+        manufacturer_name=MANUFACTURER,
+        model_name=_algorithm_name(model),
+    )
+    return ObservationContext(
+        observer_device_context=ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=device,
+        )
+    )
+
+
+def _measurement_group(
+    study_finding: StudyFinding,
+    sources: Sequence[pydicom.Dataset],
+    source_uids: Sequence[str],
+    model: ModelIdentity,
+) -> MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group: finding, algorithm, Present/Absent, probability, source images."""
+    code = study_finding.code
+    # The tracking UID is derived like the SOP UIDs so that a re-run's group is the same
+    # tracked finding, not a new one.
+    tracking_uid = derive_uid(
+        source_sop_instance_uids=source_uids,
+        prompt_set_sha256=model.prompt_set_sha256,
+        role=f"sr-tracking-{study_finding.finding.name}",
+    )
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier=study_finding.finding.name),
+        finding_type=code,
+        algorithm_id=_algorithm_identification(model),
+        qualitative_evaluations=[
+            QualitativeEvaluation(name=code, value=PRESENT if study_finding.present else ABSENT)
+        ],
+        measurements=[
+            Measurement(
+                name=CERTAINTY_OF_FINDING,
+                value=round(100.0 * study_finding.probability, 4),
+                unit=PERCENT,
+            )
+        ],
+        source_images=[SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources],
+    )
+
+
+def _algorithm_identification(model: ModelIdentity) -> AlgorithmIdentification:
+    """TID 4019: name, version and the prompt set and backbone it ran with."""
+    return AlgorithmIdentification(
+        name=_algorithm_name(model),
+        version=model.algorithm_version,
+        parameters=[model.parameters],
+    )
+
+
+def _algorithm_name(model: ModelIdentity) -> str:
+    """The algorithm's name; a demo model says so in the name every reader displays."""
+    if model.demo:
+        return f"{model.algorithm_name} ({DEMO_NOTICE})"
+    return model.algorithm_name

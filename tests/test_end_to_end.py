@@ -1,0 +1,228 @@
+"""The walking skeleton against real peers: DCMTK sends, the node classifies, Orthanc receives.
+
+Each test runs `dicomnode serve` as a process with the tiny seeded backbone and checks the
+outcome where a PACS administrator would: in Orthanc's REST API, with `dicomnode status`, and
+in the node's logs.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pydicom
+from pydicom.data import get_testdata_file
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom.dsutils import encode
+from pynetdicom.sop_class import ComputedRadiographyImageStorage
+
+from dicomnode.net.scu import Peer, store
+from tests.conftest import dcmtk, free_port, start_node, start_orthanc, stop_process, wait_until
+
+SR_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.88.33",
+    "1.2.840.10008.5.1.4.1.1.88.34",
+    "1.2.840.10008.5.1.4.1.1.88.22",
+}
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def _results_in(orthanc, count: int = 2) -> list[pydicom.Dataset]:
+    ids = wait_until(
+        lambda: len(orthanc.instances()) >= count and orthanc.instances(), 90, what="results in Orthanc"
+    )
+    return [pydicom.dcmread(io.BytesIO(orthanc.get(f"/instances/{i}/file").content)) for i in ids]
+
+
+def _by_class(datasets: list[pydicom.Dataset]) -> tuple[pydicom.Dataset, pydicom.Dataset]:
+    srs = [d for d in datasets if d.SOPClassUID in SR_CLASSES]
+    scs = [d for d in datasets if d.SOPClassUID == SC_CLASS]
+    assert len(srs) == 1 and len(scs) == 1, [d.SOPClassUID for d in datasets]
+    return srs[0], scs[0]
+
+
+def _sr_text(sr: pydicom.Dataset) -> str:
+    """Every text, code meaning and name in the SR content tree, flattened for assertions."""
+    words: list[str] = []
+
+    def walk(items) -> None:
+        for item in items:
+            for keyword in ("TextValue", "CodeMeaning"):
+                if keyword in item:
+                    words.append(str(item[keyword].value))
+            for seq in ("ConceptNameCodeSequence", "ConceptCodeSequence"):
+                if seq in item:
+                    walk(item[seq])
+            if "ContentSequence" in item:
+                walk(item.ContentSequence)
+
+    walk([sr])
+    return "\n".join(words)
+
+
+def test_dcmtk_echo_and_store_of_a_chest_cr_ends_as_sr_and_sc_in_orthanc(orthanc, node_factory, chest_cr):
+    node = node_factory(destinations=[orthanc.destination(backoff_s=0.5)])
+    echo = dcmtk("echoscu", "-aec", "DICOMNODE", "127.0.0.1", str(node.port))
+    assert echo.returncode == 0, echo.stderr
+
+    sent = dcmtk(
+        "storescu", "-aec", "DICOMNODE", "-aet", "MODALITY", "127.0.0.1", str(node.port), str(chest_cr)
+    )
+    assert sent.returncode == 0, sent.stderr
+
+    sr, sc = _by_class(_results_in(orthanc))
+    source = pydicom.dcmread(chest_cr, stop_before_pixels=True)
+    for result in (sr, sc):
+        assert result.StudyInstanceUID == source.StudyInstanceUID
+        assert result.PatientID == source.PatientID
+        assert result.SeriesInstanceUID != source.SeriesInstanceUID
+        assert result.Manufacturer == "dicomnode"
+    assert sr.SeriesInstanceUID != sc.SeriesInstanceUID
+    text = _sr_text(sr)
+    assert "DEMO" in text
+    for finding in ("Atelectasis", "Cardiomegaly", "Pneumothorax", "Hiatal hernia"):
+        assert finding in text
+    referenced = {
+        ref.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert referenced == {source.SOPInstanceUID}
+    assert sc.BurnedInAnnotation == "YES"
+    assert sc.PhotometricInterpretation == "RGB"
+
+    status = wait_until(lambda: "orthanc:sent=2" in (s := node.cli("status").stdout) and s, 30, what="status")
+    assert "done=1" in status
+
+
+def test_jpeg2000_cr_sent_compressed_is_decoded_and_reported(orthanc, node_factory):
+    node = node_factory(destinations=[orthanc.destination(backoff_s=0.5)])
+    j2k = Path(get_testdata_file("RG1_J2KR.dcm"))
+    sent = dcmtk("storescu", "-R", "-xv", "-aec", "DICOMNODE", "127.0.0.1", str(node.port), str(j2k))
+    assert sent.returncode == 0, sent.stderr
+    stored = list((node.config.parent / "var" / "spool").rglob("*.dcm"))
+    assert len(stored) == 1
+    assert (
+        pydicom.dcmread(stored[0], stop_before_pixels=True).file_meta.TransferSyntaxUID
+        == "1.2.840.10008.1.2.4.90"
+    )
+    _by_class(_results_in(orthanc))
+
+
+def test_study_no_rule_routes_is_recorded_as_ignored_with_the_reason(node_factory):
+    node = node_factory()
+    extremity = get_testdata_file("RG3_UNCI.dcm")
+    sent = dcmtk("storescu", "-aec", "DICOMNODE", "127.0.0.1", str(node.port), extremity)
+    assert sent.returncode == 0, sent.stderr
+    status = wait_until(lambda: "ignored=1" in (s := node.cli("status").stdout) and s, 30, what="ignored")
+    assert "BodyPartExamined is EXTREMITY, rule wants CHEST" in status
+
+
+def _store_raw(tmp_path: Path, port: int, encoded_body: bytes, sop_instance_uid: str) -> tuple[int, str]:
+    """C-STORE a dataset body byte for byte, as a broken modality would send it."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = tmp_path / "raw.dcm"
+    with open(path, "wb") as handle:
+        handle.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(handle, meta)
+        handle.write(encoded_body)
+    outcomes = store(Peer("127.0.0.1", port, "DICOMNODE"), [path], calling_ae="BROKEN")
+    return outcomes[0].status, outcomes[0].comment
+
+
+def test_unparseable_dataset_is_refused_with_a_reason_and_the_node_keeps_serving(tmp_path, node_factory):
+    node = node_factory()
+    # A sequence whose item does not start with an item tag: a corrupt stream pydicom rejects.
+    broken = (
+        bytes.fromhex("0800 1800 5549 0400")
+        + b"1.2\x00"
+        + bytes.fromhex("1000 1000 504e 0800")
+        + b"Doe^John"
+        + bytes.fromhex("0800 1511 5351 0000 ffffffff aaaa bbbb 04000000")
+        + b"abcd"
+    )
+    status, comment = _store_raw(tmp_path, node.port, broken, "1.2")
+    assert status == 0xC000
+    assert "cannot be parsed" in comment
+    echo = dcmtk("echoscu", "-aec", "DICOMNODE", "127.0.0.1", str(node.port))
+    assert echo.returncode == 0, echo.stderr
+    assert "Doe" not in node.log.read_text()
+    assert "Doe" not in (node.config.parent / "var" / "logs" / "dicomnode.log").read_text()
+    assert not list((node.config.parent / "var" / "spool").rglob("*.dcm"))
+
+
+def test_instance_without_study_uid_is_refused_naming_the_attribute(tmp_path, node_factory):
+    node = node_factory()
+    ds = pydicom.Dataset()
+    ds.SOPClassUID = ComputedRadiographyImageStorage
+    ds.SOPInstanceUID = "1.2.3"
+    ds.SeriesInstanceUID = "1.2.4"
+    status, comment = _store_raw(tmp_path, node.port, encode(ds, False, True), "1.2.3")
+    assert (status, comment) == (0xC000, "StudyInstanceUID missing")
+
+
+def test_results_queued_while_the_pacs_is_down_are_delivered_when_it_comes_up(
+    tmp_path, node_factory, chest_cr
+):
+    pacs_port = free_port()
+    node = node_factory(
+        destinations=[
+            {
+                "name": "late",
+                "host": "127.0.0.1",
+                "port": pacs_port,
+                "ae_title": "ORTHANC",
+                "backoff_s": 0.5,
+                "max_backoff_s": 1,
+            }
+        ]
+    )
+    sent = dcmtk("storescu", "-aec", "DICOMNODE", "127.0.0.1", str(node.port), str(chest_cr))
+    assert sent.returncode == 0, sent.stderr
+    wait_until(lambda: "late:pending=2" in node.cli("status").stdout, 60, what="pending deliveries")
+    orthanc = start_orthanc(tmp_path / "late-orthanc", dicom_port=pacs_port)
+    try:
+        _by_class(_results_in(orthanc))
+        wait_until(lambda: "late:sent=2" in node.cli("status").stdout, 30, what="sent")
+    finally:
+        stop_process(orthanc.process)
+
+
+def test_node_killed_before_processing_resumes_the_study_after_restart(
+    tmp_path, orthanc, node_factory, chest_cr
+):
+    node = node_factory(destinations=[orthanc.destination(backoff_s=0.5)], studies={"quiet_period_s": 3600})
+    sent = dcmtk("storescu", "-aec", "DICOMNODE", "127.0.0.1", str(node.port), str(chest_cr))
+    assert sent.returncode == 0, sent.stderr
+    node.process.kill()
+    node.process.wait()
+    node.config.write_text(node.config.read_text().replace("quiet_period_s: 3600", "quiet_period_s: 0.5"))
+    restarted = start_node(node.config, node.port)
+    try:
+        _by_class(_results_in(orthanc))
+    finally:
+        stop_process(restarted.process)
+
+
+def test_duplicate_instance_is_stored_once(node_factory, chest_cr):
+    node = node_factory(studies={"quiet_period_s": 3600})
+    for _ in range(2):
+        sent = dcmtk("storescu", "-aec", "DICOMNODE", "127.0.0.1", str(node.port), str(chest_cr))
+        assert sent.returncode == 0, sent.stderr
+    assert "stored=1" in node.cli("status").stdout
+    assert len(list((node.config.parent / "var" / "spool").rglob("*.dcm"))) == 1
+
+
+def test_wrong_called_ae_title_is_rejected_and_audited_with_the_reason(node_factory):
+    node = node_factory()
+    echo = dcmtk("echoscu", "-aec", "NOTUS", "127.0.0.1", str(node.port))
+    assert echo.returncode != 0
+    audit = (node.config.parent / "var" / "logs" / "audit.log").read_text()
+    assert "called AE title 'NOTUS' is not ours" in audit
+    assert dcmtk("echoscu", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)).returncode == 0

@@ -1,0 +1,443 @@
+"""Imaging: real encoded files decode to the image a viewer shows, and become backbone input.
+
+Every file comes from pydicom's own test files or the `pydicom-data` package (a test extra);
+they are looked up with `download=False`, so the suite never reaches the network.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from dicomnode import imaging
+from dicomnode.flow import InputSpec
+from dicomnode.imaging import cxr
+from dicomnode.imaging.common import ImagingError, display_pixels, hashed_uid, to_sample
+
+CLIP_SPEC = InputSpec(
+    image_size=224,
+    mean=(0.48145466, 0.4578275, 0.40821073),
+    std=(0.26862954, 0.26130258, 0.27577711),
+)
+IDENTITY_SPEC = InputSpec(image_size=64, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+COUNT = 1 / 255  # one step of an 8-bit display
+
+
+def shipped_file(name: str) -> Path:
+    """Path of a shipped test file; fails, never downloads, if pydicom-data is missing."""
+    path = get_testdata_file(name, download=False)
+    assert path is not None, f"{name} missing: install the test extra (pydicom-data)"
+    return Path(path)
+
+
+def read(name: str) -> Dataset:
+    return pydicom.dcmread(shipped_file(name))
+
+
+@cache
+def shown(name: str) -> np.ndarray:
+    """display_pixels of a shipped file, cached because the radiographs take a while."""
+    return display_pixels(read(name))
+
+
+def stored(name: str) -> np.ndarray:
+    """The first frame's stored values, as pydicom decodes them, for hand computations."""
+    ds = read(name)
+    frames = ds.pixel_array.astype(np.float64)
+    return frames[0] if int(ds.get("NumberOfFrames") or 1) > 1 else frames
+
+
+def linear_window(x: np.ndarray, center: float, width: float) -> np.ndarray:
+    """PS3.3 C.11.2.1.2.1 written out piece by piece, output range [0, 1]."""
+    below = x <= center - 0.5 - (width - 1) / 2
+    above = x > center - 0.5 + (width - 1) / 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inside = (x - (center - 0.5)) / (width - 1) + 0.5
+    return np.where(below, 0.0, np.where(above, 1.0, inside))
+
+
+def save(ds: Dataset, path: Path) -> Path:
+    ds.save_as(path)
+    return path
+
+
+# (reference, encoded, what it proves): the encoded file must display exactly as the reference.
+LOSSLESS_PAIRS = [
+    ("MR_small.dcm", "MR_small_implicit.dcm", "Implicit VR Little Endian"),
+    ("MR_small.dcm", "MR_small_bigendian.dcm", "Explicit VR Big Endian, signed 16-bit"),
+    ("SC_rgb.dcm", "SC_rgb_expb.dcm", "Explicit VR Big Endian, RGB"),
+    ("SC_rgb.dcm", "SC_rgb_16bit.dcm", "16-bit RGB scaled by Bits Stored"),
+    ("SC_rgb.dcm", "SC_rgb_expb_32bit.dcm", "32-bit big-endian RGB scaled by Bits Stored"),
+    ("MR_small.dcm", "MR_small_RLE.dcm", "RLE Lossless"),
+    ("SC_rgb.dcm", "SC_rgb_rle.dcm", "RLE Lossless, RGB"),
+    ("emri_small.dcm", "emri_small_RLE.dcm", "RLE Lossless, multi-frame"),
+    ("SC_rgb.dcm", "SC_rgb_jpeg_gdcm.dcm", "JPEG Lossless SV1, RGB"),
+    ("MR_small.dcm", "MR_small_jpeg_ls_lossless.dcm", "JPEG-LS Lossless"),
+    ("emri_small.dcm", "emri_small_jpeg_ls_lossless.dcm", "JPEG-LS Lossless, multi-frame"),
+    ("MR_small.dcm", "MR_small_jp2klossless.dcm", "JPEG 2000 Lossless"),
+    ("emri_small.dcm", "emri_small_jpeg_2k_lossless.dcm", "JPEG 2000 Lossless, multi-frame"),
+    ("JPEG2000_UNC.dcm", "JPEG2000.dcm", "JPEG 2000, signed 16-bit NM"),
+    ("MR2_UNCR.dcm", "MR2_J2KR.dcm", "JPEG 2000 Lossless with rescale"),
+    ("693_UNCR.dcm", "693_J2KR.dcm", "JPEG 2000 Lossless, CT in HU"),
+    ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "JPEG 2000 Lossless, CR chest MONOCHROME1"),
+    ("RG3_UNCR.dcm", "RG3_J2KR.dcm", "JPEG 2000 Lossless, CR 10-bit MONOCHROME1"),
+    ("US1_UNCR.dcm", "US1_J2KR.dcm", "JPEG 2000 Lossless, YBR_RCT to RGB"),
+    ("SC_rgb_gdcm2k_uncompressed.dcm", "SC_rgb_gdcm_KY.dcm", "JPEG 2000, RGB"),
+]
+
+# (decoded reference, lossy original, tolerance): the references are the same lossy streams
+# decompressed by another toolkit (the *_UNCI files, DCMTK's dcmdjpeg for the SC_rgb_dcmtk ones),
+# so the only allowed difference is the decoders' rounding.
+LOSSY_PAIRS = [
+    ("RG1_UNCI.dcm", "RG1_J2KI.dcm", COUNT),
+    ("RG3_UNCI.dcm", "RG3_J2KI.dcm", COUNT),
+    ("MR2_UNCI.dcm", "MR2_J2KI.dcm", COUNT),
+    ("693_UNCI.dcm", "693_J2KI.dcm", COUNT),
+    ("US1_UNCI.dcm", "US1_J2KI.dcm", COUNT),  # JPEG 2000 irreversible, YBR_ICT
+    ("SC_rgb_dcmtk_ebcr_dcmd.dcm", "SC_rgb_dcmtk_+eb+cr.dcm", 2 * COUNT),  # baseline, RGB
+    ("SC_rgb_dcmtk_ebcyn1_dcmd.dcm", "SC_rgb_dcmtk_+eb+cy+n1.dcm", 2 * COUNT),  # YBR_FULL
+    ("SC_rgb_dcmtk_ebcyn2_dcmd.dcm", "SC_rgb_dcmtk_+eb+cy+n2.dcm", 2 * COUNT),
+    ("SC_rgb_dcmtk_ebcynp_dcmd.dcm", "SC_rgb_dcmtk_+eb+cy+np.dcm", 2 * COUNT),  # YBR_FULL_422
+    ("SC_rgb_dcmtk_ebcys2_dcmd.dcm", "SC_rgb_dcmtk_+eb+cy+s2.dcm", 2 * COUNT),
+    ("SC_rgb_dcmtk_ebcys4_dcmd.dcm", "SC_rgb_dcmtk_+eb+cy+s4.dcm", 2 * COUNT),
+    ("SC_rgb.dcm", "SC_rgb_jls_lossy_line.dcm", 3 * COUNT),  # JPEG-LS near-lossless bound
+    ("SC_rgb.dcm", "SC_rgb_jls_lossy_sample.dcm", 3 * COUNT),
+]
+
+
+@pytest.mark.parametrize(("reference", "encoded", "proves"), LOSSLESS_PAIRS)
+def test_lossless_encodings_display_as_their_uncompressed_reference(
+    reference: str, encoded: str, proves: str
+) -> None:
+    np.testing.assert_allclose(shown(encoded), shown(reference), atol=1e-6, err_msg=proves)
+
+
+@pytest.mark.parametrize(("reference", "encoded", "tolerance"), LOSSY_PAIRS)
+def test_lossy_encodings_display_as_another_toolkits_decode(
+    reference: str, encoded: str, tolerance: float
+) -> None:
+    np.testing.assert_allclose(shown(encoded), shown(reference), atol=tolerance + 1e-6)
+
+
+def test_deflated_file_displays_as_its_inflated_source(tmp_path: Path) -> None:
+    ds = read("MR_small.dcm")
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    deflated = pydicom.dcmread(save(ds, tmp_path / "deflated.dcm"))
+    assert deflated.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    np.testing.assert_allclose(display_pixels(deflated), shown("MR_small.dcm"), atol=1e-6)
+
+
+def test_third_party_deflated_file_decodes() -> None:
+    display = shown("image_dfl.dcm")
+    assert display.shape == (512, 512)
+    assert display.min() == 0.0 and display.max() == 1.0
+
+
+def test_jpeg_extended_12bit_decodes_pydicoms_reference_values() -> None:
+    ds = read("JPGExtended.dcm")
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = 2048, 4096, "LINEAR_EXACT"
+    values = display_pixels(ds).astype(np.float64) * 4096  # exact window: x / 4096
+    assert values[420, 140] == pytest.approx(244, abs=1e-2)
+    assert values[230, 120] == pytest.approx(95, abs=1e-2)
+
+
+def test_multiframe_shows_the_first_frame_stretched_when_there_is_no_window() -> None:
+    frame = stored("emri_small.dcm")
+    expected = (frame - frame.min()) / (frame.max() - frame.min())
+    np.testing.assert_allclose(shown("emri_small.dcm"), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["JPEG-lossy.dcm", "MR_truncated.dcm"])
+def test_undecodable_pixel_data_is_an_imaging_error_naming_the_transfer_syntax(name: str) -> None:
+    ds = read(name)
+    with pytest.raises(ImagingError, match="cannot decode Pixel Data in transfer syntax") as err:
+        display_pixels(ds)
+    assert ds.file_meta.TransferSyntaxUID.name in str(err.value)
+
+
+@pytest.mark.parametrize(("center", "width"), [(600, 1600), (1000.5, 1), (127.5, 2)])
+def test_linear_window_follows_ps33_c11_2_1_2(center: float, width: float) -> None:
+    ds = read("MR_small.dcm")
+    ds.WindowCenter, ds.WindowWidth = center, width
+    expected = linear_window(stored("MR_small.dcm"), center, width)
+    np.testing.assert_allclose(display_pixels(ds), expected, atol=1e-6)
+
+
+def test_first_of_several_windows_is_applied() -> None:
+    ds = read("MR_small.dcm")
+    ds.WindowCenter, ds.WindowWidth = [600, 40], [1600, 80]
+    np.testing.assert_allclose(display_pixels(ds), shown("MR_small.dcm"), atol=1e-6)
+    assert np.abs(shown("MR_small.dcm") - linear_window(stored("MR_small.dcm"), 40, 80)).max() > 0.5
+
+
+def test_linear_exact_and_sigmoid_windows_follow_ps33() -> None:
+    values, center, width = stored("MR_small.dcm"), 600.0, 1600.0
+    expected = {
+        "LINEAR_EXACT": np.clip((values - center) / width + 0.5, 0, 1),
+        "SIGMOID": 1 / (1 + np.exp(-4 * (values - center) / width)),
+    }
+    for function, want in expected.items():
+        ds = read("MR_small.dcm")
+        ds.VOILUTFunction = function
+        np.testing.assert_allclose(display_pixels(ds), want, atol=1e-6, err_msg=function)
+
+
+def test_invalid_window_width_is_ignored_for_a_min_max_stretch() -> None:
+    ds = read("MR_small.dcm")
+    ds.WindowWidth = 0
+    values = stored("MR_small.dcm")
+    expected = (values - values.min()) / (values.max() - values.min())
+    np.testing.assert_allclose(display_pixels(ds), expected, atol=1e-6)
+
+
+def test_rescale_slope_and_intercept_are_applied_before_the_window() -> None:
+    ds = read("MR2_UNCR.dcm")
+    slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+    values = stored("MR2_UNCR.dcm")
+    expected = linear_window(values * slope + intercept, 1000, 2000)
+    np.testing.assert_allclose(shown("MR2_UNCR.dcm"), expected, atol=1e-6)
+    assert np.abs(expected - linear_window(values, 1000, 2000)).max() > 0.5
+
+
+def test_ct_window_is_in_hounsfield_units() -> None:
+    expected = linear_window(stored("693_UNCR.dcm") - 1024, 40, 100)
+    np.testing.assert_allclose(shown("693_UNCR.dcm"), expected, atol=1e-6)
+
+
+def test_enhanced_multiframe_window_and_rescale_come_from_functional_groups() -> None:
+    expected = linear_window(stored("eCT_Supplemental.dcm") - 1024, 49, 102)
+    np.testing.assert_allclose(shown("eCT_Supplemental.dcm"), expected, atol=1e-6)
+
+
+def test_modality_lut_sequence_is_applied() -> None:
+    ds = read("mlut_18.dcm")
+    modality = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
+    expected = (modality - modality.min()) / (modality.max() - modality.min())
+    np.testing.assert_allclose(display_pixels(ds), expected, atol=1e-6)
+
+
+def test_voi_lut_sequence_is_applied_in_preference_to_a_window() -> None:
+    ds = read("vlut_04.dcm")
+    ds.WindowCenter, ds.WindowWidth = 10, 20
+    expected = apply_voi(ds.pixel_array, ds).astype(np.float64) / 65535
+    np.testing.assert_allclose(display_pixels(ds), expected, atol=1e-6)
+
+
+def test_voi_lut_declaring_16_bits_but_filling_12_is_scaled_by_the_bits_it_uses() -> None:
+    ds = read("MR_small.dcm")
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    item.LUTData = list(range(4096))
+    ds.VOILUTSequence = [item]
+    expected = np.clip(stored("MR_small.dcm"), 0, 4095) / 4095
+    np.testing.assert_allclose(display_pixels(ds), expected, atol=1e-6)
+
+
+def test_voi_lut_with_packed_8bit_entries() -> None:
+    ds = read("MR_small.dcm")
+    item = Dataset()
+    item.LUTDescriptor = [256, 1000, 8]
+    item.LUTData = bytes(range(256))
+    ds.VOILUTSequence = [item]
+    expected = np.clip(stored("MR_small.dcm") - 1000, 0, 255) / 255
+    np.testing.assert_allclose(display_pixels(ds), expected, atol=1e-6)
+
+
+def test_real_monochrome1_radiograph_is_inverted_after_its_window() -> None:
+    expected = 1 - linear_window(stored("RG1_UNCR.dcm"), 15000, 30000)
+    np.testing.assert_allclose(shown("RG1_UNCR.dcm"), expected, atol=1e-6)
+
+
+def test_monochrome1_is_the_inverse_of_the_same_pixels_as_monochrome2() -> None:
+    ds = read("MR_small.dcm")
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    np.testing.assert_allclose(display_pixels(ds), 1 - shown("MR_small.dcm"), atol=1e-6)
+
+
+def test_palette_colour_maps_through_the_16bit_luts() -> None:
+    ds = read("OBXXXX1A.dcm")
+    index = ds.pixel_array
+    luts = [
+        np.frombuffer(ds[f"{colour}PaletteColorLookupTableData"].value, dtype="<u2")
+        for colour in ("Red", "Green", "Blue")
+    ]
+    expected = np.stack([lut[index] for lut in luts], axis=-1) / 65535
+    display = shown("OBXXXX1A.dcm")
+    assert display.shape == (600, 800, 3)
+    np.testing.assert_allclose(display, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("encoded", ["OBXXXX1A_expb.dcm", "OBXXXX1A_rle.dcm"])
+def test_palette_colour_is_independent_of_byte_order_and_compression(encoded: str) -> None:
+    np.testing.assert_allclose(shown(encoded), shown("OBXXXX1A.dcm"), atol=1e-6)
+
+
+def test_segmented_palette_colour_is_expanded() -> None:
+    ds = read("gdcm-US-ALOKA-16.dcm")
+    expected = apply_color_lut(ds.pixel_array, ds)[..., :3] / 65535
+    np.testing.assert_allclose(shown("gdcm-US-ALOKA-16.dcm"), expected, atol=1e-6)
+    np.testing.assert_allclose(shown("gdcm-US-ALOKA-16_big.dcm"), expected, atol=1e-6)
+
+
+YBR_UNCOMPRESSED = ["SC_ybr_full_uncompressed.dcm", "SC_ybr_full_422_uncompressed.dcm"]
+
+
+@pytest.mark.parametrize("name", YBR_UNCOMPRESSED)
+def test_ybr_is_converted_to_rgb(name: str) -> None:
+    # The YBR files are SC_rgb.dcm converted with 8-bit rounding, both ways.
+    assert shown(name).shape == (100, 100, 3)
+    np.testing.assert_allclose(shown(name), shown("SC_rgb.dcm"), atol=7 * COUNT)
+
+
+def test_display_without_pixel_data_names_the_object() -> None:
+    with pytest.raises(ImagingError, match=r"RT Plan Storage has no Pixel Data \(7FE0,0010\)"):
+        display_pixels(read("rtplan.dcm"))
+
+
+def test_display_without_transfer_syntax_names_the_attribute() -> None:
+    ds = read("MR_small.dcm")
+    del ds.file_meta.TransferSyntaxUID
+    with pytest.raises(ImagingError, match=r"Transfer Syntax UID \(0002,0010\)"):
+        display_pixels(ds)
+
+
+def test_unsupported_photometric_and_missing_palette_are_imaging_errors() -> None:
+    hsv = read("SC_rgb.dcm")
+    hsv.PhotometricInterpretation = "HSV"
+    with pytest.raises(ImagingError, match="Photometric Interpretation .* 'HSV'"):
+        display_pixels(hsv)
+    palette = read("OBXXXX1A.dcm")
+    del palette.RedPaletteColorLookupTableDescriptor
+    with pytest.raises(ImagingError, match="Palette Color Lookup Table Descriptor"):
+        display_pixels(palette)
+
+
+def test_errors_name_the_hashed_uid_never_patient_data() -> None:
+    ds = read("CT_small.dcm")
+    with pytest.raises(ImagingError) as err:
+        cxr.prepare(shipped_file("CT_small.dcm"), CLIP_SPEC)
+    message = str(err.value)
+    assert hashed_uid(str(ds.SOPInstanceUID)) in message
+    for secret in (str(ds.SOPInstanceUID), str(ds.PatientName), str(ds.PatientID)):
+        assert secret not in message
+
+
+def test_sample_is_normalised_float32_and_display_is_uint8() -> None:
+    display = shown("RG1_UNCR.dcm")
+    sample = to_sample("1.2.3", display, CLIP_SPEC)
+    assert sample.sop_instance_uid == "1.2.3"
+    assert sample.pixels.shape == (3, 224, 224) and sample.pixels.dtype == np.float32
+    assert sample.display.shape == display.shape and sample.display.dtype == np.uint8
+    np.testing.assert_array_equal(sample.display, np.rint(display * 255).astype(np.uint8))
+    mean = np.asarray(CLIP_SPEC.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(CLIP_SPEC.std, dtype=np.float32)[:, None, None]
+    restored = sample.pixels * std + mean
+    assert restored.min() >= -1e-5 and restored.max() <= 1 + 1e-5
+    np.testing.assert_allclose(restored[0], restored[1], atol=1e-5)  # grayscale replicated
+    np.testing.assert_allclose(restored[0], restored[2], atol=1e-5)
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(100, 50), (50, 100)])
+def test_sample_keeps_the_whole_image_and_pads_with_black(rows: int, cols: int) -> None:
+    sample = to_sample("1.2.3", np.ones((rows, cols), dtype=np.float32), IDENTITY_SPEC)
+    content = sample.pixels[0] > 0.5
+    assert content.sum(axis=0).max() == 64 * rows // max(rows, cols)
+    assert content.sum(axis=1).max() == 64 * cols // max(rows, cols)
+    band = slice(16, 48)  # the 32-pixel short side is centred in 64
+    inside = content[:, band] if rows > cols else content[band, :]
+    assert inside.all()
+    assert content.sum() == 64 * 32
+    assert sample.pixels[:, 0, 0].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_colour_sample_keeps_channels_and_its_display_is_luminance() -> None:
+    display = shown("SC_rgb.dcm")
+    sample = to_sample("1.2.3", display, IDENTITY_SPEC)
+    assert not np.allclose(sample.pixels[0], sample.pixels[1])
+    pillow_gray = np.asarray(Image.fromarray(np.rint(display * 255).astype(np.uint8)).convert("L"))
+    assert np.abs(sample.display.astype(int) - pillow_gray).max() <= 1
+
+
+def test_sample_refuses_an_image_that_is_neither_gray_nor_rgb() -> None:
+    with pytest.raises(ImagingError, match="shape"):
+        to_sample("1.2.3", np.zeros((4, 4, 4), dtype=np.float32), IDENTITY_SPEC)
+
+
+def test_prepare_real_cr_chest_radiograph() -> None:
+    path = shipped_file("RG1_UNCR.dcm")
+    sample = cxr.prepare(path, CLIP_SPEC)
+    assert sample.sop_instance_uid == pydicom.dcmread(path).SOPInstanceUID
+    assert sample.pixels.shape == (3, 224, 224) and sample.pixels.dtype == np.float32
+    assert sample.display.shape == (1955, 1841) and sample.display.dtype == np.uint8
+
+
+def test_prepare_gives_the_same_sample_from_jpeg2000_and_uncompressed() -> None:
+    uncompressed = cxr.prepare(shipped_file("RG1_UNCR.dcm"), CLIP_SPEC)
+    lossless = cxr.prepare(shipped_file("RG1_J2KR.dcm"), CLIP_SPEC)
+    np.testing.assert_allclose(lossless.pixels, uncompressed.pixels, atol=1e-5)
+    np.testing.assert_array_equal(lossless.display, uncompressed.display)
+
+
+def test_registry_prepares_by_prompt_set_domain() -> None:
+    sample = imaging.prepare("cxr", shipped_file("RG3_J2KR.dcm"), CLIP_SPEC)
+    assert sample.pixels.shape == (3, 224, 224)
+    with pytest.raises(ImagingError, match="no imaging preparer for domain 'oct'"):
+        imaging.prepare("oct", shipped_file("RG3_J2KR.dcm"), CLIP_SPEC)
+
+
+def _without_pixel_data(ds: Dataset) -> Dataset:
+    del ds.PixelData
+    return ds
+
+
+def _without_sop_instance_uid(ds: Dataset) -> Dataset:
+    del ds.SOPInstanceUID
+    return ds
+
+
+def _as_dx(ds: Dataset) -> Dataset:
+    ds.Modality = "DX"
+    return ds
+
+
+REFUSALS = [
+    ("rtplan.dcm", None, r"RT Plan Storage has no Pixel Data \(7FE0,0010\)"),
+    ("RG1_UNCR.dcm", _without_pixel_data, "Computed Radiography Image Storage has no Pixel Data"),
+    ("RG3_UNCR.dcm", _without_sop_instance_uid, r"no SOP Instance UID \(0008,0018\)"),
+    ("CT_small.dcm", None, r"Modality \(0008,0060\) 'CT' is not a projection radiograph"),
+    ("SC_rgb.dcm", None, r"Photometric Interpretation \(0028,0004\) 'RGB' is not grayscale"),
+    ("emri_small.dcm", _as_dx, r"Number of Frames \(0028,0008\) is 10, expected 1"),
+]
+
+
+@pytest.mark.parametrize(("name", "change", "message"), REFUSALS)
+def test_prepare_refuses_what_is_not_a_single_grayscale_radiograph(
+    tmp_path: Path, name: str, change: Callable[[Dataset], Dataset] | None, message: str
+) -> None:
+    path = shipped_file(name) if change is None else save(change(read(name)), tmp_path / name)
+    with pytest.raises(ImagingError, match=message):
+        cxr.prepare(path, CLIP_SPEC)
+
+
+def test_prepare_refuses_a_file_that_is_not_dicom(tmp_path: Path) -> None:
+    path = tmp_path / "report.txt"
+    path.write_text("not an image")
+    with pytest.raises(ImagingError, match="is not a DICOM file"):
+        cxr.prepare(path, CLIP_SPEC)
+
+
+def test_imaging_does_not_import_torch() -> None:
+    code = "import sys, dicomnode.imaging; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
