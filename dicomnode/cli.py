@@ -19,6 +19,8 @@ ConfigOption = Annotated[
 CallingAE = Annotated[str, typer.Option("--aet", help="Our (calling) AE title.")]
 CalledAE = Annotated[str, typer.Option("--aec", help="The peer's (called) AE title.")]
 Timeout = Annotated[float, typer.Option("--timeout", help="Network timeout in seconds.")]
+# Checked here: pynetdicom reports an out-of-range port as a traceback in its own thread.
+PeerPort = Annotated[int, typer.Argument(min=1, max=65535, help="The peer's TCP port.")]
 
 
 def _config(path: Path):
@@ -46,7 +48,7 @@ def serve(config: ConfigOption = DEFAULT_CONFIG) -> None:
 @app.command()
 def echo(
     host: str,
-    port: int,
+    port: PeerPort,
     aet: CallingAE = "DICOMNODE",
     aec: CalledAE = "ANY-SCP",
     timeout: Timeout = 30.0,
@@ -60,6 +62,9 @@ def echo(
     except AssociationFailed as exc:
         typer.echo(f"echo failed: {exc}", err=True)
         raise typer.Exit(1) from None
+    except ValueError as exc:  # pynetdicom refuses an invalid AE title before connecting
+        typer.echo(f"cannot echo: {exc}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"C-ECHO {aec}@{host}:{port}: status 0x{status:04X}")
     raise typer.Exit(0 if status == 0 else 1)
 
@@ -67,7 +72,7 @@ def echo(
 @app.command()
 def send(
     host: str,
-    port: int,
+    port: PeerPort,
     files: Annotated[list[Path], typer.Argument(help="DICOM files or folders to send.")],
     aet: CallingAE = "DICOMNODE",
     aec: CalledAE = "ANY-SCP",
@@ -106,7 +111,7 @@ def route(
     config: ConfigOption = DEFAULT_CONFIG,
     calling_ae: Annotated[str, typer.Option(help="Calling AE title to route as.")] = "",
 ) -> None:
-    """Print which prompt set each file would go to, and why."""
+    """Print which prompt set each file would go to, and why; exit 1 if a file is unreadable."""
     from pydicom.errors import InvalidDicomError
 
     from dicomnode.routing import decide, read_header
@@ -117,14 +122,17 @@ def route(
     except ConfigError as exc:
         typer.echo(f"configuration error:\n{exc}", err=True)
         raise typer.Exit(2) from None
+    unreadable = 0
     for path in files:
         try:
             decision = decide(routing, read_header(path), calling_ae)
         except (OSError, InvalidDicomError) as exc:
-            typer.echo(f"{path}: unreadable: {exc}")
+            typer.echo(f"{path}: unreadable: {exc}", err=True)
+            unreadable += 1
             continue
         target = decision.prompt_set or "(ignored)"
         typer.echo(f"{path}: {target}: {decision.reason}")
+    raise typer.Exit(1 if unreadable else 0)
 
 
 @app.command()

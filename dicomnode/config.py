@@ -122,6 +122,8 @@ class MatchCondition(_Strict):
     def _one_of(self) -> MatchCondition:
         if (self.values is None) == (self.regex is None):
             raise ValueError("give either a list of values or {regex: ...}")
+        if self.values is not None and not self.values:
+            raise ValueError("an empty list of values never matches; give at least one value")
         if self.regex is not None:
             try:
                 re.compile(self.regex)
@@ -135,8 +137,9 @@ class RoutingRule(_Strict):
 
     name: str = Field(min_length=1)
     match: dict[str, MatchCondition]
-    prompt_set: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
-    ignore: str | None = None
+    # A folder name under prompts_dir: no leading dot, so "." and ".." cannot leave it.
+    prompt_set: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+    ignore: str | None = Field(default=None, min_length=1)
 
     @field_validator("match", mode="before")
     @classmethod
@@ -146,6 +149,10 @@ class RoutingRule(_Strict):
             raise ValueError("match must be a non-empty mapping of attribute keyword to values")
         out = {}
         for key, cond in value.items():
+            # YAML 1.1 reads unquoted YES/NO/ON/OFF as booleans: `BurnedInAnnotation: NO` would
+            # silently become "False" and never match the DICOM code string NO.
+            if isinstance(cond, bool) or (isinstance(cond, list) and any(isinstance(v, bool) for v in cond)):
+                raise ValueError(f"{key}: YAML read an unquoted yes/no/on/off/true/false; quote it, e.g. 'NO'")
             if isinstance(cond, str | int | float):
                 cond = {"values": [str(cond)]}
             elif isinstance(cond, list):
@@ -172,6 +179,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): save it as UTF-8") from exc
     try:
         content = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -251,4 +260,8 @@ def load_routing(path: Path) -> RoutingConfig:
                 raise ConfigError(f"{path}: rules.{index}.match.{keyword}: not a DICOM attribute keyword")
             if dictionary_VR(tag) == "SQ":
                 raise ConfigError(f"{path}: rules.{index}.match.{keyword}: sequences cannot be matched")
+            if tag >> 16 == 0x0002:
+                raise ConfigError(
+                    f"{path}: rules.{index}.match.{keyword}: file meta attributes cannot be matched"
+                )
     return routing

@@ -39,8 +39,8 @@ class StudyFailed(RuntimeError):
 def configure_logging(state_dir: Path, level: str) -> None:
     """Log to stderr (journald under systemd) and to files under state_dir/logs.
 
-    pynetdicom's own debug output can dump datasets, patient names included, so it is held
-    at WARNING whatever the node's level.
+    pynetdicom's own debug output can dump datasets, patient names included, so it is
+    silenced: the node logs every association and store outcome itself.
     """
     logs = state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -58,7 +58,7 @@ def configure_logging(state_dir: Path, level: str) -> None:
     audit_file = logging.handlers.RotatingFileHandler(logs / "audit.log", maxBytes=20 << 20, backupCount=10)
     audit_file.setFormatter(fmt)
     logging.getLogger("dicomnode.audit").addHandler(audit_file)
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
 
 
 class StudyWorker(threading.Thread):

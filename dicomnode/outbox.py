@@ -12,6 +12,8 @@ import logging
 import threading
 import time
 
+from pydicom.errors import InvalidDicomError
+
 from dicomnode.config import DestinationConfig
 from dicomnode.flow import Delivery
 from dicomnode.net.scu import AssociationFailed, Peer, store
@@ -68,7 +70,9 @@ class DestinationWorker(threading.Thread):
                     if outcome.status is not None
                     else outcome.comment
                 )
-            except (AssociationFailed, OSError) as exc:
+            # A file that is not DICOM fails like an unreachable peer: retried, then dead letter,
+            # instead of escaping to run() and blocking this destination's queue forever.
+            except (AssociationFailed, InvalidDicomError, OSError, ValueError) as exc:
                 error = str(exc)
         attempts = delivery.attempts + 1
         if attempts >= self.destination.max_attempts:

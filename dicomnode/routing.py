@@ -16,6 +16,7 @@ from pathlib import Path
 import pydicom
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID_dictionary
 
 from dicomnode.config import MatchCondition, RoutingConfig, RoutingRule
 from dicomnode.flow import StoredInstance, StudyJob
@@ -64,11 +65,15 @@ def _condition_holds(cond: MatchCondition, found: list[str]) -> bool:
     return any(v.upper() in wanted for v in found)
 
 
-def _quotable(keyword: str) -> bool:
+def _quotable(keyword: str, found: list[str]) -> bool:
     if keyword == "CallingAETitle":
         return True
     tag = tag_for_keyword(keyword)
-    return tag is not None and dictionary_VR(tag) in _QUOTABLE_VRS
+    if tag is None or dictionary_VR(tag) not in _QUOTABLE_VRS:
+        return False
+    # A UID is a code only when the standard defines it (SOP classes, transfer syntaxes);
+    # study, series and instance UIDs identify a patient's images and stay out of reasons.
+    return dictionary_VR(tag) != "UI" or all(v in UID_dictionary for v in found)
 
 
 def _rule_mismatch(rule: RoutingRule, ds: pydicom.Dataset, calling_ae: str) -> str | None:
@@ -79,7 +84,7 @@ def _rule_mismatch(rule: RoutingRule, ds: pydicom.Dataset, calling_ae: str) -> s
             expected = f"/{cond.regex}/" if cond.regex is not None else "|".join(cond.values or ())
             if not found:
                 got = "absent"
-            elif _quotable(keyword):
+            elif _quotable(keyword, found):
                 got = "|".join(found)
             else:
                 got = "a value that does not match"

@@ -103,10 +103,15 @@ def load_backbone(cfg: ModelConfig) -> Backbone:
         )
     sha256 = None
     if cfg.checkpoint is not None:
-        sha256 = file_sha256(cfg.checkpoint)
+        try:
+            sha256 = file_sha256(cfg.checkpoint)
+        except OSError as exc:
+            raise BackboneError(f"model.checkpoint {cfg.checkpoint} cannot be read: {exc.strerror}") from exc
+        # torch, safetensors and open_clip each fail in their own way on a file that is not a
+        # state_dict of this architecture (UnpicklingError, SafetensorError, StopIteration, ...).
         try:
             open_clip.load_checkpoint(model, str(cfg.checkpoint), strict=True, weights_only=True)
-        except (RuntimeError, KeyError, ValueError, OSError) as exc:
+        except Exception as exc:
             raise BackboneError(
                 f"model.checkpoint {cfg.checkpoint} does not fit architecture {cfg.architecture}: {exc}"
             ) from exc

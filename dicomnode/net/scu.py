@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config, build_context
 from pynetdicom.sop_class import Verification
-
 
 # Send files as stored, without decoding and re-encoding them (pynetdicom's documented switch).
 _config.STORE_SEND_CHUNKED_DATASET = True
@@ -86,6 +86,8 @@ def echo(peer: Peer, calling_ae: str = "DICOMNODE") -> int:
 def _context_for(path: Path) -> tuple[str, str]:
     """SOP class and transfer syntax from the file meta alone: the body is not our business."""
     meta = read_file_meta_info(path)
+    if "MediaStorageSOPClassUID" not in meta or "TransferSyntaxUID" not in meta:
+        raise InvalidDicomError(f"{path}: file meta lacks the SOP class or transfer syntax")
     return str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
 
 
