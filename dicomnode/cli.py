@@ -10,7 +10,9 @@ import typer
 from dicomnode.config import DEFAULT_CONFIG, ConfigError, load_config, load_routing
 
 # Tracebacks never show local variables: they could hold patient data.
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_show_locals=False)
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_show_locals=False
+)
 
 ConfigOption = Annotated[
     Path,
@@ -91,12 +93,12 @@ def send(
         raise typer.Exit(2)
     try:
         outcomes = store(Peer(host, port, aec, timeout), paths, calling_ae=aet)
+    except AssociationFailed as exc:  # first: it is a ConnectionError, hence an OSError
+        typer.echo(f"send failed: {exc}", err=True)
+        raise typer.Exit(1) from None
     except (InvalidDicomError, OSError, ValueError) as exc:
         typer.echo(f"cannot send: {exc}", err=True)
         raise typer.Exit(2) from None
-    except AssociationFailed as exc:
-        typer.echo(f"send failed: {exc}", err=True)
-        raise typer.Exit(1) from None
     for outcome in outcomes:
         status = "no status" if outcome.status is None else f"0x{outcome.status:04X}"
         typer.echo(f"{outcome.path}: {status} {outcome.comment}".rstrip())

@@ -152,7 +152,9 @@ class RoutingRule(_Strict):
             # YAML 1.1 reads unquoted YES/NO/ON/OFF as booleans: `BurnedInAnnotation: NO` would
             # silently become "False" and never match the DICOM code string NO.
             if isinstance(cond, bool) or (isinstance(cond, list) and any(isinstance(v, bool) for v in cond)):
-                raise ValueError(f"{key}: YAML read an unquoted yes/no/on/off/true/false; quote it, e.g. 'NO'")
+                raise ValueError(
+                    f"{key}: YAML read an unquoted yes/no/on/off/true/false; quote it, e.g. 'NO'"
+                )
             if isinstance(cond, str | int | float):
                 cond = {"values": [str(cond)]}
             elif isinstance(cond, list):

@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 
 def retry_delay(destination: DestinationConfig, attempts_made: int) -> float:
     """Seconds to wait after the `attempts_made`-th failure: doubling, capped."""
-    return min(destination.backoff_s * 2 ** max(attempts_made - 1, 0), destination.max_backoff_s)
+    # The exponent is bounded so that a large max_attempts cannot overflow the float.
+    doublings = min(max(attempts_made - 1, 0), 64)
+    return min(destination.backoff_s * 2**doublings, destination.max_backoff_s)
 
 
 class DestinationWorker(threading.Thread):

@@ -48,7 +48,7 @@ class Ignored:
 
 def _attribute_values(ds: pydicom.Dataset, keyword: str, calling_ae: str) -> list[str]:
     if keyword == "CallingAETitle":
-        return [calling_ae.strip()]
+        return [calling_ae.strip()] if calling_ae.strip() else []
     value = ds.get(keyword)
     if value is None or value == "":
         return []

@@ -1,0 +1,537 @@
+"""The administrator's commands that need no running node: config, route, status, echo, send.
+
+Each command runs through the real typer app (in this process, for speed, or as
+`python -m dicomnode` where the working directory or the environment matters) against real
+files and real peers: Orthanc as the PACS and DCMTK's `storescp`. Exit codes are part of the
+contract: 0 success, 1 the peer or a file failed, 2 the command cannot run as given.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+import yaml
+from pydicom.data import get_testdata_file
+from typer.testing import CliRunner
+
+from dicomnode.cli import app
+from dicomnode.spool import Spool, uid_tag
+from tests.conftest import (
+    REPO,
+    Orthanc,
+    free_port,
+    start_orthanc,
+    stop_process,
+    wait_for_port,
+    wait_until,
+    write_node_config,
+)
+
+CHEST = "RG1_UNCR.dcm"
+EXTREMITY = "RG3_UNCR.dcm"
+CT = "CT_small.dcm"
+JPEG_BASELINE = "SC_rgb_jpeg_dcmtk.dcm"  # JPEG baseline: storescp's default contexts refuse it
+CT_SOP_INSTANCE_UID = "1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322"
+
+
+def shipped_file(name: str) -> Path:
+    """Path of a shipped test file; fails, never downloads, if pydicom-data is missing."""
+    path = get_testdata_file(name, download=False)
+    assert path is not None, f"{name} missing: install the test extra (pydicom-data)"
+    return Path(path)
+
+
+@dataclass
+class Outcome:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def cli(*args: str | Path) -> Outcome:
+    """Run `dicomnode ARGS...` through the real typer app, in this process."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return Outcome(result.exit_code, result.stdout, result.stderr)
+
+
+def cli_process(*args: str | Path, cwd: Path, env: dict[str, str] | None = None) -> Outcome:
+    """Run `python -m dicomnode ARGS...` as a process, as an administrator's shell would."""
+    environment = {k: v for k, v in os.environ.items() if k != "DICOMNODE_CONFIG"} | (env or {})
+    done = subprocess.run(
+        [sys.executable, "-m", "dicomnode", *map(str, args)],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return Outcome(done.returncode, done.stdout, done.stderr)
+
+
+#: The routing of these tests, so that the expected output does not follow conf/routing.yaml.
+ROUTING = """
+rules:
+  - name: chest-radiograph
+    match: {Modality: [CR, DX], BodyPartExamined: [CHEST]}
+    prompt_set: cxr
+  - name: extremity
+    match: {BodyPartExamined: [EXTREMITY]}
+    ignore: no prompt set for extremities
+"""
+
+
+@pytest.fixture
+def node_config(tmp_path, tiny_architecture) -> Path:
+    """A test dicomnode.yaml: tiny backbone, the repository's prompt sets, ROUTING."""
+    config = write_node_config(tmp_path, tiny_architecture, scp_port=free_port())
+    with_routing(config, ROUTING)
+    return config
+
+
+def with_routing(config: Path, rules_yaml: str) -> Path:
+    """Point `config` at a routing.yaml written next to it with these rules."""
+    routing = config.parent / "routing.yaml"
+    routing.write_text(rules_yaml)
+    content = yaml.safe_load(config.read_text())
+    content["routing"] = str(routing)
+    config.write_text(yaml.safe_dump(content))
+    return routing
+
+
+# -- dicomnode config ----------------------------------------------------------------------------
+
+
+def test_config_accepts_a_valid_configuration_and_says_the_model_is_a_demo(node_config, tiny_architecture):
+    outcome = cli("config", "--config", node_config)
+
+    assert outcome.exit_code == 0, outcome.stderr
+    assert outcome.stdout == (
+        f"{node_config}: valid; 2 routing rules; model {tiny_architecture.stem} "
+        "(no checkpoint: DEMO model, no clinical meaning)\n"
+    )
+
+
+def test_config_without_option_checks_the_embedded_default_of_the_checkout():
+    outcome = cli_process("config", cwd=REPO)
+
+    assert outcome.exit_code == 0, outcome.stderr
+    assert outcome.stdout.startswith("conf/dicomnode.yaml: valid; ")
+
+
+def test_config_reads_the_file_named_by_dicomnode_config_variable(node_config, tmp_path):
+    outcome = cli_process("config", cwd=tmp_path, env={"DICOMNODE_CONFIG": str(node_config)})
+
+    assert outcome.exit_code == 0, outcome.stderr
+    assert outcome.stdout.startswith(f"{node_config}: valid")
+
+
+def test_config_outside_a_checkout_without_option_fails_naming_the_missing_default(tmp_path):
+    outcome = cli_process("config", cwd=tmp_path)
+
+    assert outcome.exit_code == 2
+    assert "conf/dicomnode.yaml: cannot read configuration" in outcome.stderr
+
+
+def test_config_error_exits_2_naming_file_and_key(node_config):
+    content = yaml.safe_load(node_config.read_text())
+    content["scp"]["ae_title"] = "A_TITLE_TOO_LONG_X"
+    node_config.write_text(yaml.safe_dump(content))
+
+    outcome = cli("config", "--config", node_config)
+
+    assert outcome.exit_code == 2
+    assert outcome.stdout == ""
+    assert outcome.stderr.startswith("configuration error:\n")
+    assert f"{node_config}: scp.ae_title: " in outcome.stderr
+
+
+def test_config_missing_file_exits_2_naming_it(tmp_path):
+    outcome = cli("config", "--config", tmp_path / "absent.yaml")
+
+    assert outcome.exit_code == 2
+    assert f"{tmp_path / 'absent.yaml'}: cannot read configuration" in outcome.stderr
+
+
+def test_config_invalid_routing_exits_2_naming_routing_file_and_rule_key(node_config):
+    routing = with_routing(node_config, "rules: [{name: r, match: {BodyPart: CHEST}, prompt_set: cxr}]\n")
+
+    outcome = cli("config", "--config", node_config)
+
+    assert outcome.exit_code == 2
+    assert f"{routing}: rules.0.match.BodyPart: not a DICOM attribute keyword" in outcome.stderr
+
+
+def test_config_rule_naming_a_missing_prompt_set_exits_2_naming_its_file(node_config):
+    with_routing(node_config, "rules: [{name: r, match: {Modality: CT}, prompt_set: no-such-set}]\n")
+
+    outcome = cli("config", "--config", node_config)
+
+    assert outcome.exit_code == 2
+    assert str(REPO / "prompts" / "no-such-set" / "promptset.yaml") in outcome.stderr
+
+
+def test_config_ignore_rules_need_no_prompt_set(node_config):
+    with_routing(node_config, "rules: [{name: r, match: {Modality: CT}, ignore: no CT model}]\n")
+
+    assert cli("config", "--config", node_config).exit_code == 0
+
+
+# -- dicomnode route -----------------------------------------------------------------------------
+
+
+def test_route_prints_the_decision_and_reason_for_each_file(node_config):
+    chest, limb, ct = shipped_file(CHEST), shipped_file(EXTREMITY), shipped_file(CT)
+
+    outcome = cli("route", chest, limb, ct, "--config", node_config)
+
+    assert outcome.exit_code == 0, outcome.stderr
+    assert outcome.stdout.splitlines() == [
+        f"{chest}: cxr: rule 'chest-radiograph' matched",
+        f"{limb}: (ignored): rule 'extremity': no prompt set for extremities",
+        f"{ct}: (ignored): no rule matched (chest-radiograph: Modality is CT, rule wants CR|DX; "
+        "extremity: BodyPartExamined is absent, rule wants EXTREMITY)",
+    ]
+
+
+def test_route_never_prints_the_patient_name_of_a_file(node_config):
+    outcome = cli(
+        "route", shipped_file(CHEST), shipped_file(EXTREMITY), shipped_file(CT), "--config", node_config
+    )
+
+    assert "CompressedSamples" not in outcome.stdout + outcome.stderr
+
+
+def test_route_as_a_calling_ae_title(node_config):
+    with_routing(node_config, "rules: [{name: ward, match: {CallingAETitle: WARD_CR}, prompt_set: cxr}]\n")
+    ct = shipped_file(CT)
+
+    routed = cli("route", ct, "--calling-ae", "WARD_CR", "--config", node_config)
+    other = cli("route", ct, "--config", node_config)
+
+    assert routed.stdout == f"{ct}: cxr: rule 'ward' matched\n"
+    assert (
+        other.stdout
+        == f"{ct}: (ignored): no rule matched (ward: CallingAETitle is absent, rule wants WARD_CR)\n"
+    )
+
+
+def test_route_unreadable_file_exits_1_after_routing_the_others(node_config, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not DICOM")
+    missing = tmp_path / "missing.dcm"
+    chest = shipped_file(CHEST)
+
+    outcome = cli("route", text, chest, missing, "--config", node_config)
+
+    assert outcome.exit_code == 1
+    assert outcome.stdout == f"{chest}: cxr: rule 'chest-radiograph' matched\n"
+    assert f"{text}: unreadable: " in outcome.stderr
+    assert f"{missing}: unreadable: " in outcome.stderr
+
+
+def test_route_with_invalid_routing_exits_2_naming_the_rule(node_config):
+    routing = with_routing(
+        node_config, "rules: [{name: both, match: {Modality: CR}, prompt_set: cxr, ignore: x}]\n"
+    )
+
+    outcome = cli("route", shipped_file(CHEST), "--config", node_config)
+
+    assert outcome.exit_code == 2
+    assert f"{routing}: rules.0: " in outcome.stderr
+
+
+# -- dicomnode status ----------------------------------------------------------------------------
+
+
+def state_dir_of(config: Path) -> Path:
+    return Path(yaml.safe_load(config.read_text())["state_dir"])
+
+
+def test_status_before_the_node_ever_ran_says_so_and_creates_nothing(node_config):
+    state_dir = state_dir_of(node_config)
+
+    outcome = cli("status", "--config", node_config)
+
+    assert outcome.exit_code == 0
+    assert outcome.stdout == f"no journal in {state_dir}: the node has not run yet\n"
+    assert not state_dir.exists()
+
+
+def test_status_of_an_empty_journal_shows_zero_counts_and_no_problems(node_config):
+    Spool(state_dir_of(node_config)).close()
+
+    outcome = cli("status", "--config", node_config)
+
+    assert outcome.exit_code == 0
+    assert outcome.stdout == "studies: none\noutbox: none\ninstances: stored=0\n"
+
+
+def test_status_lists_an_ignored_study_by_hashed_uid_only(node_config):
+    spool = Spool(state_dir_of(node_config))
+    study_uid = "1.2.826.0.1.3680043.8.498.424242"
+    spool.store(
+        shipped_file(CT).read_bytes(),
+        sop_instance_uid="1.2.826.0.1.3680043.8.498.424243",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        study_instance_uid=study_uid,
+        series_instance_uid="1.2.826.0.1.3680043.8.498.424244",
+        calling_ae="CT_SCANNER",
+    )
+    study = spool.claim_quiet_study(0.0, now=float("inf"))
+    assert study is not None
+    spool.finish_study(study, state="ignored", reason="no rule matched (cxr: Modality is CT)")
+    spool.close()
+
+    outcome = cli("status", "--config", node_config)
+
+    assert outcome.exit_code == 0
+    assert outcome.stdout.splitlines() == [
+        "studies: ignored=1",
+        "outbox: none",
+        "instances: stored=1",
+        "recent problems:",
+        f"  study ignored study {uid_tag(study_uid)}: no rule matched (cxr: Modality is CT)",
+    ]
+    assert study_uid not in outcome.stdout
+
+
+def test_status_with_invalid_configuration_exits_2(tmp_path):
+    config = tmp_path / "dicomnode.yaml"
+    config.write_text("state_dir: [not, a, path]\n")
+
+    outcome = cli("status", "--config", config)
+
+    assert outcome.exit_code == 2
+    assert f"{config}: state_dir: " in outcome.stderr
+
+
+# -- real peers ----------------------------------------------------------------------------------
+
+
+@dataclass
+class StoreScp:
+    """DCMTK's storescp on a free loopback port, writing what it receives to `folder`."""
+
+    port: int
+    folder: Path
+    process: subprocess.Popen
+
+    def received(self) -> list[Path]:
+        return sorted(p for p in self.folder.iterdir() if p.is_file())
+
+
+def start_storescp(folder: Path, *options: str) -> StoreScp:
+    binary = shutil.which("storescp")
+    if binary is None:
+        pytest.fail("storescp is not installed (Debian package dcmtk); .ci/run installs it")
+    folder.mkdir(parents=True)
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--aetitle", "STORESCP", "--output-directory", str(folder), *options, str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for_port(port, timeout=30, process=process)
+    return StoreScp(port, folder, process)
+
+
+@pytest.fixture
+def storescp(tmp_path) -> Iterator[StoreScp]:
+    """A fresh storescp per test: it names files by SOP Instance UID, so resends overwrite."""
+    server = start_storescp(tmp_path / "storescp")
+    yield server
+    stop_process(server.process)
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory) -> Iterator[Orthanc]:
+    """One Orthanc for the module: it is slow to stop, and these tests only add to it."""
+    server = start_orthanc(tmp_path_factory.mktemp("orthanc"))
+    yield server
+    stop_process(server.process)
+
+
+def stored_in(pacs: Orthanc) -> set[str]:
+    """SOP Instance UIDs of everything Orthanc holds."""
+    return {i["MainDicomTags"]["SOPInstanceUID"] for i in pacs.get("/instances?expand").json()}
+
+
+@pytest.fixture
+def unreachable_port() -> int:
+    return free_port()
+
+
+def test_echo_to_orthanc_exits_0_and_prints_the_status(pacs):
+    outcome = cli("echo", "127.0.0.1", pacs.dicom_port, "--aec", pacs.ae_title, "--timeout", 10)
+
+    assert outcome.exit_code == 0, outcome.stderr
+    assert outcome.stdout == f"C-ECHO ORTHANC@127.0.0.1:{pacs.dicom_port}: status 0x0000\n"
+
+
+def test_echo_to_storescp_exits_0(storescp):
+    outcome = cli("echo", "127.0.0.1", storescp.port, "--aec", "STORESCP", "--timeout", 10)
+
+    assert outcome.exit_code == 0, outcome.stderr
+
+
+def test_echo_with_a_called_ae_title_orthanc_does_not_have_exits_1_saying_rejected(pacs):
+    outcome = cli("echo", "127.0.0.1", pacs.dicom_port, "--aec", "NOT_ORTHANC", "--timeout", 10)
+
+    assert outcome.exit_code == 1
+    assert (
+        outcome.stderr == f"echo failed: NOT_ORTHANC@127.0.0.1:{pacs.dicom_port} rejected the association\n"
+    )
+
+
+def test_echo_to_a_port_nobody_listens_on_exits_1_naming_the_peer(unreachable_port):
+    outcome = cli("echo", "127.0.0.1", unreachable_port, "--aec", "PACS", "--timeout", 5)
+
+    assert outcome.exit_code == 1
+    assert outcome.stderr.startswith(
+        f"echo failed: PACS@127.0.0.1:{unreachable_port} did not accept an association"
+    )
+
+
+@pytest.mark.parametrize("port", ["0", "65536"])
+def test_echo_to_a_port_out_of_range_is_a_usage_error(port):
+    outcome = cli("echo", "127.0.0.1", port)
+
+    assert outcome.exit_code == 2
+    assert "Invalid value for 'port'" in outcome.stderr
+
+
+@pytest.mark.parametrize("option", ["--aet", "--aec"])
+def test_echo_with_an_invalid_ae_title_exits_2_without_a_traceback(option, unreachable_port):
+    outcome = cli("echo", "127.0.0.1", unreachable_port, option, "SEVENTEEN_CHARS_X")
+
+    assert outcome.exit_code == 2
+    assert outcome.stderr.startswith("cannot echo: ")
+    assert "SEVENTEEN_CHARS_X" in outcome.stderr
+
+
+def test_send_files_and_folders_to_orthanc_stores_each_instance(pacs, tmp_path):
+    folder = tmp_path / "study"
+    (folder / "series").mkdir(parents=True)
+    shutil.copy(shipped_file(CT), folder / "series" / "ct.dcm")
+    shutil.copy(shipped_file(EXTREMITY), folder / "limb.dcm")
+    chest = shipped_file(CHEST)
+    sent = {
+        pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
+        for p in (chest, shipped_file(CT), shipped_file(EXTREMITY))
+    }
+
+    outcome = cli(
+        "send", "127.0.0.1", pacs.dicom_port, chest, folder, "--aec", pacs.ae_title, "--timeout", 30
+    )
+
+    assert outcome.exit_code == 0, outcome.stdout + outcome.stderr
+    assert outcome.stdout.splitlines() == [
+        f"{chest}: 0x0000",
+        f"{folder / 'limb.dcm'}: 0x0000",
+        f"{folder / 'series' / 'ct.dcm'}: 0x0000",
+        "3 sent, 0 failed",
+    ]
+    wait_until(lambda: sent <= stored_in(pacs), 30, what="the three instances in Orthanc")
+
+
+def test_send_with_a_called_ae_title_orthanc_does_not_have_exits_1_and_stores_nothing(pacs):
+    before = len(pacs.instances())
+
+    outcome = cli("send", "127.0.0.1", pacs.dicom_port, shipped_file(CT), "--aec", "NOT_ORTHANC")
+
+    assert outcome.exit_code == 1
+    assert (
+        outcome.stderr == f"send failed: NOT_ORTHANC@127.0.0.1:{pacs.dicom_port} rejected the association\n"
+    )
+    assert len(pacs.instances()) == before
+
+
+def test_send_to_storescp_stores_the_instance(storescp):
+    outcome = cli("send", "127.0.0.1", storescp.port, shipped_file(CT), "--aec", "STORESCP")
+
+    assert outcome.exit_code == 0, outcome.stdout + outcome.stderr
+    assert outcome.stdout.endswith("1 sent, 0 failed\n")
+    assert [p.name for p in storescp.received()] == [f"CT.{CT_SOP_INSTANCE_UID}"]
+
+
+def test_send_of_a_file_the_peer_refuses_exits_1_and_the_others_still_go(storescp):
+    refused, accepted = shipped_file(JPEG_BASELINE), shipped_file(CT)
+
+    outcome = cli("send", "127.0.0.1", storescp.port, refused, accepted, "--aec", "STORESCP")
+
+    assert outcome.exit_code == 1
+    lines = outcome.stdout.splitlines()
+    assert lines[0].startswith(f"{refused}: no status ")
+    assert lines[1:] == [f"{accepted}: 0x0000", "1 sent, 1 failed"]
+    assert [p.name for p in storescp.received()] == [f"CT.{CT_SOP_INSTANCE_UID}"]
+
+
+def test_send_to_a_peer_that_never_answers_reports_every_file_as_failed(tmp_path):
+    # --abort-after: storescp drops the C-STORE response, so the store runs into --timeout.
+    silent = start_storescp(tmp_path / "received", "--abort-after")
+    try:
+        outcome = cli("send", "127.0.0.1", silent.port, shipped_file(CT), shipped_file(CHEST), "--timeout", 2)
+    finally:
+        stop_process(silent.process)
+
+    assert outcome.exit_code == 1
+    first, second, summary = outcome.stdout.splitlines()
+    assert first.startswith(f"{shipped_file(CT)}: no status ")
+    assert second.startswith(f"{shipped_file(CHEST)}: no status ")
+    assert summary == "0 sent, 2 failed"
+
+
+def test_send_to_a_port_nobody_listens_on_exits_1_naming_the_peer(unreachable_port):
+    outcome = cli("send", "127.0.0.1", unreachable_port, shipped_file(CT), "--aec", "PACS", "--timeout", 5)
+
+    assert outcome.exit_code == 1
+    assert outcome.stderr.startswith(
+        f"send failed: PACS@127.0.0.1:{unreachable_port} did not accept an association"
+    )
+
+
+def test_send_of_a_missing_file_exits_2_before_connecting(tmp_path, unreachable_port):
+    missing = tmp_path / "missing.dcm"
+
+    outcome = cli("send", "127.0.0.1", unreachable_port, missing)
+
+    assert outcome.exit_code == 2
+    assert outcome.stderr.startswith("cannot send: ")
+    assert str(missing) in outcome.stderr
+
+
+def test_send_of_a_file_that_is_not_dicom_exits_2_and_sends_nothing(storescp, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not DICOM")
+
+    outcome = cli("send", "127.0.0.1", storescp.port, shipped_file(CT), notes, "--aec", "STORESCP")
+
+    assert outcome.exit_code == 2
+    assert outcome.stderr.startswith("cannot send: ")
+    assert storescp.received() == []
+
+
+def test_send_of_an_empty_folder_exits_2_saying_there_is_nothing_to_send(tmp_path, unreachable_port):
+    (tmp_path / "empty").mkdir()
+
+    outcome = cli("send", "127.0.0.1", unreachable_port, tmp_path / "empty")
+
+    assert outcome.exit_code == 2
+    assert outcome.stderr == "no files to send\n"
+
+
+def test_send_to_a_port_out_of_range_is_a_usage_error():
+    outcome = cli("send", "127.0.0.1", "70000", shipped_file(CT))
+
+    assert outcome.exit_code == 2
+    assert "Invalid value for 'port'" in outcome.stderr

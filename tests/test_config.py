@@ -1,0 +1,461 @@
+"""Configuration: dicomnode.yaml and routing.yaml are validated once, and every error says
+which file and which dotted key to fix.
+
+The files are real YAML written to a temporary folder and read through `load_config` /
+`load_routing`, exactly as `dicomnode serve` reads them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dicomnode.config import ConfigError, NodeConfig, load_config, load_routing
+
+REPO = Path(__file__).resolve().parent.parent
+EMBEDDED_CONFIG = REPO / "conf" / "dicomnode.yaml"
+
+
+def write(path: Path, content: dict | str | bytes) -> Path:
+    """Write YAML (a mapping is dumped, text and bytes are written as given)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    return path
+
+
+def config_error(path: Path, loader=load_config) -> str:
+    """The message of the ConfigError that loading `path` raises."""
+    with pytest.raises(ConfigError) as caught:
+        loader(path)
+    return str(caught.value)
+
+
+def assert_names(message: str, path: Path, key: str) -> None:
+    """The message names the file and the dotted key, as `file: key: ...` on one line."""
+    assert any(line.startswith(f"{path}: {key}: ") for line in message.splitlines()), message
+
+
+# -- dicomnode.yaml ------------------------------------------------------------------------------
+
+
+def test_embedded_default_config_loads_with_paths_resolved_next_to_it():
+    cfg = load_config(EMBEDDED_CONFIG)
+
+    assert isinstance(cfg, NodeConfig)
+    assert cfg.source == EMBEDDED_CONFIG
+    assert cfg.state_dir == REPO / "var"
+    assert cfg.prompts_dir == REPO / "prompts"
+    assert cfg.routing == REPO / "conf" / "routing.yaml"
+    assert cfg.scp.ae_title == "DICOMNODE" and cfg.scp.port == 11112
+    assert cfg.model.checkpoint is None
+
+
+def test_embedded_default_routing_loads_and_names_only_prompt_sets_that_ship():
+    cfg = load_config(EMBEDDED_CONFIG)
+    routing = load_routing(cfg.routing)
+
+    named = {r.prompt_set for r in routing.rules if r.prompt_set is not None}
+    assert "cxr" in named
+    assert all((cfg.prompts_dir / name / "promptset.yaml").is_file() for name in named)
+
+
+def test_production_example_config_loads_with_its_absolute_paths():
+    cfg = load_config(REPO / "conf" / "dicomnode.production.yaml")
+
+    assert cfg.state_dir == Path("/var/lib/dicomnode")
+    assert cfg.routing == Path("/etc/dicomnode/routing.yaml")
+
+
+def test_empty_config_file_means_all_defaults(tmp_path):
+    cfg = load_config(write(tmp_path / "dicomnode.yaml", ""))
+
+    assert cfg.scp.port == 11112
+    assert cfg.destinations == ()
+    assert cfg.routing == tmp_path / "routing.yaml"
+
+
+def test_relative_paths_resolve_against_the_config_files_folder_not_the_working_directory(
+    tmp_path, monkeypatch
+):
+    folder = tmp_path / "etc" / "dicomnode"
+    write(folder / "arch" / "tiny.json", "{}")
+    write(folder / "weights" / "model.bin", "weights")
+    write(
+        folder / "dicomnode.yaml",
+        {
+            "state_dir": "../../var/lib/dicomnode",
+            "prompts_dir": "prompts",
+            "routing": "rules/routing.yaml",
+            "model": {"architecture_config": "arch/tiny.json", "checkpoint": "weights/model.bin"},
+        },
+    )
+    monkeypatch.chdir(tmp_path / "etc")
+
+    cfg = load_config(Path("dicomnode") / "dicomnode.yaml")
+
+    assert cfg.state_dir == tmp_path / "var" / "lib" / "dicomnode"
+    assert cfg.prompts_dir == folder / "prompts"
+    assert cfg.routing == folder / "rules" / "routing.yaml"
+    assert cfg.model.architecture_config == folder / "arch" / "tiny.json"
+    assert cfg.model.checkpoint == folder / "weights" / "model.bin"
+
+
+def test_absolute_paths_are_kept_as_given(tmp_path):
+    state = tmp_path / "elsewhere" / "state"
+    cfg = load_config(write(tmp_path / "conf" / "dicomnode.yaml", {"state_dir": str(state)}))
+
+    assert cfg.state_dir == state
+
+
+def test_unknown_key_is_rejected_naming_the_file_and_dotted_key(tmp_path):
+    path = write(tmp_path / "dicomnode.yaml", {"scp": {"prot": 104}})
+
+    message = config_error(path)
+
+    assert_names(message, path, "scp.prot")
+    assert "Extra inputs are not permitted" in message
+
+
+def test_unknown_top_level_key_is_rejected_naming_it(tmp_path):
+    path = write(tmp_path / "dicomnode.yaml", {"destination": []})
+
+    assert_names(config_error(path), path, "destination")
+
+
+def test_wrong_type_is_rejected_naming_the_key_and_the_value_given(tmp_path):
+    path = write(tmp_path / "dicomnode.yaml", {"studies": {"quiet_period_s": "half a minute"}})
+
+    message = config_error(path)
+
+    assert_names(message, path, "studies.quiet_period_s")
+    assert "'half a minute'" in message
+
+
+def test_section_that_is_not_a_mapping_is_rejected_naming_it(tmp_path):
+    path = write(tmp_path / "dicomnode.yaml", {"scp": 104})
+
+    assert_names(config_error(path), path, "scp")
+
+
+@pytest.mark.parametrize("port", [0, 65536, -1])
+def test_scp_port_out_of_range_is_rejected(tmp_path, port):
+    path = write(tmp_path / "dicomnode.yaml", {"scp": {"port": port}})
+
+    assert_names(config_error(path), path, "scp.port")
+
+
+def test_destination_port_out_of_range_is_rejected_naming_its_index(tmp_path):
+    destinations = [
+        {"name": "pacs", "host": "pacs.example", "port": 104, "ae_title": "PACS"},
+        {"name": "archive", "host": "archive.example", "port": 70000, "ae_title": "ARCHIVE"},
+    ]
+    path = write(tmp_path / "dicomnode.yaml", {"destinations": destinations})
+
+    assert_names(config_error(path), path, "destinations.1.port")
+
+
+@pytest.mark.parametrize(
+    "ae_title",
+    [
+        "ABCDEFGHIJKLMNOPQ",  # 17 characters: the limit is 16
+        "DICOM\\NODE",  # backslash is the DICOM value separator
+        "",
+        " LEADING",  # leading spaces are not significant, so not allowed
+        "TRAILING ",
+        "TAB\tAE",  # control character
+    ],
+)
+def test_invalid_ae_title_is_rejected(tmp_path, ae_title):
+    path = write(tmp_path / "dicomnode.yaml", {"scp": {"ae_title": ae_title}})
+
+    assert_names(config_error(path), path, "scp.ae_title")
+
+
+def test_sixteen_character_ae_title_with_inner_space_is_accepted(tmp_path):
+    cfg = load_config(write(tmp_path / "dicomnode.yaml", {"scp": {"ae_title": "DICOM NODE 12345"}}))
+
+    assert cfg.scp.ae_title == "DICOM NODE 12345"
+
+
+def test_invalid_allowed_calling_ae_is_rejected_naming_its_index(tmp_path):
+    path = write(tmp_path / "dicomnode.yaml", {"scp": {"allowed_calling_aes": ["PACS", "X" * 17]}})
+
+    assert_names(config_error(path), path, "scp.allowed_calling_aes.1")
+
+
+def test_duplicate_destination_names_are_rejected_naming_the_name(tmp_path):
+    destinations = [
+        {"name": "pacs", "host": "a.example", "port": 104, "ae_title": "A"},
+        {"name": "pacs", "host": "b.example", "port": 104, "ae_title": "B"},
+    ]
+    path = write(tmp_path / "dicomnode.yaml", {"destinations": destinations})
+
+    message = config_error(path)
+
+    assert_names(message, path, "destinations")
+    assert "unique" in message and "pacs" in message
+
+
+def test_destination_missing_a_required_key_is_rejected_naming_it(tmp_path):
+    path = write(tmp_path / "dicomnode.yaml", {"destinations": [{"name": "pacs", "host": "h", "port": 104}]})
+
+    message = config_error(path)
+
+    assert_names(message, path, "destinations.0.ae_title")
+    assert "Field required" in message
+
+
+def test_missing_checkpoint_file_is_rejected_naming_the_key_and_resolved_path(tmp_path):
+    path = write(tmp_path / "conf" / "dicomnode.yaml", {"model": {"checkpoint": "weights/clip.bin"}})
+
+    message = config_error(path)
+
+    assert_names(message, path, "model.checkpoint")
+    assert str(tmp_path / "conf" / "weights" / "clip.bin") in message
+
+
+def test_missing_architecture_config_file_is_rejected_naming_the_key(tmp_path):
+    path = write(tmp_path / "dicomnode.yaml", {"model": {"architecture_config": "nowhere.json"}})
+
+    assert_names(config_error(path), path, "model.architecture_config")
+
+
+def test_invalid_yaml_is_rejected_naming_the_file_and_the_line(tmp_path):
+    path = write(tmp_path / "dicomnode.yaml", "scp:\n  port: 104\n  ae_title: [DICOMNODE\n")
+
+    message = config_error(path)
+
+    assert message.startswith(f"{path}: not valid YAML")
+    assert "line" in message
+
+
+@pytest.mark.parametrize("content", ["- port: 104\n", "just a sentence\n", "42\n"])
+def test_top_level_that_is_not_a_mapping_is_rejected(tmp_path, content):
+    path = write(tmp_path / "dicomnode.yaml", content)
+
+    assert config_error(path).startswith(f"{path}: top level must be a mapping")
+
+
+def test_missing_file_is_reported_naming_it(tmp_path):
+    path = tmp_path / "absent.yaml"
+
+    message = config_error(path)
+
+    assert message.startswith(f"{path}: cannot read configuration")
+    assert "No such file" in message
+
+
+def test_folder_given_as_config_is_reported_as_unreadable(tmp_path):
+    assert config_error(tmp_path).startswith(f"{tmp_path}: cannot read configuration")
+
+
+def test_file_not_in_utf8_is_reported_naming_it_instead_of_crashing(tmp_path):
+    path = write(
+        tmp_path / "dicomnode.yaml", "# Grüße aus der Radiologie\nlog_level: INFO\n".encode("latin-1")
+    )
+
+    message = config_error(path)
+
+    assert message.startswith(f"{path}: not UTF-8")
+
+
+def test_every_error_of_a_file_is_reported_at_once_each_on_its_own_line(tmp_path):
+    path = write(tmp_path / "dicomnode.yaml", {"scp": {"port": 0, "ae_title": "X" * 17}, "log_level": "LOUD"})
+
+    message = config_error(path)
+
+    for key in ("scp.port", "scp.ae_title", "log_level"):
+        assert_names(message, path, key)
+
+
+# -- routing.yaml --------------------------------------------------------------------------------
+
+
+def routing_file(tmp_path: Path, *rules: dict) -> Path:
+    return write(tmp_path / "routing.yaml", {"rules": list(rules)})
+
+
+def test_routing_values_accept_a_scalar_a_list_and_a_regex(tmp_path):
+    path = routing_file(
+        tmp_path,
+        {
+            "name": "chest",
+            "match": {
+                "Modality": "CR",
+                "BodyPartExamined": ["CHEST", "THORAX"],
+                "SeriesDescription": {"regex": "^(PA|AP)\\b"},
+                "SeriesNumber": 1,
+            },
+            "prompt_set": "cxr",
+        },
+    )
+
+    (rule,) = load_routing(path).rules
+
+    assert rule.match["Modality"].values == ("CR",)
+    assert rule.match["BodyPartExamined"].values == ("CHEST", "THORAX")
+    assert rule.match["SeriesDescription"].regex == "^(PA|AP)\\b"
+    assert rule.match["SeriesNumber"].values == ("1",)
+
+
+def test_routing_unknown_dicom_keyword_is_rejected_naming_rule_index_and_keyword(tmp_path):
+    path = routing_file(
+        tmp_path,
+        {"name": "chest", "match": {"Modality": "CR"}, "prompt_set": "cxr"},
+        {"name": "typo", "match": {"BodyPart": "CHEST"}, "prompt_set": "cxr"},
+    )
+
+    message = config_error(path, load_routing)
+
+    assert_names(message, path, "rules.1.match.BodyPart")
+    assert "not a DICOM attribute keyword" in message
+
+
+def test_routing_keyword_in_the_wrong_case_is_rejected(tmp_path):
+    path = routing_file(tmp_path, {"name": "chest", "match": {"modality": "CR"}, "prompt_set": "cxr"})
+
+    assert_names(config_error(path, load_routing), path, "rules.0.match.modality")
+
+
+def test_routing_calling_ae_title_is_accepted_as_a_keyword(tmp_path):
+    path = routing_file(
+        tmp_path, {"name": "ward", "match": {"CallingAETitle": ["WARD_CR"]}, "prompt_set": "cxr"}
+    )
+
+    assert load_routing(path).rules[0].match["CallingAETitle"].values == ("WARD_CR",)
+
+
+def test_routing_sequence_keyword_is_refused(tmp_path):
+    path = routing_file(
+        tmp_path, {"name": "seq", "match": {"ReferencedImageSequence": "x"}, "ignore": "never"}
+    )
+
+    message = config_error(path, load_routing)
+
+    assert_names(message, path, "rules.0.match.ReferencedImageSequence")
+    assert "sequences" in message
+
+
+def test_routing_file_meta_keyword_is_refused_because_it_is_not_in_the_dataset(tmp_path):
+    path = routing_file(
+        tmp_path, {"name": "j2k", "match": {"TransferSyntaxUID": "1.2.840.10008.1.2.4.91"}, "ignore": "no"}
+    )
+
+    assert_names(config_error(path, load_routing), path, "rules.0.match.TransferSyntaxUID")
+
+
+def test_routing_invalid_regex_is_rejected_naming_the_condition(tmp_path):
+    path = routing_file(
+        tmp_path, {"name": "desc", "match": {"SeriesDescription": {"regex": "(PA"}}, "prompt_set": "cxr"}
+    )
+
+    message = config_error(path, load_routing)
+
+    assert_names(message, path, "rules.0.match.SeriesDescription")
+    assert "invalid regex" in message
+
+
+def test_routing_condition_with_both_values_and_regex_is_rejected(tmp_path):
+    path = routing_file(
+        tmp_path,
+        {"name": "r", "match": {"Modality": {"values": ["CR"], "regex": "CR"}}, "prompt_set": "cxr"},
+    )
+
+    assert_names(config_error(path, load_routing), path, "rules.0.match.Modality")
+
+
+def test_routing_empty_value_list_is_rejected_because_it_could_never_match(tmp_path):
+    path = routing_file(tmp_path, {"name": "r", "match": {"Modality": []}, "prompt_set": "cxr"})
+
+    message = config_error(path, load_routing)
+
+    assert_names(message, path, "rules.0.match.Modality")
+    assert "never matches" in message
+
+
+def test_routing_unquoted_yaml_boolean_is_rejected_naming_the_keyword(tmp_path):
+    # `NO` unquoted is YAML's false: it would never match the code string NO of the dataset.
+    path = write(
+        tmp_path / "routing.yaml",
+        "rules:\n  - name: annotated\n    match:\n      BurnedInAnnotation: [YES]\n    ignore: burned-in\n",
+    )
+
+    message = config_error(path, load_routing)
+
+    assert_names(message, path, "rules.0.match")
+    assert "BurnedInAnnotation" in message and "quote" in message
+
+
+def test_routing_quoted_yes_is_a_value(tmp_path):
+    path = write(
+        tmp_path / "routing.yaml",
+        "rules:\n  - name: annotated\n    match:\n      BurnedInAnnotation: ['YES']\n    ignore: burned-in\n",
+    )
+
+    assert load_routing(path).rules[0].match["BurnedInAnnotation"].values == ("YES",)
+
+
+def test_routing_rule_with_both_prompt_set_and_ignore_is_rejected_naming_the_rule(tmp_path):
+    path = routing_file(
+        tmp_path, {"name": "both", "match": {"Modality": "CR"}, "prompt_set": "cxr", "ignore": "why"}
+    )
+
+    message = config_error(path, load_routing)
+
+    assert_names(message, path, "rules.0")
+    assert "'both' needs exactly one of prompt_set or ignore" in message
+
+
+def test_routing_rule_with_neither_prompt_set_nor_ignore_is_rejected_naming_the_rule(tmp_path):
+    path = routing_file(tmp_path, {"name": "neither", "match": {"Modality": "CR"}})
+
+    message = config_error(path, load_routing)
+
+    assert_names(message, path, "rules.0")
+    assert "'neither' needs exactly one of prompt_set or ignore" in message
+
+
+def test_routing_ignore_without_a_reason_is_rejected(tmp_path):
+    path = routing_file(tmp_path, {"name": "quiet", "match": {"Modality": "CR"}, "ignore": ""})
+
+    assert_names(config_error(path, load_routing), path, "rules.0.ignore")
+
+
+@pytest.mark.parametrize("prompt_set", ["..", ".", "../secrets", "cxr/v2", ""])
+def test_routing_prompt_set_must_be_a_plain_folder_name(tmp_path, prompt_set):
+    path = routing_file(tmp_path, {"name": "r", "match": {"Modality": "CR"}, "prompt_set": prompt_set})
+
+    assert_names(config_error(path, load_routing), path, "rules.0.prompt_set")
+
+
+@pytest.mark.parametrize("match", [{}, ["Modality"], "Modality"])
+def test_routing_match_must_be_a_non_empty_mapping(tmp_path, match):
+    path = routing_file(tmp_path, {"name": "r", "match": match, "prompt_set": "cxr"})
+
+    assert_names(config_error(path, load_routing), path, "rules.0.match")
+
+
+def test_routing_without_rules_key_is_rejected(tmp_path):
+    path = write(tmp_path / "routing.yaml", {"rule": []})
+
+    message = config_error(path, load_routing)
+
+    assert_names(message, path, "rules")
+    assert_names(message, path, "rule")
+
+
+def test_routing_top_level_list_is_rejected(tmp_path):
+    path = write(tmp_path / "routing.yaml", "- name: chest\n")
+
+    assert config_error(path, load_routing).startswith(f"{path}: top level must be a mapping")
+
+
+def test_routing_missing_file_is_reported_naming_it(tmp_path):
+    path = tmp_path / "routing.yaml"
+
+    assert config_error(path, load_routing).startswith(f"{path}: cannot read configuration")

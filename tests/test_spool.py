@@ -1,0 +1,390 @@
+"""The spool keeps what it acknowledged: exact bytes on disk, a journal that survives restarts.
+
+Every test works on a real state folder and a real SQLite journal; a restart is a new Spool
+on the same folder, as after a crash of the node.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from dicomnode.spool import Spool, SpoolError, SpoolFull, StudyRecord, is_valid_uid, uid_tag
+
+STUDY = "1.2.826.0.1.3680043.8.498.1"
+OTHER_STUDY = "1.2.826.0.1.3680043.8.498.2"
+SERIES = "1.2.826.0.1.3680043.8.498.1.1"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _store(spool: Spool, sop: str, study: str = STUDY, content: bytes | None = None):
+    return spool.store(
+        content if content is not None else f"instance {sop}".encode(),
+        sop_instance_uid=sop,
+        sop_class_uid=CT_IMAGE_STORAGE,
+        study_instance_uid=study,
+        series_instance_uid=SERIES,
+        calling_ae="MODALITY",
+    )
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def _claim(spool: Spool, quiet_period_s: float = 30.0) -> StudyRecord:
+    """Claim as a worker would once the quiet period has passed."""
+    study = spool.claim_quiet_study(quiet_period_s, now=time.time() + quiet_period_s + 1)
+    assert study is not None
+    return study
+
+
+@contextmanager
+def _umask(mask: int) -> Iterator[None]:
+    previous = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+@pytest.fixture
+def spool(tmp_path) -> Iterator[Spool]:
+    journal = Spool(tmp_path / "var")
+    yield journal
+    journal.close()
+
+
+def test_store_writes_the_exact_bytes_and_journals_the_instance(spool):
+    content = bytes(range(256)) * 64
+    stored = _store(spool, "1.2.3.4.5", content=content)
+
+    assert stored.path == spool.instances_dir / STUDY / "1.2.3.4.5.dcm"
+    assert stored.path.read_bytes() == content
+    assert spool.instances(STUDY) == (stored,)
+    study = spool.study(STUDY)
+    assert study is not None
+    assert (study.state, study.generation) == ("receiving", 0)
+    assert spool.counts()["instances"] == {"stored": 1}
+    assert _files(spool.instances_dir) == [stored.path], "no temporary file is left behind"
+
+
+def test_instance_files_are_0600_and_folders_0700_even_under_a_permissive_umask(tmp_path):
+    with _umask(0o022):
+        journal = Spool(tmp_path / "var")
+        stored = _store(journal, "1.2.3.4.5")
+        journal.close()
+
+    for folder in (journal.state_dir, journal.instances_dir, journal.outbox_dir, stored.path.parent):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    assert stat.S_IMODE(stored.path.stat().st_mode) == 0o600
+
+
+def test_journal_files_are_private_under_the_service_umask_077(tmp_path):
+    with _umask(0o077):
+        journal = Spool(tmp_path / "var")
+        _store(journal, "1.2.3.4.5")
+        journal_files = sorted(journal.state_dir.glob("journal.sqlite*"))
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in journal_files}
+        journal.close()
+
+    assert "journal.sqlite" in modes
+    assert set(modes.values()) == {0o600}, modes
+
+
+def test_duplicate_sop_instance_uid_is_idempotent_one_row_and_one_file(spool):
+    first = _store(spool, "1.2.3.4.5", content=b"same bytes")
+    second = _store(spool, "1.2.3.4.5", content=b"same bytes")
+
+    assert first.path == second.path
+    assert _files(spool.instances_dir) == [first.path]
+    assert first.path.read_bytes() == b"same bytes"
+    assert len(spool.instances(STUDY)) == 1
+    assert spool.counts()["instances"] == {"stored": 1}
+    assert spool.counts()["studies"] == {"receiving": 1}
+
+
+@pytest.mark.parametrize(
+    "bad_uid",
+    ["../../etc/passwd", "..", "1.2/3", "/tmp/x", "1..2", ".1.2", "1.2.", "1.02.3", "", "1" * 65, "1.2.3a"],
+)
+@pytest.mark.parametrize("field", ["sop_instance_uid", "study_instance_uid", "series_instance_uid"])
+def test_invalid_uids_are_refused_before_anything_is_written(tmp_path, spool, field, bad_uid):
+    uids = {"sop_instance_uid": "1.2.3.4.5", "study_instance_uid": STUDY, "series_instance_uid": SERIES}
+    uids[field] = bad_uid
+
+    with pytest.raises(ValueError, match="is not a valid UID"):
+        spool.store(b"payload", sop_class_uid=CT_IMAGE_STORAGE, calling_ae="MODALITY", **uids)
+
+    assert _files(spool.instances_dir) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["var"], "nothing escaped the state folder"
+    assert spool.counts() == {"studies": {}, "outbox": {}, "instances": {"stored": 0}}
+
+
+def test_valid_uids_are_digits_and_dots_without_leading_zeros():
+    assert is_valid_uid("1.2.840.10008.5.1.4.1.1.2")
+    assert is_valid_uid("1.0.3")
+    assert not is_valid_uid("1.2.840.10008.5.1.4.1.1.2 ")
+    assert not is_valid_uid("1.2.840\x00")
+
+
+def test_below_the_free_space_floor_store_raises_spoolfull_before_writing_anything(tmp_path):
+    free = shutil.disk_usage(tmp_path).free
+    journal = Spool(tmp_path / "var", min_free_bytes=free + 2**30)
+
+    with pytest.raises(SpoolFull, match="below the floor"):
+        _store(journal, "1.2.3.4.5")
+
+    assert issubclass(SpoolFull, SpoolError)
+    assert list(journal.instances_dir.iterdir()) == []
+    assert journal.study(STUDY) is None
+    assert journal.counts()["instances"] == {"stored": 0}
+    journal.close()
+
+
+def test_a_failed_disk_write_raises_spoolerror_and_journals_nothing(spool):
+    # A plain file where the study's folder should be: the write cannot succeed.
+    (spool.instances_dir / STUDY).write_bytes(b"")
+
+    with pytest.raises(SpoolError, match="cannot write instance file"):
+        _store(spool, "1.2.3.4.5")
+
+    assert spool.study(STUDY) is None
+    assert spool.instances(STUDY) == ()
+
+
+def test_claim_quiet_study_waits_for_the_quiet_period_and_takes_the_oldest_first(spool):
+    _store(spool, "1.2.3.1", study=STUDY)
+    time.sleep(0.01)
+    _store(spool, "1.2.3.2", study=OTHER_STUDY)
+    newest = spool.study(OTHER_STUDY).last_received_at
+
+    assert spool.claim_quiet_study(30.0) is None, "nothing is quiet yet"
+    assert spool.claim_quiet_study(30.0, now=newest + 29.0) is None
+
+    first = spool.claim_quiet_study(30.0, now=newest + 31.0)
+    second = spool.claim_quiet_study(30.0, now=newest + 31.0)
+    assert (first.study_instance_uid, first.state) == (STUDY, "processing")
+    assert (second.study_instance_uid, second.state) == (OTHER_STUDY, "processing")
+    assert spool.claim_quiet_study(30.0, now=newest + 31.0) is None, "a claimed study is not claimed twice"
+    assert spool.study(STUDY).state == "processing"
+
+
+def test_only_the_study_that_is_quiet_long_enough_is_claimed(spool):
+    _store(spool, "1.2.3.1", study=STUDY)
+    older = spool.study(STUDY).last_received_at
+    time.sleep(0.05)
+    _store(spool, "1.2.3.2", study=OTHER_STUDY)
+
+    claimed = spool.claim_quiet_study(1.0, now=older + 1.0 + 0.01)
+
+    assert claimed.study_instance_uid == STUDY
+    assert spool.claim_quiet_study(1.0, now=older + 1.0 + 0.01) is None
+
+
+def test_finish_study_records_the_outcome_and_queues_its_deliveries(spool):
+    _store(spool, "1.2.3.1")
+    claimed = _claim(spool)
+    result = spool.outbox_dir / "sr.dcm"
+
+    assert spool.finish_study(claimed, state="done", prompt_set="cxr", deliveries=[("pacs", result)])
+
+    study = spool.study(STUDY)
+    assert (study.state, study.prompt_set, study.reason) == ("done", "cxr", None)
+    delivery = spool.next_delivery("pacs")
+    assert (delivery.destination, delivery.path, delivery.attempts) == ("pacs", result, 0)
+    assert spool.next_delivery("elsewhere") is None
+
+
+def test_a_late_instance_during_processing_reopens_the_study_and_keeps_its_deliveries(spool):
+    _store(spool, "1.2.3.1")
+    claimed = _claim(spool)
+    _store(spool, "1.2.3.2")  # arrives while the worker processes the first instance
+    result = spool.outbox_dir / "sr.dcm"
+
+    reached = spool.finish_study(claimed, state="done", prompt_set="cxr", deliveries=[("pacs", result)])
+
+    assert reached is False
+    study = spool.study(STUDY)
+    assert (study.state, study.generation) == ("receiving", 1)
+    assert spool.next_delivery("pacs").path == result, "results of what was processed still go out"
+    again = _claim(spool)
+    assert again.generation == 1
+    assert len(spool.instances(STUDY)) == 2
+    assert spool.finish_study(again, state="done", deliveries=[("pacs", result)])
+    assert spool.study(STUDY).state == "done"
+
+
+def test_a_late_instance_after_done_reopens_the_study(spool):
+    _store(spool, "1.2.3.1")
+    assert spool.finish_study(_claim(spool), state="done")
+
+    _store(spool, "1.2.3.2")
+
+    assert spool.study(STUDY).state == "receiving"
+    assert _claim(spool).study_instance_uid == STUDY
+
+
+def test_recover_after_a_restart_puts_interrupted_studies_back_in_the_queue(tmp_path):
+    before = Spool(tmp_path / "var")
+    _store(before, "1.2.3.1")
+    _store(before, "1.2.3.2", study=OTHER_STUDY)
+    _claim(before)
+    assert before.finish_study(_claim(before), state="done")
+    before.close()
+
+    after = Spool(tmp_path / "var")
+    assert after.recover() == 1
+
+    assert after.study(STUDY).state == "receiving"
+    assert after.study(OTHER_STUDY).state == "done", "finished studies stay finished"
+    assert _claim(after).study_instance_uid == STUDY
+    after.close()
+
+
+def test_requeued_delivery_is_reset_to_pending_with_no_attempts(spool):
+    _store(spool, "1.2.3.1")
+    result = spool.outbox_dir / "sr.dcm"
+    spool.finish_study(_claim(spool), state="done", deliveries=[("pacs", result)])
+    delivery = spool.next_delivery("pacs")
+    spool.delivery_failed(delivery, "peer down", retry_at=time.time() + 3600)
+    assert spool.next_delivery("pacs") is None, "not due before its retry time"
+
+    _store(spool, "1.2.3.2")
+    spool.finish_study(_claim(spool), state="done", deliveries=[("pacs", result)])
+
+    requeued = spool.next_delivery("pacs")
+    assert (requeued.id, requeued.attempts) == (delivery.id, 0)
+    assert spool.counts()["outbox"] == {"pacs:pending": 1}
+
+
+def test_requeued_dead_delivery_leaves_the_dead_letter(spool):
+    _store(spool, "1.2.3.1")
+    result = spool.outbox_dir / "sr.dcm"
+    spool.finish_study(_claim(spool), state="done", deliveries=[("pacs", result)])
+    spool.delivery_failed(spool.next_delivery("pacs"), "refused", retry_at=None)
+    assert spool.counts()["outbox"] == {"pacs:dead": 1}
+
+    _store(spool, "1.2.3.2")
+    spool.finish_study(_claim(spool), state="done", deliveries=[("pacs", result)])
+
+    assert spool.counts()["outbox"] == {"pacs:pending": 1}
+    assert spool.problems() == []
+
+
+def test_delivery_failed_schedules_the_retry_and_sent_ends_the_delivery(spool):
+    _store(spool, "1.2.3.1")
+    spool.finish_study(_claim(spool), state="done", deliveries=[("pacs", spool.outbox_dir / "sr.dcm")])
+    retry_at = time.time() + 60
+
+    spool.delivery_failed(spool.next_delivery("pacs"), "peer down", retry_at=retry_at)
+
+    assert spool.next_delivery("pacs", now=retry_at - 1) is None
+    due = spool.next_delivery("pacs", now=retry_at)
+    assert due.attempts == 1
+    spool.delivery_sent(due)
+    assert spool.next_delivery("pacs", now=retry_at + 1e6) is None
+    assert spool.counts()["outbox"] == {"pacs:sent": 1}
+
+
+def test_counts_report_studies_deliveries_and_instances(spool):
+    _store(spool, "1.2.3.1", study=STUDY)
+    _store(spool, "1.2.3.2", study=STUDY)
+    spool.finish_study(
+        _claim(spool),
+        state="done",
+        deliveries=[("pacs", spool.outbox_dir / "sr.dcm"), ("archive", spool.outbox_dir / "sr.dcm")],
+    )
+    spool.delivery_sent(spool.next_delivery("archive"))
+    _store(spool, "1.2.3.3", study=OTHER_STUDY)
+
+    assert spool.counts() == {
+        "studies": {"done": 1, "receiving": 1},
+        "outbox": {"pacs:pending": 1, "archive:sent": 1},
+        "instances": {"stored": 3},
+    }
+
+
+def test_problems_list_failed_ignored_and_dead_with_hashed_uids_only(spool):
+    _store(spool, "1.2.3.1", study=STUDY)
+    _store(spool, "1.2.3.2", study=OTHER_STUDY)
+    spool.finish_study(_claim(spool), state="ignored", reason="no routing rule matched")
+    spool.finish_study(
+        _claim(spool),
+        state="failed",
+        reason="pixel data cannot be decoded",
+        deliveries=[("pacs", spool.outbox_dir / "sc.dcm")],
+    )
+    spool.delivery_failed(
+        spool.next_delivery("pacs"), "PACS@host:104 rejected the association", retry_at=None
+    )
+
+    problems = spool.problems()
+
+    assert sorted(problems) == sorted(
+        [
+            ("study ignored", uid_tag(STUDY), "no routing rule matched"),
+            ("study failed", uid_tag(OTHER_STUDY), "pixel data cannot be decoded"),
+            ("dead letter to pacs", uid_tag(OTHER_STUDY), "PACS@host:104 rejected the association"),
+        ]
+    )
+    text = repr(problems)
+    assert STUDY not in text and OTHER_STUDY not in text and "1.2.3.1" not in text
+
+
+def test_uid_tag_is_short_stable_and_distinct():
+    assert uid_tag(STUDY) == uid_tag(STUDY)
+    assert uid_tag(STUDY) != uid_tag(OTHER_STUDY)
+    assert len(uid_tag(STUDY)) == 12 and int(uid_tag(STUDY), 16) >= 0
+
+
+def test_the_journal_survives_reopening_the_spool(tmp_path):
+    before = Spool(tmp_path / "var")
+    stored = _store(before, "1.2.3.1", content=b"kept")
+    _store(before, "1.2.3.2", study=OTHER_STUDY)
+    before.finish_study(_claim(before), state="done", deliveries=[("pacs", before.outbox_dir / "sr.dcm")])
+    before.close()
+
+    after = Spool(tmp_path / "var")
+
+    assert after.instances(STUDY) == (stored,)
+    assert after.instances(STUDY)[0].path.read_bytes() == b"kept"
+    assert after.study(STUDY).state == "done"
+    assert after.study(OTHER_STUDY).state == "receiving"
+    assert after.next_delivery("pacs").path == before.outbox_dir / "sr.dcm"
+    after.close()
+    with sqlite3.connect(tmp_path / "var" / "journal.sqlite") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_concurrent_stores_from_several_threads_are_all_journaled(spool):
+    errors: list[BaseException] = []
+
+    def receive(thread: int) -> None:
+        try:
+            for index in range(10):
+                _store(spool, f"1.2.3.{thread + 1}.{index + 1}", study=f"1.2.3.{thread + 1}")
+        except BaseException as exc:  # surfaced by the assertion below
+            errors.append(exc)
+        finally:
+            spool.close()
+
+    threads = [threading.Thread(target=receive, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    assert spool.counts()["instances"] == {"stored": 40}
+    assert spool.counts()["studies"] == {"receiving": 4}
+    assert len(_files(spool.instances_dir)) == 40
