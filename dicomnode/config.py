@@ -32,7 +32,7 @@ AETitle = Annotated[
         pattern=r"^[\x21-\x5b\x5d-\x7e]([\x20-\x5b\x5d-\x7e]*[\x21-\x5b\x5d-\x7e])?$",
     ),
 ]
-Port = Annotated[int, Field(ge=1, le=65535)]
+Port = Annotated[int, Field(strict=True, ge=1, le=65535)]
 
 
 class ConfigError(ValueError):

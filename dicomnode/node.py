@@ -25,9 +25,10 @@ from dicomnode.model.backbone import load_backbone
 from dicomnode.model.promptset import load_prompt_set
 from dicomnode.net.scp import start_scp
 from dicomnode.outbox import DestinationWorker
+from dicomnode.privacy import uid_tag, withhold_warning_texts
 from dicomnode.results import write_results
 from dicomnode.routing import Ignored, read_header, route_study
-from dicomnode.spool import Spool, StudyRecord, uid_tag
+from dicomnode.spool import Spool, StudyRecord
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,9 @@ def configure_logging(state_dir: Path, level: str) -> None:
     logs.mkdir(parents=True, exist_ok=True, mode=0o700)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
-    root.setLevel(level)
+    # Libraries log at WARNING and above only: highdicom's INFO lines quote raw UIDs.
+    root.setLevel(logging.WARNING)
+    logging.getLogger("dicomnode").setLevel(level)
     for handler in list(root.handlers):
         root.removeHandler(handler)
     for handler in (
@@ -59,6 +62,7 @@ def configure_logging(state_dir: Path, level: str) -> None:
     audit_file.setFormatter(fmt)
     logging.getLogger("dicomnode.audit").addHandler(audit_file)
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    withhold_warning_texts()
 
 
 class StudyWorker(threading.Thread):
@@ -107,12 +111,9 @@ class StudyWorker(threading.Thread):
         except Exception as exc:
             reason = f"{exc.__class__.__name__}: {exc}"
             self.spool.finish_study(study, state="failed", reason=reason, prompt_set=job.prompt_set)
-            log.error(
-                "study %s failed with prompt set %s: %s",
-                tag,
-                job.prompt_set,
-                exc.__class__.__name__,
-            )
+            # Our own errors are written to be log-safe; a library's text might quote a value.
+            said = reason if type(exc).__module__.startswith("dicomnode") else type(exc).__name__
+            log.error("study %s failed with prompt set %s: %s", tag, job.prompt_set, said)
             return
         deliveries = [(d.name, p) for d in self.cfg.destinations for p in paths]
         self.spool.finish_study(study, state="done", prompt_set=job.prompt_set, deliveries=deliveries)

@@ -17,7 +17,8 @@ from pydicom.errors import InvalidDicomError
 from dicomnode.config import DestinationConfig
 from dicomnode.flow import Delivery
 from dicomnode.net.scu import AssociationFailed, Peer, store
-from dicomnode.spool import Spool, uid_tag
+from dicomnode.privacy import uid_tag
+from dicomnode.spool import Spool
 
 log = logging.getLogger(__name__)
 

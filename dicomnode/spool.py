@@ -11,11 +11,8 @@ the older content does not mark it done).
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -23,7 +20,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from dicomnode.durable import fsync_dir, write_durably
 from dicomnode.flow import Delivery, StoredInstance
+from dicomnode.privacy import uid_tag
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -70,11 +69,6 @@ class SpoolFull(SpoolError):
     """Free space is below the configured floor; the sender should retry later."""
 
 
-def uid_tag(uid: str) -> str:
-    """A short, stable, non-reversible tag for a UID, the only form UIDs take in logs."""
-    return hashlib.sha256(uid.encode("ascii", "replace")).hexdigest()[:12]
-
-
 def is_valid_uid(uid: str) -> bool:
     """True for a syntactically valid DICOM UID (PS3.5 9.1), which is also a safe file name."""
     return (
@@ -82,31 +76,6 @@ def is_valid_uid(uid: str) -> bool:
         and set(uid) <= _UID_CHARS
         and all(part and (part == "0" or not part.startswith("0")) for part in uid.split("."))
     )
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or new file in `path` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durably(path: Path, content: bytes) -> None:
-    """Write `content` to `path` atomically: temp file, fsync, rename, fsync of the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".incoming-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)
@@ -175,8 +144,11 @@ class Spool:
     ) -> StoredInstance:
         """Make one received instance durable and journal it; idempotent per SOP Instance UID.
 
-        Raises SpoolFull below the free-space floor and SpoolError when the disk write fails,
-        in both cases before anything is acknowledged.
+        A byte-identical resend of an instance we hold changes nothing: PACS retry whole
+        studies, and that must not re-process a finished one (a failed one is retried). An
+        instance that moved to another study leaves no stale file behind. Raises SpoolFull
+        below the free-space floor and SpoolError when the disk write fails, in both cases
+        before anything is acknowledged.
         """
         for name, uid in (
             ("SOPInstanceUID", sop_instance_uid),
@@ -189,9 +161,33 @@ class Spool:
         if free - len(encoded) < self.min_free_bytes:
             raise SpoolFull(f"free space {free // 2**20} MiB is below the floor")
         path = self.instances_dir / study_instance_uid / f"{sop_instance_uid}.dcm"
+        stored = StoredInstance(
+            sop_instance_uid=sop_instance_uid,
+            sop_class_uid=sop_class_uid,
+            study_instance_uid=study_instance_uid,
+            series_instance_uid=series_instance_uid,
+            path=path,
+            calling_ae=calling_ae,
+        )
+        previous = (
+            self._db()
+            .execute(
+                "SELECT i.path, s.state FROM instances i JOIN studies s USING (study_instance_uid) "
+                "WHERE i.sop_instance_uid=?",
+                (sop_instance_uid,),
+            )
+            .fetchone()
+        )
+        if (
+            previous is not None
+            and previous["state"] != "failed"
+            and Path(previous["path"]) == path
+            and _holds(path, encoded)
+        ):
+            return stored
         try:
             new_folder = not path.parent.exists()
-            write_durably(path, encoded)
+            write_durably(path, lambda handle: handle.write(encoded))
             if new_folder:
                 fsync_dir(self.instances_dir)
         except OSError as exc:
@@ -222,14 +218,9 @@ class Spool:
                 "reason=NULL, updated_at=excluded.updated_at",
                 (study_instance_uid, now, now),
             )
-        return StoredInstance(
-            sop_instance_uid=sop_instance_uid,
-            sop_class_uid=sop_class_uid,
-            study_instance_uid=study_instance_uid,
-            series_instance_uid=series_instance_uid,
-            path=path,
-            calling_ae=calling_ae,
-        )
+        if previous is not None and Path(previous["path"]) != path:
+            Path(previous["path"]).unlink(missing_ok=True)
+        return stored
 
     # -- studies -----------------------------------------------------------------------------
 
@@ -413,6 +404,14 @@ class Spool:
         if db is not None:
             db.close()
             self._local.db = None
+
+
+def _holds(path: Path, content: bytes) -> bool:
+    """True when the file at `path` has exactly `content`."""
+    try:
+        return path.stat().st_size == len(content) and path.read_bytes() == content
+    except OSError:
+        return False
 
 
 def _study(row: sqlite3.Row, state: str | None = None) -> StudyRecord:

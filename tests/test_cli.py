@@ -23,7 +23,8 @@ from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
 from dicomnode.cli import app
-from dicomnode.spool import Spool, uid_tag
+from dicomnode.privacy import uid_tag
+from dicomnode.spool import Spool
 from tests.conftest import (
     REPO,
     Orthanc,

@@ -142,8 +142,8 @@ def test_section_that_is_not_a_mapping_is_rejected_naming_it(tmp_path):
     assert_names(config_error(path), path, "scp")
 
 
-@pytest.mark.parametrize("port", [0, 65536, -1])
-def test_scp_port_out_of_range_is_rejected(tmp_path, port):
+@pytest.mark.parametrize("port", [0, 65536, -1, True, "11112"])
+def test_scp_port_out_of_range_or_not_a_number_is_rejected(tmp_path, port):
     path = write(tmp_path / "dicomnode.yaml", {"scp": {"port": port}})
 
     assert_names(config_error(path), path, "scp.port")

@@ -16,7 +16,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom.dsutils import encode
-from pynetdicom.sop_class import ComputedRadiographyImageStorage
+from pynetdicom.sop_class import ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation
 
 from dicomnode.net.scu import Peer, store
 from tests.conftest import dcmtk, free_port, start_node, start_orthanc, stop_process, wait_until
@@ -226,3 +226,62 @@ def test_wrong_called_ae_title_is_rejected_and_audited_with_the_reason(node_fact
     audit = (node.config.parent / "var" / "logs" / "audit.log").read_text()
     assert "called AE title 'NOTUS' is not ours" in audit
     assert dcmtk("echoscu", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)).returncode == 0
+
+
+def _variant(source: Path, folder: Path, name: str, **changes) -> Path:
+    """A copy of a real file as another study, with attributes changed (None deletes)."""
+    ds = pydicom.dcmread(source)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = (
+        pydicom.uid.generate_uid(),
+        pydicom.uid.generate_uid(),
+        pydicom.uid.generate_uid(),
+    )
+    for keyword, value in changes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    path = folder / name
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_dx_is_reported_sc_is_ignored_and_a_chest_cr_without_pixels_fails_with_its_reason(
+    tmp_path, orthanc, node_factory
+):
+    node = node_factory(destinations=[orthanc.destination(backoff_s=0.5)])
+    chest = Path(get_testdata_file("RG1_UNCR.dcm", download=False))
+    # No real DX ships with pydicom's data: the real CR, relabelled as a DX for presentation.
+    dx = _variant(
+        chest, tmp_path, "dx.dcm", SOPClassUID=DigitalXRayImageStorageForPresentation, Modality="DX"
+    )
+    no_pixels = _variant(chest, tmp_path, "cr-no-pixels.dcm", PixelData=None)
+    secondary_capture = get_testdata_file("SC_rgb.dcm", download=False)
+    for path in (dx, no_pixels, secondary_capture):
+        sent = dcmtk("storescu", "-aec", "DICOMNODE", "127.0.0.1", str(node.port), str(path))
+        assert sent.returncode == 0, sent.stderr
+
+    sr, sc = _by_class(_results_in(orthanc))
+    assert sr.StudyInstanceUID == sc.StudyInstanceUID == pydicom.dcmread(dx).StudyInstanceUID
+    status = wait_until(
+        lambda: (
+            all(s in (out := node.cli("status").stdout) for s in ("done=1", "failed=1", "ignored=1")) and out
+        ),
+        60,
+        what="three outcomes",
+    )
+    assert "Modality is OT, rule wants CR|DX" in status
+    assert "no Pixel Data" in status
+    assert len(list((node.config.parent / "var" / "spool").rglob("*.dcm"))) == 3, "nothing received is lost"
+
+    node.process.terminate()
+    assert node.process.wait(timeout=60) == 0
+    log = node.log.read_text()
+    assert "dicomnode stopped" in log
+    for value in ("CompressedSamples", "Lestrade", '"ward"'):  # patient and physician names sent
+        assert value not in log, f"{value} reached the log"
+    for path in (dx, no_pixels):
+        sent_ds = pydicom.dcmread(path, stop_before_pixels=True)
+        assert sent_ds.StudyInstanceUID not in log and sent_ds.SOPInstanceUID not in log

@@ -25,7 +25,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from dicomnode.config import DestinationConfig
 from dicomnode.flow import Delivery
 from dicomnode.outbox import DestinationWorker, retry_delay
-from dicomnode.spool import Spool, uid_tag
+from dicomnode.privacy import uid_tag
+from dicomnode.spool import Spool
 from tests.conftest import Orthanc, free_port, start_orthanc, stop_process, wait_until
 
 STUDY = "1.2.826.0.1.3680043.8.498.7"

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from dicomnode.spool import Spool, SpoolError, SpoolFull, StudyRecord, is_valid_uid, uid_tag
+from dicomnode.privacy import uid_tag
+from dicomnode.spool import Spool, SpoolError, SpoolFull, StudyRecord, is_valid_uid
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 OTHER_STUDY = "1.2.826.0.1.3680043.8.498.2"
@@ -388,3 +389,45 @@ def test_concurrent_stores_from_several_threads_are_all_journaled(spool):
     assert spool.counts()["instances"] == {"stored": 40}
     assert spool.counts()["studies"] == {"receiving": 4}
     assert len(_files(spool.instances_dir)) == 40
+
+
+def test_identical_resend_of_a_done_study_neither_rewrites_nor_reopens_it(spool):
+    stored = _store(spool, "1.2.3.4.5")
+    study = _claim(spool)
+    spool.finish_study(study, state="done", prompt_set="cxr")
+    written = stored.path.stat().st_mtime_ns
+
+    _store(spool, "1.2.3.4.5")
+
+    record = spool.study(STUDY)
+    assert (record.state, record.generation) == ("done", 0)
+    assert stored.path.stat().st_mtime_ns == written
+
+
+def test_changed_resend_of_a_done_study_reopens_it(spool):
+    _store(spool, "1.2.3.4.5")
+    spool.finish_study(_claim(spool), state="done", prompt_set="cxr")
+
+    stored = _store(spool, "1.2.3.4.5", content=b"corrected instance")
+
+    assert spool.study(STUDY).state == "receiving"
+    assert stored.path.read_bytes() == b"corrected instance"
+
+
+def test_identical_resend_of_a_failed_study_retries_it(spool):
+    _store(spool, "1.2.3.4.5")
+    spool.finish_study(_claim(spool), state="failed", reason="pixel data cannot be decoded")
+
+    _store(spool, "1.2.3.4.5")
+
+    assert spool.study(STUDY).state == "receiving"
+
+
+def test_instance_moved_to_another_study_leaves_no_stale_file(spool):
+    first = _store(spool, "1.2.3.4.5", study=STUDY)
+    moved = _store(spool, "1.2.3.4.5", study=OTHER_STUDY)
+
+    assert not first.path.exists()
+    assert _files(spool.instances_dir) == [moved.path]
+    assert spool.instances(STUDY) == ()
+    assert spool.instances(OTHER_STUDY) == (moved,)

@@ -9,8 +9,6 @@ anything away. Domain modules (cxr, ...) choose which instances are acceptable a
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset
@@ -18,6 +16,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, get_decoder
 
 from dicomnode.flow import InputSpec, Sample
+from dicomnode.privacy import uid_tag
 
 GRAYSCALE = frozenset({"MONOCHROME1", "MONOCHROME2"})
 
@@ -39,15 +38,10 @@ class ImagingError(ValueError):
     """
 
 
-def hashed_uid(uid: str) -> str:
-    """A short, stable stand-in for a UID, safe for logs (UIDs can be traced to patients)."""
-    return hashlib.sha256(uid.encode("ascii", "replace")).hexdigest()[:16]
-
-
 def instance_label(ds: Dataset) -> str:
     """How error messages name an instance: its hashed SOP Instance UID, if it has one."""
     uid = ds.get("SOPInstanceUID")
-    return f"instance sha256:{hashed_uid(str(uid))}" if uid else "instance without SOP Instance UID"
+    return f"instance {uid_tag(str(uid))}" if uid else "instance without SOP Instance UID"
 
 
 def require_pixel_data(ds: Dataset) -> None:

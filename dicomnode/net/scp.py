@@ -21,7 +21,8 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.config import ScpConfig
-from dicomnode.spool import Spool, SpoolFull, is_valid_uid, uid_tag
+from dicomnode.privacy import uid_tag
+from dicomnode.spool import Spool, SpoolFull, is_valid_uid
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("dicomnode.audit")

@@ -10,14 +10,13 @@ engine's output arrives as plain `Prediction` values.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pydicom
 
+from dicomnode.durable import write_durably
 from dicomnode.flow import Finding, ModelIdentity, Prediction, ResultSet, Sample
 from dicomnode.results.sc import build_secondary_capture
 from dicomnode.results.sr import StudyFinding, build_report
@@ -88,8 +87,8 @@ def write_results(
     )
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    sr_path = _save_atomically(report, out_dir / f"sr-{report.SOPInstanceUID}.dcm")
-    sc_path = _save_atomically(capture, out_dir / f"sc-{capture.SOPInstanceUID}.dcm")
+    sr_path = _save(report, out_dir / f"sr-{report.SOPInstanceUID}.dcm")
+    sc_path = _save(capture, out_dir / f"sc-{capture.SOPInstanceUID}.dcm")
     return ResultSet(study_instance_uid=str(sources[0].StudyInstanceUID), paths=(sr_path, sc_path))
 
 
@@ -169,25 +168,6 @@ def _most_salient_image(predictions: Sequence[Prediction]) -> int:
     return max(range(len(predictions)), key=lambda index: max(predictions[index].probabilities))
 
 
-def _save_atomically(dataset: pydicom.Dataset, path: Path) -> Path:
-    """Write `dataset` as a DICOM file at `path` so that a reader never sees a partial file.
-
-    Temporary file in the same directory, fsync, rename over the target, fsync the directory:
-    after a crash the path holds either the old object or the new one, never a torn one.
-    """
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            dataset.save_as(stream, enforce_file_format=True)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-    return path
+def _save(dataset: pydicom.Dataset, path: Path) -> Path:
+    """Write `dataset` as a DICOM file so that a reader never sees a partial file."""
+    return write_durably(path, lambda stream: dataset.save_as(stream, enforce_file_format=True))
