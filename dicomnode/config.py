@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -176,11 +176,11 @@ class RoutingConfig(_Strict):
     rules: tuple[RoutingRule, ...]
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from exc
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): save it as UTF-8") from exc
     try:
@@ -210,15 +210,31 @@ def _resolve(base: Path, value: Path | None) -> Path | None:
     return value if value.is_absolute() else (base / value).resolve()
 
 
+Schema = TypeVar("Schema", bound=BaseModel)
+
+
+def read_validated(
+    path: Path,
+    schema: type[Schema],
+    error: type[ValueError] = ConfigError,
+    what: str = "configuration",
+    **extra: Any,
+) -> Schema:
+    """Read a YAML file into `schema`; any problem raises `error` naming the file and the key."""
+    try:
+        raw = _read_yaml(path, what)
+        raw.update(extra)
+        return schema.model_validate(raw)
+    except ConfigError as exc:
+        raise error(str(exc)) from None
+    except ValidationError as exc:
+        raise error(str(_explain(path, exc))) from None
+
+
 def load_config(path: Path) -> NodeConfig:
     """Read and validate dicomnode.yaml; relative paths become absolute against its folder."""
     path = Path(path)
-    raw = _read_yaml(path)
-    raw["source"] = path
-    try:
-        cfg = NodeConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise _explain(path, exc) from None
+    cfg = read_validated(path, NodeConfig, source=path)
     base = path.resolve().parent
     model = cfg.model.model_copy(
         update={
@@ -247,12 +263,7 @@ def load_routing(path: Path) -> RoutingConfig:
     from pydicom.datadict import dictionary_VR, tag_for_keyword
 
     path = Path(path)
-    raw = _read_yaml(path)
-    raw["source"] = path
-    try:
-        routing = RoutingConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise _explain(path, exc) from None
+    routing = read_validated(path, RoutingConfig, source=path)
     for index, rule in enumerate(routing.rules):
         for keyword in rule.match:
             if keyword == "CallingAETitle":

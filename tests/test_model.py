@@ -260,13 +260,15 @@ def test_missing_folder_is_refused_naming_the_file(tmp_path):
     assert str(tmp_path / "absent" / PROMPTSET_FILE) in str(raised.value)
 
 
-def test_empty_file_is_refused_as_an_invalid_top_level(tmp_path):
+def test_empty_file_is_refused_naming_every_missing_key(tmp_path):
     folder = tmp_path / "cxr"
     folder.mkdir()
     (folder / PROMPTSET_FILE).write_text("# nothing yet\n")
 
-    with pytest.raises(PromptSetError, match=r"\(top level\)"):
+    with pytest.raises(PromptSetError) as raised:
         load_prompt_set(folder)
+    for key in ("name", "version", "domain", "method", "task", "templates", "classes"):
+        assert f"{folder / PROMPTSET_FILE}: {key}: Field required" in str(raised.value)
 
 
 def test_missing_field_is_refused_naming_file_and_key(tmp_path):

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from dicomnode.config import read_validated
 from dicomnode.flow import Finding
 
 PROMPTSET_FILE = "promptset.yaml"
@@ -107,19 +107,7 @@ def folder_sha256(folder: Path) -> str:
 def load_prompt_set(folder: Path) -> PromptSet:
     """Read and validate `folder/promptset.yaml`; refuses methods this version cannot run."""
     path = Path(folder) / PROMPTSET_FILE
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise PromptSetError(f"{path}: cannot read prompt set: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise PromptSetError(f"{path}: not valid YAML: {exc}") from exc
-    try:
-        spec = _PromptSetFile.model_validate(raw)
-    except ValidationError as exc:
-        lines = [
-            f"{path}: {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()
-        ]
-        raise PromptSetError("\n".join(lines)) from None
+    spec = read_validated(path, _PromptSetFile, PromptSetError, what="prompt set")
     if spec.name != Path(folder).name:
         raise PromptSetError(f"{path}: name: {spec.name!r} differs from its folder {Path(folder).name!r}")
     if spec.method not in SUPPORTED_METHODS:
