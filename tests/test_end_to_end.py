@@ -285,3 +285,23 @@ def test_dx_is_reported_sc_is_ignored_and_a_chest_cr_without_pixels_fails_with_i
     for path in (dx, no_pixels):
         sent_ds = pydicom.dcmread(path, stop_before_pixels=True)
         assert sent_ds.StudyInstanceUID not in log and sent_ds.SOPInstanceUID not in log
+
+
+def test_below_the_free_space_floor_storescu_is_told_out_of_resources_and_nothing_is_kept(
+    node_factory, chest_cr
+):
+    node = node_factory(scp={"min_free_mb": 1 << 40})  # a floor no disk reaches
+    sent = dcmtk("storescu", "-v", "-aec", "DICOMNODE", "127.0.0.1", str(node.port), str(chest_cr))
+    assert "Refused: OutOfResources" in sent.stderr, sent.stderr
+    assert not list((node.config.parent / "var" / "spool").rglob("*.dcm"))
+    assert "stored=0 refused=1" in (node.config.parent / "var" / "logs" / "audit.log").read_text()
+
+
+def test_calling_ae_outside_the_allowlist_is_rejected_and_audited_with_the_reason(node_factory):
+    node = node_factory(scp={"allowed_calling_aes": ["PACS"]})
+    refused = dcmtk("echoscu", "-aet", "INTRUDER", "-aec", "DICOMNODE", "127.0.0.1", str(node.port))
+    assert refused.returncode != 0
+    allowed = dcmtk("echoscu", "-aet", "PACS", "-aec", "DICOMNODE", "127.0.0.1", str(node.port))
+    assert allowed.returncode == 0, allowed.stderr
+    audit = (node.config.parent / "var" / "logs" / "audit.log").read_text()
+    assert "calling AE title 'INTRUDER' is not in scp.allowed_calling_aes" in audit
