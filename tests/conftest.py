@@ -138,8 +138,11 @@ class Orthanc:
         }
 
 
-def start_orthanc(folder: Path, dicom_port: int | None = None) -> Orthanc:
-    """Start Orthanc on free loopback ports with its database under `folder`."""
+def start_orthanc(folder: Path, dicom_port: int | None = None, modalities: dict | None = None) -> Orthanc:
+    """Start Orthanc on free loopback ports with its database under `folder`.
+
+    `modalities` is Orthanc's DicomModalities: the nodes it may send to, {name: [AET, host, port]}.
+    """
     binary = shutil.which("Orthanc")
     if binary is None:
         pytest.fail("Orthanc is not installed (Debian package orthanc); .ci/run installs it")
@@ -159,6 +162,7 @@ def start_orthanc(folder: Path, dicom_port: int | None = None) -> Orthanc:
         "HttpsCACertificates": "",
         "Plugins": [],
         "StableAge": 1,
+        "DicomModalities": modalities or {},
     }
     config_path = folder / "orthanc.json"
     config_path.write_text(json.dumps(config))
@@ -232,8 +236,8 @@ def node_factory(tmp_path, tiny_architecture) -> Iterator:
     """Start nodes on demand; all are stopped at the end of the test."""
     started: list[RunningNode] = []
 
-    def factory(destinations: list[dict] | None = None, **overrides) -> RunningNode:
-        port = free_port()
+    def factory(destinations: list[dict] | None = None, port: int | None = None, **overrides) -> RunningNode:
+        port = port or free_port()
         config = write_node_config(
             tmp_path, tiny_architecture, scp_port=port, destinations=destinations, **overrides
         )

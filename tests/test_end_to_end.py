@@ -11,6 +11,7 @@ import io
 from pathlib import Path
 
 import pydicom
+import requests
 from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
@@ -305,3 +306,26 @@ def test_calling_ae_outside_the_allowlist_is_rejected_and_audited_with_the_reaso
     assert allowed.returncode == 0, allowed.stderr
     audit = (node.config.parent / "var" / "logs" / "audit.log").read_text()
     assert "calling AE title 'INTRUDER' is not in scp.allowed_calling_aes" in audit
+
+
+def test_orthanc_forwards_a_study_and_gets_sr_and_sc_back_into_the_same_study(
+    tmp_path, node_factory, chest_cr
+):
+    """The product's loop: the PACS sends a study to dicomnode and receives the results."""
+    node_port = free_port()
+    pacs = start_orthanc(tmp_path / "pacs", modalities={"dicomnode": ["DICOMNODE", "127.0.0.1", node_port]})
+    try:
+        node_factory(destinations=[pacs.destination(backoff_s=0.5)], port=node_port)
+        uploaded = requests.post(f"{pacs.url}/instances", data=chest_cr.read_bytes(), timeout=30).json()
+        forwarded = requests.post(f"{pacs.url}/modalities/dicomnode/store", data=uploaded["ID"], timeout=60)
+        assert forwarded.status_code == 200, forwarded.text
+
+        study = uploaded["ParentStudy"]
+        wait_until(
+            lambda: len(pacs.get(f"/studies/{study}/instances").json()) == 3, 90, what="results in study"
+        )
+        series = pacs.get(f"/studies/{study}/series").json()
+        modalities = sorted(s["MainDicomTags"]["Modality"] for s in series)
+        assert modalities == ["CR", "OT", "SR"]
+    finally:
+        stop_process(pacs.process)
