@@ -174,3 +174,34 @@ def check_config(config: ConfigOption = DEFAULT_CONFIG) -> None:
         raise typer.Exit(2) from None
     demo = "" if cfg.model.checkpoint else " (no checkpoint: DEMO model, no clinical meaning)"
     typer.echo(f"{config}: valid; {len(routing.rules)} routing rules; model {cfg.model.architecture}{demo}")
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: ratios against a reference in the same run.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("receive")
+def bench_receive(
+    file: Annotated[
+        Path | None, typer.Option(help="Instance to send (default: pydicom-data's chest CR RG1_UNCR.dcm).")
+    ] = None,
+    count: Annotated[int, typer.Option(min=1, help="Instances per run.")] = 50,
+    rounds: Annotated[int, typer.Option(min=1, help="Runs per receiver; the median counts.")] = 3,
+) -> None:
+    """DCMTK storescu -> dicomnode's SCP and spool, against storescu -> DCMTK storescp."""
+    from dicomnode.bench import BenchError
+    from dicomnode.bench import bench_receive as run
+
+    if file is None:
+        from pydicom.data import get_testdata_file
+
+        found = get_testdata_file("RG1_UNCR.dcm", download=False)
+        if found is None:
+            typer.echo("no --file given and pydicom-data is not installed", err=True)
+            raise typer.Exit(2)
+        file = Path(found)
+    try:
+        run(file, count, rounds, typer.echo)
+    except BenchError as exc:
+        typer.echo(f"benchmark failed: {exc}", err=True)
+        raise typer.Exit(1) from None
