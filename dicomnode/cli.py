@@ -36,6 +36,7 @@ def _config(path: Path):
 @app.command()
 def serve(config: ConfigOption = DEFAULT_CONFIG) -> None:
     """Run the node: receive studies, classify them, send the results to the destinations."""
+    from dicomnode.node import StartupError
     from dicomnode.node import serve as run
 
     cfg = _config(config)
@@ -44,7 +45,10 @@ def serve(config: ConfigOption = DEFAULT_CONFIG) -> None:
     except ConfigError as exc:
         typer.echo(f"configuration error:\n{exc}", err=True)
         raise typer.Exit(2) from None
-    run(cfg)
+    try:
+        run(cfg)
+    except StartupError:  # already logged, to stderr too
+        raise typer.Exit(2) from None
 
 
 @app.command()

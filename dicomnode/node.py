@@ -18,11 +18,11 @@ from pathlib import Path
 import pydicom
 
 from dicomnode import imaging
-from dicomnode.config import NodeConfig, RoutingConfig, load_routing
-from dicomnode.engine import Engine
+from dicomnode.config import ConfigError, NodeConfig, RoutingConfig, load_routing
+from dicomnode.engine import Engine, EngineError
 from dicomnode.flow import Sample
-from dicomnode.model.backbone import load_backbone
-from dicomnode.model.promptset import load_prompt_set
+from dicomnode.model.backbone import BackboneError, load_backbone
+from dicomnode.model.promptset import PromptSetError, load_prompt_set
 from dicomnode.net.scp import start_scp
 from dicomnode.outbox import DestinationWorker
 from dicomnode.privacy import uid_tag, withhold_warning_texts
@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 class StudyFailed(RuntimeError):
     """A study could not be processed; the message is recorded in the journal."""
+
+
+class StartupError(RuntimeError):
+    """The node cannot start; the message says what to fix and was logged."""
 
 
 def configure_logging(state_dir: Path, level: str) -> None:
@@ -171,6 +175,7 @@ class Node:
         recovered = self.spool.recover()
         if recovered:
             log.info("resumed %d studies interrupted by the last stop", recovered)
+        self.server = start_scp(self.spool, self.cfg.scp)
         self.threads = [StudyWorker(self.cfg, self.spool, self.routing, self.engine, self.stop_event)]
         self.threads += [
             DestinationWorker(self.spool, d, self.cfg.scp.ae_title, self.stop_event)
@@ -178,7 +183,6 @@ class Node:
         ]
         for thread in self.threads:
             thread.start()
-        self.server = start_scp(self.spool, self.cfg.scp)
 
     def stop(self) -> None:
         """Stop accepting, let workers finish their current step, close the journal."""
@@ -194,8 +198,12 @@ def serve(cfg: NodeConfig) -> None:
     """Run the node until SIGTERM or SIGINT."""
     os.umask(0o077)  # state, spool and logs are private to the service user
     configure_logging(cfg.state_dir, cfg.log_level)
-    node = Node(cfg)
-    node.start()
+    try:
+        node = Node(cfg)
+        node.start()
+    except (ConfigError, PromptSetError, BackboneError, EngineError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        raise StartupError(str(exc)) from None
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())

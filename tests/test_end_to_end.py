@@ -20,7 +20,16 @@ from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation
 
 from dicomnode.net.scu import Peer, store
-from tests.conftest import dcmtk, free_port, start_node, start_orthanc, stop_process, wait_until
+from tests.conftest import (
+    dcmtk,
+    free_port,
+    run_cli,
+    start_node,
+    start_orthanc,
+    stop_process,
+    wait_until,
+    write_node_config,
+)
 
 SR_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.88.33",
@@ -329,3 +338,33 @@ def test_orthanc_forwards_a_study_and_gets_sr_and_sc_back_into_the_same_study(
         assert modalities == ["CR", "OT", "SR"]
     finally:
         stop_process(pacs.process)
+
+
+def test_a_second_node_on_a_taken_port_exits_2_saying_it_cannot_listen(
+    tmp_path, node_factory, tiny_architecture
+):
+    first = node_factory()
+    folder = tmp_path / "second"
+    folder.mkdir()
+    config = write_node_config(folder, tiny_architecture, scp_port=first.port)
+
+    done = run_cli("serve", "--config", str(config))
+
+    assert done.returncode == 2
+    assert (
+        f"cannot start: Storage SCP cannot listen on 127.0.0.1:{first.port}: Address already in use"
+        in done.stderr
+    )
+    assert "Traceback" not in done.stderr
+
+
+def test_a_rule_naming_a_missing_prompt_set_stops_start_up_naming_the_file(tmp_path, tiny_architecture):
+    routing = tmp_path / "routing.yaml"
+    routing.write_text("rules:\n  - {name: chest, match: {Modality: CR}, prompt_set: nosuchset}\n")
+    config = write_node_config(tmp_path, tiny_architecture, scp_port=free_port(), routing=str(routing))
+
+    done = run_cli("serve", "--config", str(config))
+
+    assert done.returncode == 2
+    assert "nosuchset/promptset.yaml: cannot read prompt set" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -184,6 +184,9 @@ def start_scp(spool: Spool, scp: ScpConfig) -> ThreadedAssociationServer:
     ae.dimse_timeout = scp.dimse_timeout_s
     ae.network_timeout = scp.network_timeout_s
     handlers = StorageHandlers(spool, scp)
-    server = ae.start_server((scp.host, scp.port), block=False, evt_handlers=handlers.bindings())
+    try:
+        server = ae.start_server((scp.host, scp.port), block=False, evt_handlers=handlers.bindings())
+    except OSError as exc:
+        raise OSError(f"Storage SCP cannot listen on {scp.host}:{scp.port}: {exc.strerror}") from exc
     log.info("Storage SCP %s listening on %s:%d", scp.ae_title, scp.host, scp.port)
     return server
