@@ -257,3 +257,12 @@ def dcmtk(tool: str, *args: str, timeout: float = 120) -> subprocess.CompletedPr
         pytest.fail(f"{tool} is not installed (Debian package dcmtk); .ci/run installs it")
     env = {**os.environ, "TCP_NODELAY": "1"}
     return subprocess.run([binary, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The lines of dicom3tools' dciodvfy report on `path` that start with "Error"."""
+    dciodvfy = shutil.which("dciodvfy")
+    if dciodvfy is None:
+        pytest.fail("dciodvfy is not installed (Debian package dicom3tools); .ci/run installs it")
+    run = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, check=False)
+    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]

@@ -21,6 +21,7 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, DigitalXRayIma
 
 from dicomnode.net.scu import Peer, store
 from tests.conftest import (
+    dciodvfy_errors,
     dcmtk,
     free_port,
     run_cli,
@@ -72,7 +73,9 @@ def _sr_text(sr: pydicom.Dataset) -> str:
     return "\n".join(words)
 
 
-def test_dcmtk_echo_and_store_of_a_chest_cr_ends_as_sr_and_sc_in_orthanc(orthanc, node_factory, chest_cr):
+def test_dcmtk_echo_and_store_of_a_chest_cr_ends_as_sr_and_sc_in_orthanc(
+    tmp_path, orthanc, node_factory, chest_cr
+):
     node = node_factory(destinations=[orthanc.destination(backoff_s=0.5)])
     echo = dcmtk("echoscu", "-aec", "DICOMNODE", "127.0.0.1", str(node.port))
     assert echo.returncode == 0, echo.stderr
@@ -103,6 +106,10 @@ def test_dcmtk_echo_and_store_of_a_chest_cr_ends_as_sr_and_sc_in_orthanc(orthanc
     assert referenced == {source.SOPInstanceUID}
     assert sc.BurnedInAnnotation == "YES"
     assert sc.PhotometricInterpretation == "RGB"
+    for index, instance in enumerate(orthanc.instances()):
+        as_stored = tmp_path / f"from-orthanc-{index}.dcm"
+        as_stored.write_bytes(orthanc.get(f"/instances/{instance}/file").content)
+        assert not dciodvfy_errors(as_stored)
 
     status = wait_until(lambda: "orthanc:sent=2" in (s := node.cli("status").stdout) and s, 30, what="status")
     assert "done=1" in status

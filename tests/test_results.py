@@ -7,7 +7,6 @@ with pydicom and highdicom and checked with dicom3tools' `dciodvfy`.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -24,6 +23,7 @@ from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
 from dicomnode.flow import Finding, ModelIdentity, Prediction, Sample
 from dicomnode.results import ResultsError, write_results
+from tests.conftest import dciodvfy_errors
 
 SOURCE_FILES = ("RG1_UNCR.dcm", "RG1_UNCI.dcm")
 
@@ -237,15 +237,7 @@ def test_real_model_carries_no_demo_marking(written):
 @pytest.mark.parametrize("model", [MODEL, DEMO_MODEL], ids=["real", "demo"])
 def test_outputs_pass_dciodvfy(study, tmp_path, model):
     for path in _write(study, tmp_path, model).paths:
-        assert not _dciodvfy_errors(path)
-
-
-def _dciodvfy_errors(path: Path) -> list[str]:
-    """The lines of dciodvfy's report on `path` that start with "Error"."""
-    dciodvfy = shutil.which("dciodvfy")
-    assert dciodvfy, "dciodvfy not found: install the Debian package dicom3tools"
-    run = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, check=False)
-    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+        assert not dciodvfy_errors(path)
 
 
 def test_source_without_orientation_or_body_part_still_passes_dciodvfy(study, tmp_path):
@@ -264,7 +256,7 @@ def test_source_without_orientation_or_body_part_still_passes_dciodvfy(study, tm
     sc = pydicom.dcmread(result.paths[1])
     assert "PatientOrientation" in sc and not sc.PatientOrientation  # type 2: present, empty
     for path in result.paths:
-        assert not _dciodvfy_errors(path)
+        assert not dciodvfy_errors(path)
 
 
 def test_sources_from_two_studies_are_refused(study, tmp_path):
