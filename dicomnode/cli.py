@@ -162,6 +162,28 @@ def status(config: ConfigOption = DEFAULT_CONFIG) -> None:
             typer.echo(f"  {kind} study {study}: {reason}")
 
 
+@app.command()
+def requeue(
+    config: ConfigOption = DEFAULT_CONFIG,
+    destination: Annotated[str | None, typer.Option(help="Only deliveries to this destination.")] = None,
+) -> None:
+    """Put dead-letter deliveries back in the queue, e.g. after fixing a destination."""
+    from dicomnode.spool import Spool
+
+    cfg = _config(config)
+    known = {d.name for d in cfg.destinations}
+    if destination is not None and destination not in known:
+        typer.echo(
+            f"no destination {destination!r} in {config} (known: {', '.join(sorted(known))})", err=True
+        )
+        raise typer.Exit(2)
+    if not (cfg.state_dir / "journal.sqlite").exists():
+        typer.echo(f"no journal in {cfg.state_dir}: the node has not run yet")
+        raise typer.Exit(0)
+    count = Spool(cfg.state_dir).requeue_dead(destination)
+    typer.echo(f"{count} dead deliveries requeued")
+
+
 @app.command("config")
 def check_config(config: ConfigOption = DEFAULT_CONFIG) -> None:
     """Validate dicomnode.yaml, routing.yaml and the prompt sets the rules name."""

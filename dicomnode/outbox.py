@@ -3,7 +3,7 @@
 One worker thread per destination, so a destination that is down or misconfigured never
 holds back the others. The queue lives in the journal: a restart resumes where it stopped.
 Retries back off exponentially up to `max_backoff_s`; after `max_attempts` a delivery is
-dead and shows in `dicomnode status` until an operator acts.
+dead and shows in `dicomnode status` until an operator runs `dicomnode requeue`.
 """
 
 from __future__ import annotations

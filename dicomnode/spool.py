@@ -362,6 +362,21 @@ class Spool:
                 ),
             )
 
+    def requeue_dead(self, destination: str | None = None) -> int:
+        """Give dead deliveries (to one destination, or all) a fresh set of attempts, now.
+
+        The operator's answer to a dead letter once the destination is fixed; returns how many
+        deliveries went back to the queue.
+        """
+        now = time.time()
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE outbox SET state='pending', attempts=0, next_attempt_at=?, updated_at=? "
+                "WHERE state='dead' AND (? IS NULL OR destination=?)",
+                (now, now, destination, destination),
+            )
+            return cursor.rowcount
+
     # -- status ------------------------------------------------------------------------------
 
     def counts(self) -> dict[str, dict[str, int]]:

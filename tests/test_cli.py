@@ -536,3 +536,30 @@ def test_send_to_a_port_out_of_range_is_a_usage_error():
 
     assert outcome.exit_code == 2
     assert "Invalid value for 'port'" in outcome.stderr
+
+
+def test_requeue_puts_dead_deliveries_back_and_refuses_an_unknown_destination(tmp_path, tiny_architecture):
+    destination = {"name": "pacs", "host": "127.0.0.1", "port": 104, "ae_title": "PACS"}
+    config = write_node_config(tmp_path, tiny_architecture, scp_port=free_port(), destinations=[destination])
+    spool = Spool(state_dir_of(config))
+    spool.store(
+        shipped_file(CT).read_bytes(),
+        sop_instance_uid="1.2.826.0.1.3680043.8.498.77",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        study_instance_uid="1.2.826.0.1.3680043.8.498.78",
+        series_instance_uid="1.2.826.0.1.3680043.8.498.79",
+        calling_ae="CT_SCANNER",
+    )
+    study = spool.claim_quiet_study(0.0, now=float("inf"))
+    spool.finish_study(study, state="done", deliveries=[("pacs", spool.outbox_dir / "sr.dcm")])
+    spool.delivery_failed(spool.next_delivery("pacs"), "PACS@127.0.0.1:104 rejected", retry_at=None)
+    spool.close()
+
+    unknown = cli("requeue", "--config", config, "--destination", "archive")
+    assert unknown.exit_code == 2
+    assert "no destination 'archive'" in unknown.stderr
+
+    outcome = cli("requeue", "--config", config, "--destination", "pacs")
+    assert outcome.exit_code == 0
+    assert outcome.stdout == "1 dead deliveries requeued\n"
+    assert "outbox: pacs:pending=1" in cli("status", "--config", config).stdout

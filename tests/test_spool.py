@@ -431,3 +431,18 @@ def test_instance_moved_to_another_study_leaves_no_stale_file(spool):
     assert _files(spool.instances_dir) == [moved.path]
     assert spool.instances(STUDY) == ()
     assert spool.instances(OTHER_STUDY) == (moved,)
+
+
+def test_requeue_dead_returns_dead_deliveries_of_one_destination_to_the_queue_now(spool):
+    _store(spool, "1.2.3.1")
+    deliveries = [("pacs", spool.outbox_dir / "sr.dcm"), ("archive", spool.outbox_dir / "sr.dcm")]
+    spool.finish_study(_claim(spool), state="done", deliveries=deliveries)
+    for destination in ("pacs", "archive"):
+        spool.delivery_failed(spool.next_delivery(destination), "refused", retry_at=None)
+
+    assert spool.requeue_dead("pacs") == 1
+
+    assert spool.counts()["outbox"] == {"archive:dead": 1, "pacs:pending": 1}
+    assert spool.next_delivery("pacs").attempts == 0
+    assert spool.requeue_dead() == 1
+    assert spool.counts()["outbox"] == {"archive:pending": 1, "pacs:pending": 1}
