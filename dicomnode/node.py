@@ -22,7 +22,8 @@ from dicomnode.config import ConfigError, NodeConfig, RoutingConfig, load_routin
 from dicomnode.engine import Engine, EngineError
 from dicomnode.flow import Sample
 from dicomnode.model.backbone import BackboneError, load_backbone
-from dicomnode.model.promptset import PromptSetError, load_prompt_set
+from dicomnode.model.library import PromptSetLibrary
+from dicomnode.model.promptset import PromptSetError
 from dicomnode.net.scp import start_scp
 from dicomnode.outbox import DestinationWorker
 from dicomnode.privacy import uid_tag, withhold_warning_texts
@@ -77,6 +78,7 @@ class StudyWorker(threading.Thread):
         cfg: NodeConfig,
         spool: Spool,
         routing: RoutingConfig,
+        prompt_sets: PromptSetLibrary,
         engine: Engine,
         stop: threading.Event,
     ) -> None:
@@ -84,6 +86,7 @@ class StudyWorker(threading.Thread):
         self.cfg = cfg
         self.spool = spool
         self.routing = routing
+        self.prompt_sets = prompt_sets
         self.engine = engine
         self.stop_event = stop
 
@@ -129,7 +132,7 @@ class StudyWorker(threading.Thread):
         )
 
     def _results_for(self, job) -> tuple[Path, ...]:
-        prompt_set = load_prompt_set(self.cfg.prompts_dir / job.prompt_set)
+        prompt_set = self.prompt_sets.get(job.prompt_set)
         samples: list[Sample] = []
         sources: list[pydicom.Dataset] = []
         problems: list[str] = []
@@ -163,10 +166,12 @@ class Node:
         self.spool = Spool(cfg.state_dir, min_free_bytes=cfg.scp.min_free_mb << 20)
         self.routing = load_routing(cfg.routing)
         self.engine = Engine(load_backbone(cfg.model), max_batch=cfg.model.max_batch)
-        for rule in self.routing.rules:
-            if rule.prompt_set is not None:
-                # Fail at start-up, not on the first study, and warm the text-feature cache.
-                self.engine.text_features(load_prompt_set(cfg.prompts_dir / rule.prompt_set))
+        # Fails at start-up, not on the first study, and warms the text-feature cache.
+        self.prompt_sets = PromptSetLibrary(
+            cfg.prompts_dir,
+            [rule.prompt_set for rule in self.routing.rules if rule.prompt_set is not None],
+            check=self.engine.text_features,
+        )
         self.threads: list[threading.Thread] = []
         self.server = None
 
@@ -176,7 +181,10 @@ class Node:
         if recovered:
             log.info("resumed %d studies interrupted by the last stop", recovered)
         self.server = start_scp(self.spool, self.cfg.scp)
-        self.threads = [StudyWorker(self.cfg, self.spool, self.routing, self.engine, self.stop_event)]
+        self.prompt_sets.watch()
+        self.threads = [
+            StudyWorker(self.cfg, self.spool, self.routing, self.prompt_sets, self.engine, self.stop_event)
+        ]
         self.threads += [
             DestinationWorker(self.spool, d, self.cfg.scp.ae_title, self.stop_event)
             for d in self.cfg.destinations
@@ -189,6 +197,7 @@ class Node:
         if self.server is not None:
             self.server.shutdown()
         self.stop_event.set()
+        self.prompt_sets.stop()
         for thread in self.threads:
             thread.join(timeout=60)
         log.info("dicomnode stopped")

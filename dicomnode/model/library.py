@@ -1,0 +1,120 @@
+"""The prompt sets a running node serves, swapped atomically when their folder changes.
+
+An administrator updates a prompt set by copying a new promptset.yaml (or tensors) into its
+folder while the node runs. A watcher (watchdog) notices, waits for the writes to settle,
+loads and checks the new version, and only then swaps it in; a version that does not load or
+does not fit the backbone is refused with a logged reason and the last good one keeps serving.
+A study therefore always runs on one complete, validated version of its prompt set.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from dicomnode.model.promptset import PromptSet, load_prompt_set
+
+log = logging.getLogger(__name__)
+
+#: Seconds without a change before a folder is reloaded: editors and copies write in steps.
+SETTLE_S = 0.5
+
+
+class PromptSetLibrary:
+    """The last valid version of each served prompt set, by name."""
+
+    def __init__(
+        self,
+        prompts_dir: Path,
+        names: Iterable[str],
+        check: Callable[[PromptSet], object] = lambda prompt_set: None,
+    ) -> None:
+        """Load every named set now (raising PromptSetError if one is unusable).
+
+        `check` is run on every version before it is served (the engine's compatibility
+        check and text-feature warm-up); an exception from it refuses that version.
+        """
+        self.prompts_dir = Path(prompts_dir).resolve()
+        self.check = check
+        self._sets: dict[str, PromptSet] = {}
+        self._lock = threading.Lock()
+        self._timers: dict[str, threading.Timer] = {}
+        self._observer: Observer | None = None
+        for name in dict.fromkeys(names):
+            prompt_set = load_prompt_set(self.prompts_dir / name)
+            check(prompt_set)
+            self._sets[name] = prompt_set
+
+    def get(self, name: str) -> PromptSet:
+        """The version of `name` to use now; KeyError if the node does not serve it."""
+        with self._lock:
+            return self._sets[name]
+
+    def refresh(self, name: str) -> bool:
+        """Re-read `name`; swap it in if it changed and is valid. Returns whether it swapped."""
+        with self._lock:
+            current = self._sets.get(name)
+        if current is None:
+            return False
+        try:
+            candidate = load_prompt_set(self.prompts_dir / name)
+            if candidate.sha256 == current.sha256:
+                return False
+            self.check(candidate)
+        except Exception as exc:  # any refusal keeps the last good version serving
+            log.error("prompt set %s: new version refused, still serving %s: %s", name, current.version, exc)
+            return False
+        with self._lock:
+            self._sets[name] = candidate
+        log.info(
+            "prompt set %s reloaded: version %s sha256 %s",
+            name,
+            candidate.version,
+            candidate.sha256[:12],
+        )
+        return True
+
+    def _changed(self, name: str) -> None:
+        """Debounce: reload `name` once its folder has been quiet for SETTLE_S."""
+        with self._lock:
+            if name not in self._sets:
+                return
+            previous = self._timers.get(name)
+            if previous is not None:
+                previous.cancel()
+            timer = threading.Timer(SETTLE_S, self.refresh, args=(name,))
+            timer.daemon = True
+            self._timers[name] = timer
+        timer.start()
+
+    def watch(self) -> None:
+        """Start watching the prompts folder for changes to served sets."""
+        library = self
+
+        class _Handler(FileSystemEventHandler):
+            def on_any_event(self, event: FileSystemEvent) -> None:
+                for raw in (event.src_path, getattr(event, "dest_path", "")):
+                    if not raw:
+                        continue
+                    path = Path(raw.decode() if isinstance(raw, bytes) else raw)
+                    if path.is_relative_to(library.prompts_dir) and path != library.prompts_dir:
+                        library._changed(path.relative_to(library.prompts_dir).parts[0])
+
+        self._observer = Observer()
+        self._observer.schedule(_Handler(), str(self.prompts_dir), recursive=True)
+        self._observer.daemon = True
+        self._observer.start()
+
+    def stop(self) -> None:
+        """Stop watching; pending reloads are dropped."""
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=10)
+        with self._lock:
+            for timer in self._timers.values():
+                timer.cancel()

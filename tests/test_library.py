@@ -1,0 +1,88 @@
+"""Prompt sets swap atomically while the node runs, and a bad new version never serves."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dicomnode.model.library import PromptSetLibrary
+from dicomnode.model.promptset import PromptSet, PromptSetError
+from tests.conftest import REPO, wait_until
+
+
+@pytest.fixture
+def prompts(tmp_path) -> Path:
+    folder = tmp_path / "prompts"
+    shutil.copytree(REPO / "prompts" / "cxr", folder / "cxr")
+    return folder
+
+
+def _retune(prompts: Path, threshold: str) -> None:
+    """Rewrite the first class's threshold, as an administrator recalibrating would."""
+    path = prompts / "cxr" / "promptset.yaml"
+    text = path.read_text()
+    path.write_text(text.replace("threshold: 0.5}", f"threshold: {threshold}}}", 1))
+
+
+def test_a_changed_prompt_set_is_swapped_in_with_its_new_hash(prompts):
+    library = PromptSetLibrary(prompts, ["cxr"])
+    before = library.get("cxr")
+
+    _retune(prompts, "0.7")
+
+    assert library.refresh("cxr") is True
+    after = library.get("cxr")
+    assert after.sha256 != before.sha256
+    assert after.findings[0].threshold == 0.7
+
+
+def test_an_unchanged_folder_is_not_reloaded(prompts):
+    library = PromptSetLibrary(prompts, ["cxr"])
+
+    assert library.refresh("cxr") is False
+
+
+def test_an_invalid_new_version_is_refused_and_the_last_good_one_keeps_serving(prompts, caplog):
+    library = PromptSetLibrary(prompts, ["cxr"])
+    good = library.get("cxr")
+
+    (prompts / "cxr" / "promptset.yaml").write_text("name: cxr\nclasses: [half written")
+
+    assert library.refresh("cxr") is False
+    assert library.get("cxr") is good
+    assert "new version refused, still serving 0.1.0" in caplog.text
+
+
+def test_a_version_the_check_refuses_does_not_serve(prompts):
+    seen: list[PromptSet] = []
+
+    def check(prompt_set: PromptSet) -> None:
+        seen.append(prompt_set)
+        if len(seen) > 1:
+            raise ValueError("made for another backbone")
+
+    library = PromptSetLibrary(prompts, ["cxr"], check=check)
+    good = library.get("cxr")
+    _retune(prompts, "0.9")
+
+    assert library.refresh("cxr") is False
+    assert library.get("cxr") is good
+
+
+def test_an_unusable_prompt_set_stops_start_up(prompts):
+    (prompts / "cxr" / "promptset.yaml").write_text("name: cxr\n")
+
+    with pytest.raises(PromptSetError, match="promptset.yaml: version: Field required"):
+        PromptSetLibrary(prompts, ["cxr"])
+
+
+def test_the_watcher_reloads_a_prompt_set_after_its_folder_changes(prompts):
+    library = PromptSetLibrary(prompts, ["cxr"])
+    library.watch()
+    try:
+        _retune(prompts, "0.65")
+        wait_until(lambda: library.get("cxr").findings[0].threshold == 0.65, 15, what="reload")
+    finally:
+        library.stop()
