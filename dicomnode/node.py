@@ -45,8 +45,9 @@ class StartupError(RuntimeError):
 def configure_logging(state_dir: Path, level: str) -> None:
     """Log to stderr (journald under systemd) and to files under state_dir/logs.
 
-    pynetdicom's own debug output can dump datasets, patient names included, so it is
-    silenced: the node logs every association and store outcome itself.
+    The DICOM libraries are silenced: pynetdicom's debug output dumps datasets, and pydicom
+    and highdicom quote attribute values (names included) in their messages. The node logs
+    every association, store, study and delivery outcome itself.
     """
     logs = state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -66,7 +67,8 @@ def configure_logging(state_dir: Path, level: str) -> None:
     audit_file = logging.handlers.RotatingFileHandler(logs / "audit.log", maxBytes=20 << 20, backupCount=10)
     audit_file.setFormatter(fmt)
     logging.getLogger("dicomnode.audit").addHandler(audit_file)
-    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    for library in ("pynetdicom", "pydicom", "highdicom"):
+        logging.getLogger(library).setLevel(logging.CRITICAL)
     withhold_warning_texts()
 
 
