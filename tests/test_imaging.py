@@ -432,11 +432,12 @@ def test_prepare_refuses_what_is_not_a_single_grayscale_radiograph(
         cxr.prepare(path, CLIP_SPEC)
 
 
-def test_prepare_refuses_a_file_that_is_not_dicom(tmp_path: Path) -> None:
-    path = tmp_path / "report.txt"
+def test_prepare_refuses_a_file_that_is_not_dicom_without_quoting_its_path(tmp_path: Path) -> None:
+    path = tmp_path / "1.2.826.0.1.3680043.8.498.5.dcm"
     path.write_text("not an image")
-    with pytest.raises(ImagingError, match="is not a DICOM file"):
+    with pytest.raises(ImagingError, match="not a DICOM file") as raised:
         cxr.prepare(path, CLIP_SPEC)
+    assert "1.2.826.0.1.3680043.8.498.5" not in str(raised.value)
 
 
 def test_imaging_does_not_import_torch() -> None:

@@ -44,7 +44,8 @@ def _read(path: Path) -> Dataset:
     try:
         return pydicom.dcmread(path)
     except InvalidDicomError as exc:
-        raise ImagingError(f"{path} is not a DICOM file (no 'DICM' File Meta Information)") from exc
+        # No path in the message: spool paths are made of UIDs, and this text reaches the logs.
+        raise ImagingError("not a DICOM file (no 'DICM' File Meta Information)") from exc
 
 
 def _require_projection_image(ds: Dataset) -> None:
