@@ -142,6 +142,82 @@ def route(
 
 
 @app.command()
+def infer(
+    files: Annotated[list[Path], typer.Argument(help="DICOM files to classify.")],
+    config: ConfigOption = DEFAULT_CONFIG,
+    prompt_set: Annotated[
+        str | None, typer.Option(help="Use this prompt set instead of routing each file.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Also write the SR and SC of each study into this folder.")
+    ] = None,
+) -> None:
+    """Classify files offline, as the node would, and print each finding; nothing is sent."""
+    from collections import defaultdict
+
+    from pydicom.errors import InvalidDicomError
+
+    from dicomnode.engine import Engine
+    from dicomnode.model.backbone import BackboneError, load_backbone
+    from dicomnode.model.promptset import PromptSetError, load_prompt_set
+    from dicomnode.node import classify
+    from dicomnode.privacy import uid_tag, withhold_warning_texts
+    from dicomnode.results import write_results
+    from dicomnode.routing import decide, read_header
+
+    withhold_warning_texts()
+    cfg = _config(config)
+    groups: dict[str, list[Path]] = defaultdict(list)
+    try:
+        routing = load_routing(cfg.routing)
+        for path in files:
+            if prompt_set is not None:
+                groups[prompt_set].append(path)
+                continue
+            decision = decide(routing, read_header(path))
+            if decision.prompt_set is None:
+                typer.echo(f"{path}: not classified: {decision.reason}")
+            else:
+                groups[decision.prompt_set].append(path)
+        prompt_sets = {name: load_prompt_set(cfg.prompts_dir / name) for name in groups}
+        engine = Engine(load_backbone(cfg.model), max_batch=cfg.model.max_batch)
+    except (ConfigError, PromptSetError, BackboneError, OSError, InvalidDicomError) as exc:
+        typer.echo(f"cannot classify: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if engine.backbone.demo:
+        typer.echo("DEMO model (random weights): these numbers have NO clinical meaning", err=True)
+    classified_any = False
+    for name, paths in groups.items():
+        result = classify(engine, prompt_sets[name], paths)
+        for path, problem in result.problems.items():
+            typer.echo(f"{path}: not classified: {problem}")
+        for path, prediction in zip(result.paths, result.predictions, strict=True):
+            classified_any = True
+            typer.echo(f"{path}: prompt set {name}")
+            for finding, probability in zip(
+                prompt_sets[name].findings, prediction.probabilities, strict=True
+            ):
+                verdict = "PRESENT" if probability >= finding.threshold else "absent"
+                typer.echo(f"  {finding.name:24s} {probability:6.3f}  {verdict}")
+        if out is not None:
+            by_study: dict[str, list[int]] = defaultdict(list)
+            for index, source in enumerate(result.sources):
+                by_study[str(source.StudyInstanceUID)].append(index)
+            for study, indices in by_study.items():
+                written = write_results(
+                    out_dir=out / uid_tag(study),
+                    sources=[result.sources[i] for i in indices],
+                    samples=[result.samples[i] for i in indices],
+                    predictions=[result.predictions[i] for i in indices],
+                    findings=prompt_sets[name].findings,
+                    model=engine.identity(prompt_sets[name]),
+                )
+                for path in written.paths:
+                    typer.echo(f"wrote {path}")
+    raise typer.Exit(0 if classified_any else 1)
+
+
+@app.command()
 def status(config: ConfigOption = DEFAULT_CONFIG) -> None:
     """Counts of studies and deliveries, and the latest problems, from the journal."""
     from dicomnode.spool import Spool

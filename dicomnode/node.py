@@ -13,6 +13,8 @@ import logging.handlers
 import os
 import signal
 import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
@@ -20,10 +22,10 @@ import pydicom
 from dicomnode import imaging
 from dicomnode.config import ConfigError, NodeConfig, RoutingConfig, load_routing
 from dicomnode.engine import Engine, EngineError
-from dicomnode.flow import Sample
+from dicomnode.flow import Prediction, Sample, StudyJob
 from dicomnode.model.backbone import BackboneError, load_backbone
 from dicomnode.model.library import PromptSetLibrary
-from dicomnode.model.promptset import PromptSetError
+from dicomnode.model.promptset import PromptSet, PromptSetError
 from dicomnode.net.scp import start_scp
 from dicomnode.outbox import DestinationWorker
 from dicomnode.privacy import uid_tag, withhold_warning_texts
@@ -133,30 +135,60 @@ class StudyWorker(threading.Thread):
             len(job.instances),
         )
 
-    def _results_for(self, job) -> tuple[Path, ...]:
+    def _results_for(self, job: StudyJob) -> tuple[Path, ...]:
         prompt_set = self.prompt_sets.get(job.prompt_set)
-        samples: list[Sample] = []
-        sources: list[pydicom.Dataset] = []
-        problems: list[str] = []
+        classified = classify(self.engine, prompt_set, [i.path for i in job.instances])
         for instance in job.instances:
-            try:
-                samples.append(imaging.prepare(prompt_set.domain, instance.path, self.engine.input_spec))
-                sources.append(read_header(instance.path))
-            except imaging.ImagingError as exc:
-                problems.append(str(exc))
-                log.warning("instance %s skipped: %s", uid_tag(instance.sop_instance_uid), exc)
-        if not samples:
-            raise StudyFailed("no image could be prepared: " + "; ".join(problems))
-        predictions = self.engine.predict(prompt_set, samples)
+            if instance.path in classified.problems:
+                log.warning(
+                    "instance %s skipped: %s",
+                    uid_tag(instance.sop_instance_uid),
+                    classified.problems[instance.path],
+                )
+        if not classified.samples:
+            raise StudyFailed("no image could be prepared: " + "; ".join(classified.problems.values()))
         result = write_results(
             out_dir=self.spool.outbox_dir / job.study_instance_uid,
-            sources=sources,
-            samples=samples,
-            predictions=predictions,
+            sources=classified.sources,
+            samples=classified.samples,
+            predictions=classified.predictions,
             findings=prompt_set.findings,
             model=self.engine.identity(prompt_set),
         )
         return result.paths
+
+
+@dataclass
+class Classified:
+    """What `classify` made of some files: per image its header, sample and prediction."""
+
+    paths: list[Path] = field(default_factory=list)
+    sources: list[pydicom.Dataset] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
+    predictions: list[Prediction] = field(default_factory=list)
+    problems: dict[Path, str] = field(default_factory=dict)
+
+
+def classify(engine: Engine, prompt_set: PromptSet, paths: Sequence[Path]) -> Classified:
+    """Prepare each file for the prompt set's domain and run the engine on those that could be.
+
+    A file imaging refuses is recorded in `problems` with the reason, never raised: one bad
+    image must not cost the study its other images.
+    """
+    classified = Classified()
+    for path in paths:
+        try:
+            sample = imaging.prepare(prompt_set.domain, path, engine.input_spec)
+            source = read_header(path)
+        except imaging.ImagingError as exc:
+            classified.problems[path] = str(exc)
+            continue
+        classified.paths.append(path)
+        classified.samples.append(sample)
+        classified.sources.append(source)
+    if classified.samples:
+        classified.predictions = engine.predict(prompt_set, classified.samples)
+    return classified
 
 
 class Node:

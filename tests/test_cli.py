@@ -28,6 +28,7 @@ from dicomnode.spool import Spool
 from tests.conftest import (
     REPO,
     Orthanc,
+    dciodvfy_errors,
     free_port,
     start_orthanc,
     stop_process,
@@ -563,3 +564,40 @@ def test_requeue_puts_dead_deliveries_back_and_refuses_an_unknown_destination(tm
     assert outcome.exit_code == 0
     assert outcome.stdout == "1 dead deliveries requeued\n"
     assert "outbox: pacs:pending=1" in cli("status", "--config", config).stdout
+
+
+# -- infer ---------------------------------------------------------------------------------------
+
+
+def test_infer_prints_every_finding_of_a_routed_chest_and_why_the_others_were_not_classified(
+    node_config, tmp_path
+):
+    out = tmp_path / "results"
+
+    outcome = cli("infer", shipped_file(CHEST), shipped_file(CT), "--config", node_config, "--out", out)
+
+    assert outcome.exit_code == 0, outcome.stderr
+    assert "DEMO model (random weights): these numbers have NO clinical meaning" in outcome.stderr
+    lines = outcome.stdout.splitlines()
+    assert f"{shipped_file(CT)}: not classified: no rule matched" in outcome.stdout
+    start = lines.index(f"{shipped_file(CHEST)}: prompt set cxr")
+    rows = lines[start + 1 : start + 15]
+    assert [row.split()[0] for row in rows][:3] == ["Atelectasis", "Cardiomegaly", "Effusion"]
+    assert all(row.split()[2] in ("PRESENT", "absent") for row in rows)
+    written = sorted(out.rglob("*.dcm"))
+    assert [p.name[:3] for p in written] == ["sc-", "sr-"]
+    assert all(not dciodvfy_errors(p) for p in written)
+
+
+def test_infer_with_a_forced_prompt_set_says_why_imaging_refused_a_ct_and_exits_1(node_config):
+    outcome = cli("infer", shipped_file(CT), "--prompt-set", "cxr", "--config", node_config)
+
+    assert outcome.exit_code == 1
+    assert "not classified: Modality (0008,0060) 'CT' is not a projection radiograph" in outcome.stdout
+
+
+def test_infer_with_an_unknown_prompt_set_exits_2_naming_its_file(node_config):
+    outcome = cli("infer", shipped_file(CHEST), "--prompt-set", "nosuchset", "--config", node_config)
+
+    assert outcome.exit_code == 2
+    assert "nosuchset/promptset.yaml: cannot read prompt set" in outcome.stderr
