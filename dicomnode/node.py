@@ -40,6 +40,12 @@ class StudyFailed(RuntimeError):
     """A study could not be processed; the message is recorded in the journal."""
 
 
+#: Failures another attempt cannot fix: the study's content, the prompt set or the code is at
+#: fault (imaging, results and prompt-set errors are ValueErrors). Anything else (disk full,
+#: out of memory, a device error) may pass and is retried.
+PERMANENT_FAILURES = (StudyFailed, EngineError, ValueError, TypeError, KeyError)
+
+
 class StartupError(RuntimeError):
     """The node cannot start; the message says what to fix and was logged."""
 
@@ -119,12 +125,13 @@ class StudyWorker(threading.Thread):
             return
         try:
             paths = self._results_for(job)
-        except Exception as exc:
+        except PERMANENT_FAILURES as exc:
             reason = f"{exc.__class__.__name__}: {exc}"
             self.spool.finish_study(study, state="failed", reason=reason, prompt_set=job.prompt_set)
-            # Our own errors are written to be log-safe; a library's text might quote a value.
-            said = reason if type(exc).__module__.startswith("dicomnode") else type(exc).__name__
-            log.error("study %s failed with prompt set %s: %s", tag, job.prompt_set, said)
+            log.error("study %s failed with prompt set %s: %s", tag, job.prompt_set, reason)
+            return
+        except Exception as exc:  # disk, memory, device: may pass, so try again later
+            self._retry(study, exc)
             return
         deliveries = [(d.name, p) for d in self.cfg.destinations for p in paths]
         self.spool.finish_study(study, state="done", prompt_set=job.prompt_set, deliveries=deliveries)
@@ -134,6 +141,17 @@ class StudyWorker(threading.Thread):
             job.prompt_set,
             len(job.instances),
         )
+
+    def _retry(self, study: StudyRecord, exc: Exception) -> None:
+        studies = self.cfg.studies
+        delay = studies.retry_backoff_s * 2**study.attempts
+        # A library's text might quote a value: the log gets the type, the journal the text.
+        reason = f"{exc.__class__.__name__}: {exc}"
+        tag = uid_tag(study.study_instance_uid)
+        if self.spool.retry_study(study, reason, delay_s=delay, max_attempts=studies.max_attempts):
+            log.warning("study %s: %s; retry in %.0f s", tag, type(exc).__name__, delay)
+        else:
+            log.error("study %s failed after %d attempts: %s", tag, study.attempts + 1, type(exc).__name__)
 
     def _results_for(self, job: StudyJob) -> tuple[Path, ...]:
         prompt_set = self.prompt_sets.get(job.prompt_set)

@@ -42,7 +42,9 @@ CREATE TABLE IF NOT EXISTS studies (
     last_received_at REAL NOT NULL,
     prompt_set TEXT,
     reason TEXT,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    not_before REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -57,6 +59,13 @@ CREATE TABLE IF NOT EXISTS outbox (
     UNIQUE (destination, path)
 );
 """
+
+#: Version 1: retry bookkeeping (attempts, not_before) on studies.
+SCHEMA_VERSION = 1
+_ADDED_STUDY_COLUMNS = {
+    "attempts": "INTEGER NOT NULL DEFAULT 0",
+    "not_before": "REAL NOT NULL DEFAULT 0",
+}
 
 _UID_CHARS = frozenset("0123456789.")
 
@@ -88,6 +97,7 @@ class StudyRecord:
     last_received_at: float
     prompt_set: str | None
     reason: str | None
+    attempts: int = 0
 
 
 class Spool:
@@ -105,8 +115,18 @@ class Spool:
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._local = threading.local()
         self._db().executescript(_SCHEMA)
+        self._migrate()
 
     # -- connections -------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        """Bring a journal written by an earlier version up to this schema, in place."""
+        db = self._db()
+        columns = {row["name"] for row in db.execute("PRAGMA table_info(studies)")}
+        for column, definition in _ADDED_STUDY_COLUMNS.items():
+            if column not in columns:
+                db.execute(f"ALTER TABLE studies ADD COLUMN {column} {definition}")
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -215,7 +235,7 @@ class Spool:
                 "VALUES (?, 'receiving', 0, ?, ?) "
                 "ON CONFLICT(study_instance_uid) DO UPDATE SET state='receiving', "
                 "generation=generation+1, last_received_at=excluded.last_received_at, "
-                "reason=NULL, updated_at=excluded.updated_at",
+                "reason=NULL, attempts=0, not_before=0, updated_at=excluded.updated_at",
                 (study_instance_uid, now, now),
             )
         if previous is not None and Path(previous["path"]) != path:
@@ -239,8 +259,8 @@ class Spool:
         with self._transaction() as db:
             row = db.execute(
                 "SELECT * FROM studies WHERE state='receiving' AND last_received_at <= ? "
-                "ORDER BY last_received_at LIMIT 1",
-                (now - quiet_period_s,),
+                "AND not_before <= ? ORDER BY last_received_at LIMIT 1",
+                (now - quiet_period_s, now),
             ).fetchone()
             if row is None:
                 return None
@@ -305,6 +325,37 @@ class Spool:
                 (state, reason, prompt_set, now, study.study_instance_uid, study.generation),
             )
             return cursor.rowcount == 1
+
+    def retry_study(self, study: StudyRecord, reason: str, *, delay_s: float, max_attempts: int) -> bool:
+        """Record a failure that may pass (disk, memory, device): retry after `delay_s`.
+
+        After `max_attempts` the study is failed for good. Returns whether a retry is planned.
+        A late instance in the meantime wins: the study is then already back in receiving.
+        """
+        now = time.time()
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT attempts FROM studies WHERE study_instance_uid=? AND generation=? "
+                "AND state='processing'",
+                (study.study_instance_uid, study.generation),
+            ).fetchone()
+            if row is None:
+                return False
+            attempts = row["attempts"] + 1
+            retry = attempts < max_attempts
+            db.execute(
+                "UPDATE studies SET state=?, attempts=?, not_before=?, reason=?, updated_at=? "
+                "WHERE study_instance_uid=?",
+                (
+                    "receiving" if retry else "failed",
+                    attempts,
+                    now + delay_s if retry else 0,
+                    f"attempt {attempts} of {max_attempts} failed: {reason}",
+                    now,
+                    study.study_instance_uid,
+                ),
+            )
+            return retry
 
     def study(self, study_instance_uid: str) -> StudyRecord | None:
         """The journal row of one study, or None."""
@@ -392,12 +443,20 @@ class Spool:
         return {"studies": studies, "outbox": outbox, "instances": {"stored": instances}}
 
     def problems(self, limit: int = 20) -> list[tuple[str, str, str]]:
-        """Recent failed or ignored studies and dead deliveries: (kind, hashed UID, reason)."""
+        """Recent failed, ignored and retrying studies and dead deliveries.
+
+        Each as (kind, hashed UID, reason).
+        """
         db = self._db()
         rows = [
-            ("study " + r["state"], uid_tag(r["study_instance_uid"]), r["reason"] or "")
+            (
+                "study retrying" if r["state"] == "receiving" else "study " + r["state"],
+                uid_tag(r["study_instance_uid"]),
+                r["reason"] or "",
+            )
             for r in db.execute(
-                "SELECT * FROM studies WHERE state IN ('failed', 'ignored') ORDER BY updated_at DESC LIMIT ?",
+                "SELECT * FROM studies WHERE state IN ('failed', 'ignored') "
+                "OR (state='receiving' AND attempts > 0) ORDER BY updated_at DESC LIMIT ?",
                 (limit,),
             )
         ]
@@ -437,4 +496,5 @@ def _study(row: sqlite3.Row, state: str | None = None) -> StudyRecord:
         last_received_at=row["last_received_at"],
         prompt_set=row["prompt_set"],
         reason=row["reason"],
+        attempts=row["attempts"],
     )

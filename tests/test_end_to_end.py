@@ -375,3 +375,22 @@ def test_a_rule_naming_a_missing_prompt_set_stops_start_up_naming_the_file(tmp_p
     assert done.returncode == 2
     assert "nosuchset/promptset.yaml: cannot read prompt set" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_failure_that_passes_is_retried_until_the_results_reach_the_pacs(orthanc, node_factory, chest_cr):
+    node = node_factory(
+        destinations=[orthanc.destination(backoff_s=0.5)],
+        studies={"retry_backoff_s": 1, "max_attempts": 10},
+    )
+    study = pydicom.dcmread(chest_cr, stop_before_pixels=True).StudyInstanceUID
+    blocker = node.config.parent / "var" / "outbox" / study  # a file where the results folder goes
+    blocker.write_text("not a folder")
+
+    sent = dcmtk("storescu", "-aec", "DICOMNODE", "127.0.0.1", str(node.port), str(chest_cr))
+    assert sent.returncode == 0, sent.stderr
+    status = wait_until(lambda: "study retrying" in (s := node.cli("status").stdout) and s, 60, what="retry")
+    assert "failed: FileExistsError" in status
+
+    blocker.unlink()
+    _by_class(_results_in(orthanc))
+    assert "done=1" in node.cli("status").stdout

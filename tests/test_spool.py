@@ -446,3 +446,61 @@ def test_requeue_dead_returns_dead_deliveries_of_one_destination_to_the_queue_no
     assert spool.next_delivery("pacs").attempts == 0
     assert spool.requeue_dead() == 1
     assert spool.counts()["outbox"] == {"archive:pending": 1, "pacs:pending": 1}
+
+
+def test_a_retry_waits_its_delay_then_the_study_is_claimed_again(spool):
+    _store(spool, "1.2.3.1")
+    study = _claim(spool)
+
+    assert spool.retry_study(study, "OSError: No space left on device", delay_s=60, max_attempts=3)
+
+    record = spool.study(STUDY)
+    assert (record.state, record.attempts) == ("receiving", 1)
+    assert record.reason == "attempt 1 of 3 failed: OSError: No space left on device"
+    assert spool.problems() == [("study retrying", uid_tag(STUDY), record.reason)]
+    assert spool.claim_quiet_study(0, now=time.time() + 30) is None
+    again = spool.claim_quiet_study(0, now=time.time() + 61)
+    assert again is not None and again.attempts == 1
+
+
+def test_the_last_allowed_attempt_fails_the_study_for_good(spool):
+    _store(spool, "1.2.3.1")
+    for attempt in (1, 2):
+        study = spool.claim_quiet_study(0, now=time.time() + 1000 * attempt)
+        planned = spool.retry_study(study, "MemoryError: ", delay_s=1, max_attempts=2)
+        assert planned is (attempt == 1)
+
+    record = spool.study(STUDY)
+    assert (record.state, record.attempts) == ("failed", 2)
+    assert record.reason == "attempt 2 of 2 failed: MemoryError: "
+
+
+def test_new_content_resets_the_attempts_and_the_delay(spool):
+    _store(spool, "1.2.3.1")
+    spool.retry_study(_claim(spool), "OSError: disk", delay_s=3600, max_attempts=5)
+
+    _store(spool, "1.2.3.2")
+
+    record = spool.study(STUDY)
+    assert record.attempts == 0
+    assert spool.claim_quiet_study(0, now=time.time() + 1) is not None
+
+
+def test_a_journal_of_the_first_schema_is_migrated_in_place(tmp_path):
+    state = tmp_path / "var"
+    state.mkdir()
+    old = sqlite3.connect(state / "journal.sqlite")
+    old.executescript(
+        "CREATE TABLE studies (study_instance_uid TEXT PRIMARY KEY, state TEXT NOT NULL, "
+        "generation INTEGER NOT NULL DEFAULT 0, last_received_at REAL NOT NULL, prompt_set TEXT, "
+        "reason TEXT, updated_at REAL NOT NULL);"
+        f"INSERT INTO studies VALUES ('{STUDY}', 'receiving', 0, 0, NULL, NULL, 0);"
+    )
+    old.commit()
+    old.close()
+
+    spool = Spool(state)
+
+    study = spool.claim_quiet_study(0)
+    assert study is not None and study.attempts == 0
+    assert spool._db().execute("PRAGMA user_version").fetchone()[0] == 1
