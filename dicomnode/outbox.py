@@ -76,7 +76,8 @@ class DestinationWorker(threading.Thread):
             # A file that is not DICOM fails like an unreachable peer: retried, then dead letter,
             # instead of escaping to run() and blocking this destination's queue forever.
             except (AssociationFailed, InvalidDicomError, OSError, ValueError) as exc:
-                error = str(exc)
+                # Result paths are made of UIDs: the log and the journal get the tag instead.
+                error = str(exc).replace(str(delivery.path), f"result {uid_tag(delivery.path.stem)}")
         attempts = delivery.attempts + 1
         if attempts >= self.destination.max_attempts:
             self.spool.delivery_failed(delivery, error, retry_at=None)

@@ -211,7 +211,7 @@ def _write_meta_without_sop_class(path: Path) -> None:
     ids=["no-dicm-prefix", "no-sop-class-in-meta"],
 )
 def test_a_result_file_that_is_not_sendable_dicom_is_a_failed_delivery_not_a_crash(pacs, spool, write, error):
-    path = spool.outbox_dir / "broken.dcm"
+    path = spool.outbox_dir / "sr-2.25.1234567.dcm"
     write(path)
     _queue(spool, [("orthanc", path)])
     delivery = spool.next_delivery("orthanc")
@@ -221,6 +221,7 @@ def test_a_result_file_that_is_not_sendable_dicom_is_a_failed_delivery_not_a_cra
     row = _row(spool, delivery)
     assert (row["state"], row["attempts"]) == ("pending", 1)
     assert error in row["last_error"]
+    assert "2.25.1234567" not in row["last_error"], "result paths are made of UIDs: never quoted"
 
 
 def test_a_peer_that_rejects_the_called_ae_title_is_a_failed_delivery(pacs, spool):
