@@ -210,6 +210,7 @@ def infer(
                     samples=[result.samples[i] for i in indices],
                     predictions=[result.predictions[i] for i in indices],
                     findings=prompt_sets[name].findings,
+                    procedure=prompt_sets[name].procedure,
                     model=engine.identity(prompt_sets[name]),
                 )
                 for path in written.paths:

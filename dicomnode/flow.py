@@ -62,13 +62,20 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class Code:
+    """A coded concept as a prompt set declares it (value, coding scheme designator, meaning)."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+
+@dataclass(frozen=True)
 class Finding:
     """One class of a prompt set as the results need it: name, code and decision threshold."""
 
     name: str
-    code_value: str
-    coding_scheme: str
-    code_meaning: str
+    code: Code
     threshold: float
 
 

@@ -171,6 +171,7 @@ class StudyWorker(threading.Thread):
             samples=classified.samples,
             predictions=classified.predictions,
             findings=prompt_set.findings,
+            procedure=prompt_set.procedure,
             model=self.engine.identity(prompt_set),
         )
         return result.paths

@@ -77,6 +77,7 @@ def _prompt_set(
         "name": name,
         "version": "1",
         "domain": "cxr",
+        "procedure": {"value": "399208008", "scheme": "SCT", "meaning": "Plain chest X-ray"},
         "method": "zeroshot",
         "task": task,
         "templates": {"positive": list(positive), "negative": list(negative)},

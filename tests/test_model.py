@@ -230,13 +230,14 @@ def test_shipped_cxr_prompt_set_loads_with_fourteen_coded_classes():
     )
     assert len(prompt_set.findings) == len(prompt_set.class_texts) == 14
     atelectasis = prompt_set.findings[0]
-    assert (atelectasis.name, atelectasis.code_value, atelectasis.coding_scheme) == (
+    assert (atelectasis.name, atelectasis.code.value, atelectasis.code.scheme) == (
         "Atelectasis",
         "46621007",
         "SCT",
     )
     assert len({f.name for f in prompt_set.findings}) == 14
-    assert all(f.code_value and f.code_meaning for f in prompt_set.findings)
+    assert all(f.code.value and f.code.meaning for f in prompt_set.findings)
+    assert prompt_set.procedure.value == "399208008"
     assert all(0.0 <= f.threshold <= 1.0 for f in prompt_set.findings)
     assert all("{finding}" in t for t in prompt_set.positive_templates + prompt_set.negative_templates)
     assert prompt_set.negative_templates

@@ -21,16 +21,17 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.sr.codedict import codes
 from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
-from dicomnode.flow import Finding, ModelIdentity, Prediction, Sample
+from dicomnode.flow import Code, Finding, ModelIdentity, Prediction, Sample
 from dicomnode.results import ResultsError, write_results
 from tests.conftest import dciodvfy_errors
 
 SOURCE_FILES = ("RG1_UNCR.dcm", "RG1_UNCI.dcm")
 
+CHEST_RADIOGRAPH = Code("399208008", "SCT", "Plain chest X-ray")
 FINDINGS = (
-    Finding("Atelectasis", "46621007", "SCT", "Atelectasis", threshold=0.5),
-    Finding("Cardiomegaly", "8186001", "SCT", "Cardiomegaly", threshold=0.95),
-    Finding("Effusion", "60046008", "SCT", "Pleural effusion", threshold=0.25),
+    Finding("Atelectasis", Code("46621007", "SCT", "Atelectasis"), threshold=0.5),
+    Finding("Cardiomegaly", Code("8186001", "SCT", "Cardiomegaly"), threshold=0.95),
+    Finding("Effusion", Code("60046008", "SCT", "Pleural effusion"), threshold=0.25),
 )
 # Per image, in the order of FINDINGS. Study level (max): 0.6 present, 0.9 absent (below 0.95),
 # 0.25 present (equal to its threshold).
@@ -93,6 +94,7 @@ def _write(study, out_dir: Path, model: ModelIdentity = MODEL, order=(0, 1)):
         samples=[samples[i] for i in order],
         predictions=[predictions[i] for i in order],
         findings=FINDINGS,
+        procedure=CHEST_RADIOGRAPH,
         model=model,
     )
 
@@ -145,16 +147,37 @@ def test_sr_has_one_coded_group_per_finding_with_decision_and_probability(writte
     assert [group.tracking_identifier for group in groups] == [f.name for f in FINDINGS]
     for group, finding in zip(groups, FINDINGS, strict=True):
         assert (group.finding_type.value, group.finding_type.scheme_designator) == (
-            finding.code_value,
-            finding.coding_scheme,
+            finding.code.value,
+            finding.code.scheme,
         )
         (evaluation,) = group.get_qualitative_evaluations()
-        assert evaluation.name.value == finding.code_value
+        assert evaluation.name.value == finding.code.value
         (measurement,) = group.get_measurements(name=codes.DCM.CertaintyOfFinding)
         assert measurement.unit == codes.UCUM.Percent
         probability, present = EXPECTED[finding.name]
         assert measurement.value == pytest.approx(probability)
         assert evaluation.value == (codes.SCT.Present if present else codes.SCT.Absent)
+
+
+def test_sr_reports_the_procedure_the_prompt_set_declares(study, tmp_path):
+    sources, samples, predictions = study
+    two_views = Code("36643-5", "LN", "XR Chest 2 Views")
+    result = write_results(
+        out_dir=tmp_path,
+        sources=sources,
+        samples=samples,
+        predictions=predictions,
+        findings=FINDINGS,
+        procedure=two_views,
+        model=MODEL,
+    )
+    sr = pydicom.dcmread(result.paths[0])
+    procedures = [
+        item.ConceptCodeSequence[0]
+        for item in sr.ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeValue == "121058"  # (121058, DCM, "Procedure reported")
+    ]
+    assert [(c.CodeValue, c.CodingSchemeDesignator) for c in procedures] == [("36643-5", "LN")]
 
 
 def test_sr_identifies_the_algorithm_and_references_every_source(study, written):
@@ -251,6 +274,7 @@ def test_source_without_orientation_or_body_part_still_passes_dciodvfy(study, tm
         samples=samples,
         predictions=predictions,
         findings=FINDINGS,
+        procedure=CHEST_RADIOGRAPH,
         model=MODEL,
     )
     sc = pydicom.dcmread(result.paths[1])
@@ -272,6 +296,7 @@ def test_sources_from_two_studies_are_refused(study, tmp_path):
                 replace(predictions[1], sop_instance_uid=str(stranger.SOPInstanceUID)),
             ],
             findings=FINDINGS,
+            procedure=CHEST_RADIOGRAPH,
             model=MODEL,
         )
     assert not list(tmp_path.iterdir())
@@ -299,6 +324,7 @@ def test_mismatched_inputs_are_refused_naming_the_fault(study, tmp_path):
             "samples": samples,
             "predictions": predictions,
             "findings": FINDINGS,
+            "procedure": CHEST_RADIOGRAPH,
             "model": MODEL,
         }
         with pytest.raises(ResultsError, match=message):

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dicomnode.config import read_validated
-from dicomnode.flow import Finding
+from dicomnode.flow import Code, Finding
 
 PROMPTSET_FILE = "promptset.yaml"
 TENSORS_FILE = "prompts.safetensors"
@@ -67,6 +67,7 @@ class _PromptSetFile(_Strict):
     version: str = Field(min_length=1, max_length=16)
     description: str = ""
     domain: Literal["cxr"]
+    procedure: _Code
     method: Literal["zeroshot", "vpt", "dpt"]
     task: Literal["multi-label", "multi-class"]
     templates: _Templates
@@ -87,6 +88,7 @@ class PromptSet:
     negative_templates: tuple[str, ...]
     class_texts: tuple[str, ...]
     findings: tuple[Finding, ...]
+    procedure: Code
     backbone_architecture: str | None
     backbone_sha256: str | None
     sha256: str
@@ -129,13 +131,12 @@ def load_prompt_set(folder: Path) -> PromptSet:
         findings=tuple(
             Finding(
                 name=c.name,
-                code_value=c.code.value,
-                coding_scheme=c.code.scheme,
-                code_meaning=c.code.meaning,
+                code=Code(c.code.value, c.code.scheme, c.code.meaning),
                 threshold=c.threshold,
             )
             for c in spec.classes
         ),
+        procedure=Code(spec.procedure.value, spec.procedure.scheme, spec.procedure.meaning),
         backbone_architecture=spec.backbone.architecture if spec.backbone else None,
         backbone_sha256=spec.backbone.sha256 if spec.backbone else None,
         sha256=folder_sha256(Path(folder)),

@@ -17,7 +17,7 @@ import numpy as np
 import pydicom
 
 from dicomnode.durable import write_durably
-from dicomnode.flow import Finding, ModelIdentity, Prediction, ResultSet, Sample
+from dicomnode.flow import Code, Finding, ModelIdentity, Prediction, ResultSet, Sample
 from dicomnode.results.sc import build_secondary_capture
 from dicomnode.results.sr import StudyFinding, build_report
 from dicomnode.results.uids import derive_uid
@@ -43,6 +43,7 @@ def write_results(
     samples: Sequence[Sample],
     predictions: Sequence[Prediction],
     findings: Sequence[Finding],
+    procedure: Code,
     model: ModelIdentity,
 ) -> ResultSet:
     """Write the study's SR and SC into `out_dir` and return their paths (SR first).
@@ -67,6 +68,7 @@ def write_results(
     report = build_report(
         sources=sources,
         findings=study_findings,
+        procedure=procedure,
         model=model,
         series_instance_uid=uid("sr-series"),
         sop_instance_uid=uid("sr-instance"),

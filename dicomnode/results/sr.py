@@ -28,15 +28,11 @@ from highdicom.sr import (
 )
 from pydicom.sr.codedict import codes
 
-from dicomnode.flow import Finding, ModelIdentity
+from dicomnode.flow import Code, Finding, ModelIdentity
 from dicomnode.results.uids import derive_uid, name_based_uid
 
 MANUFACTURER = "dicomnode"
 DEMO_NOTICE = "DEMO model, random weights, no clinical meaning"
-
-# Procedure reported (TID 1500 row 4): SNOMED CT 399208008 |Plain chest X-ray (procedure)|.
-# The cxr prompt sets classify frontal chest radiographs, whatever the number of views.
-CHEST_RADIOGRAPH = CodedConcept(value="399208008", scheme_designator="SCT", meaning="Plain chest X-ray")
 
 # The probability is written as (111012, DCM, "Certainty of Finding") in percent: it is the
 # concept PS3.16 uses for exactly this in the Chest CAD SR (TID 4104 row 12, NUM, units
@@ -66,9 +62,9 @@ class StudyFinding:
     def code(self) -> CodedConcept:
         """The finding's code as the prompt set declares it."""
         return CodedConcept(
-            value=self.finding.code_value,
-            scheme_designator=self.finding.coding_scheme,
-            meaning=self.finding.code_meaning,
+            value=self.finding.code.value,
+            scheme_designator=self.finding.code.scheme,
+            meaning=self.finding.code.meaning,
         )
 
 
@@ -76,6 +72,7 @@ def build_report(
     *,
     sources: Sequence[pydicom.Dataset],
     findings: Sequence[StudyFinding],
+    procedure: Code,
     model: ModelIdentity,
     series_instance_uid: str,
     sop_instance_uid: str,
@@ -90,7 +87,10 @@ def build_report(
     source_uids = [str(ds.SOPInstanceUID) for ds in sources]
     report = MeasurementReport(
         observation_context=_observation_context(model),
-        procedure_reported=CHEST_RADIOGRAPH,
+        # TID 1500 row 4, "Procedure reported": the prompt set's own code for its domain.
+        procedure_reported=CodedConcept(
+            value=procedure.value, scheme_designator=procedure.scheme, meaning=procedure.meaning
+        ),
         imaging_measurements=[
             _measurement_group(study_finding, sources, source_uids, model) for study_finding in findings
         ],
