@@ -219,16 +219,28 @@ def infer(
 
 
 @app.command()
-def status(config: ConfigOption = DEFAULT_CONFIG) -> None:
+def status(
+    config: ConfigOption = DEFAULT_CONFIG,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object, for monitoring.")] = False,
+) -> None:
     """Counts of studies and deliveries, and the latest problems, from the journal."""
+    import json
+
     from dicomnode.spool import Spool
 
     cfg = _config(config)
     if not (cfg.state_dir / "journal.sqlite").exists():
-        typer.echo(f"no journal in {cfg.state_dir}: the node has not run yet")
+        if as_json:
+            typer.echo(json.dumps({"journal": False}))
+        else:
+            typer.echo(f"no journal in {cfg.state_dir}: the node has not run yet")
         raise typer.Exit(0)
     spool = Spool(cfg.state_dir)
     counts = spool.counts()
+    if as_json:
+        problems = [{"kind": k, "study": s, "reason": r} for k, s, r in spool.problems()]
+        typer.echo(json.dumps({"journal": True, **counts, "problems": problems}, sort_keys=True))
+        return
     for section, values in counts.items():
         shown = ", ".join(f"{k}={v}" for k, v in sorted(values.items())) or "none"
         typer.echo(f"{section}: {shown}")

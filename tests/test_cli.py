@@ -601,3 +601,37 @@ def test_infer_with_an_unknown_prompt_set_exits_2_naming_its_file(node_config):
 
     assert outcome.exit_code == 2
     assert "nosuchset/promptset.yaml: cannot read prompt set" in outcome.stderr
+
+
+def test_status_json_gives_monitoring_the_same_counts_and_problems(node_config):
+    import json
+
+    assert json.loads(cli("status", "--config", node_config, "--json").stdout) == {"journal": False}
+    spool = Spool(state_dir_of(node_config))
+    spool.store(
+        shipped_file(CT).read_bytes(),
+        sop_instance_uid="1.2.826.0.1.3680043.8.498.91",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        study_instance_uid="1.2.826.0.1.3680043.8.498.92",
+        series_instance_uid="1.2.826.0.1.3680043.8.498.93",
+        calling_ae="CT_SCANNER",
+    )
+    study = spool.claim_quiet_study(0.0, now=float("inf"))
+    spool.finish_study(study, state="ignored", reason="no rule matched (cxr: Modality is CT)")
+    spool.close()
+
+    report = json.loads(cli("status", "--config", node_config, "--json").stdout)
+
+    assert report == {
+        "journal": True,
+        "studies": {"ignored": 1},
+        "outbox": {},
+        "instances": {"stored": 1},
+        "problems": [
+            {
+                "kind": "study ignored",
+                "study": uid_tag("1.2.826.0.1.3680043.8.498.92"),
+                "reason": "no rule matched (cxr: Modality is CT)",
+            }
+        ],
+    }
