@@ -30,6 +30,5 @@ def _log_warning_without_message(message, category, filename, lineno, file=None,
 
 
 def withhold_warning_texts() -> None:
-    """Log each library warning once per place, by category and place only."""
-    warnings.simplefilter("default")
+    """Log library warnings (Python's default filters: once per place) by category and place only."""
     warnings.showwarning = _log_warning_without_message
