@@ -59,13 +59,15 @@ class ScpConfig(_Strict):
 
 
 class StudiesConfig(_Strict):
-    """When a study counts as complete (no new instance for `quiet_period_s` seconds), and how
-    often processing is tried again after a failure that may pass (disk, memory, device)."""
+    """When a study counts as complete (no new instance for `quiet_period_s` seconds), how
+    often processing is tried again after a failure that may pass (disk, memory, device), and
+    how long a finished study's files are kept (None: for ever)."""
 
     quiet_period_s: float = Field(default=30.0, ge=0)
     poll_interval_s: float = Field(default=1.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)
     retry_backoff_s: float = Field(default=30.0, ge=0)
+    retention_days: float | None = Field(default=7.0, gt=0)
 
 
 class ModelConfig(_Strict):

@@ -13,6 +13,7 @@ import logging.handlers
 import os
 import signal
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 class StudyFailed(RuntimeError):
     """A study could not be processed; the message is recorded in the journal."""
 
+
+#: How often the study worker looks for finished studies past their retention.
+PURGE_INTERVAL_S = 600.0
 
 #: Failures another attempt cannot fix: the study's content, the prompt set or the code is at
 #: fault (imaging, results and prompt-set errors are ValueErrors). Anything else (disk full,
@@ -101,8 +105,12 @@ class StudyWorker(threading.Thread):
         self.stop_event = stop
 
     def run(self) -> None:
+        next_purge = 0.0
         while not self.stop_event.is_set():
             try:
+                if time.monotonic() >= next_purge:
+                    self.purge()
+                    next_purge = time.monotonic() + PURGE_INTERVAL_S
                 study = self.spool.claim_quiet_study(self.cfg.studies.quiet_period_s)
                 if study is None:
                     self.stop_event.wait(self.cfg.studies.poll_interval_s)
@@ -112,6 +120,15 @@ class StudyWorker(threading.Thread):
                 log.exception("study worker: unexpected error")
                 self.stop_event.wait(1.0)
         self.spool.close()
+
+    def purge(self) -> None:
+        """Free the disk of studies finished longer ago than `studies.retention_days`."""
+        days = self.cfg.studies.retention_days
+        if days is None:
+            return
+        purged = self.spool.purge_finished(time.time() - days * 86400)
+        if purged:
+            log.info("purged %d finished studies older than %g days", purged, days)
 
     def process(self, study: StudyRecord) -> None:
         """Route, classify and write results for one study, recording the outcome."""

@@ -69,6 +69,13 @@ _ADDED_STUDY_COLUMNS = {
 
 _UID_CHARS = frozenset("0123456789.")
 
+#: Condition on a study row `s` (parameter: finished before): done or ignored, every result sent.
+_FINISHED = (
+    "state IN ('done', 'ignored') AND updated_at < ? AND NOT EXISTS (SELECT 1 FROM outbox o "
+    "WHERE o.study_instance_uid = s.study_instance_uid AND o.state != 'sent')"
+)
+_STUDY_LOCKS = 64
+
 
 class SpoolError(RuntimeError):
     """The spool could not make an instance durable; nothing was acknowledged."""
@@ -114,10 +121,15 @@ class Spool:
         for folder in (self.state_dir, self.instances_dir, self.outbox_dir):
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._local = threading.local()
+        self._study_locks = [threading.Lock() for _ in range(_STUDY_LOCKS)]
         self._db().executescript(_SCHEMA)
         self._migrate()
 
     # -- connections -------------------------------------------------------------------------
+
+    def _study_lock(self, study_instance_uid: str) -> threading.Lock:
+        """One of a fixed set of locks, picked by study: stores of other studies run in parallel."""
+        return self._study_locks[hash(study_instance_uid) % _STUDY_LOCKS]
 
     def _migrate(self) -> None:
         """Bring a journal written by an earlier version up to this schema, in place."""
@@ -189,58 +201,60 @@ class Spool:
             path=path,
             calling_ae=calling_ae,
         )
-        previous = (
-            self._db()
-            .execute(
-                "SELECT i.path, s.state FROM instances i JOIN studies s USING (study_instance_uid) "
-                "WHERE i.sop_instance_uid=?",
-                (sop_instance_uid,),
+        # Per-study lock: a purge of this study must not interleave with a store into it.
+        with self._study_lock(study_instance_uid):
+            previous = (
+                self._db()
+                .execute(
+                    "SELECT i.path, s.state FROM instances i JOIN studies s USING (study_instance_uid) "
+                    "WHERE i.sop_instance_uid=?",
+                    (sop_instance_uid,),
+                )
+                .fetchone()
             )
-            .fetchone()
-        )
-        if (
-            previous is not None
-            and previous["state"] != "failed"
-            and Path(previous["path"]) == path
-            and _holds(path, encoded)
-        ):
+            if (
+                previous is not None
+                and previous["state"] != "failed"
+                and Path(previous["path"]) == path
+                and _holds(path, encoded)
+            ):
+                return stored
+            try:
+                new_folder = not path.parent.exists()
+                write_durably(path, lambda handle: handle.write(encoded))
+                if new_folder:
+                    fsync_dir(self.instances_dir)
+            except OSError as exc:
+                raise SpoolError(f"cannot write instance file: {exc.strerror}") from exc
+            now = time.time()
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT(sop_instance_uid) DO UPDATE SET sop_class_uid=excluded.sop_class_uid, "
+                    "study_instance_uid=excluded.study_instance_uid, "
+                    "series_instance_uid=excluded.series_instance_uid, path=excluded.path, "
+                    "calling_ae=excluded.calling_ae, received_at=excluded.received_at",
+                    (
+                        sop_instance_uid,
+                        sop_class_uid,
+                        study_instance_uid,
+                        series_instance_uid,
+                        str(path),
+                        calling_ae,
+                        now,
+                    ),
+                )
+                db.execute(
+                    "INSERT INTO studies (study_instance_uid, state, generation, last_received_at, "
+                    "updated_at) VALUES (?, 'receiving', 0, ?, ?) "
+                    "ON CONFLICT(study_instance_uid) DO UPDATE SET state='receiving', "
+                    "generation=generation+1, last_received_at=excluded.last_received_at, "
+                    "reason=NULL, attempts=0, not_before=0, updated_at=excluded.updated_at",
+                    (study_instance_uid, now, now),
+                )
+            if previous is not None and Path(previous["path"]) != path:
+                Path(previous["path"]).unlink(missing_ok=True)
             return stored
-        try:
-            new_folder = not path.parent.exists()
-            write_durably(path, lambda handle: handle.write(encoded))
-            if new_folder:
-                fsync_dir(self.instances_dir)
-        except OSError as exc:
-            raise SpoolError(f"cannot write instance file: {exc.strerror}") from exc
-        now = time.time()
-        with self._transaction() as db:
-            db.execute(
-                "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT(sop_instance_uid) DO UPDATE SET sop_class_uid=excluded.sop_class_uid, "
-                "study_instance_uid=excluded.study_instance_uid, "
-                "series_instance_uid=excluded.series_instance_uid, path=excluded.path, "
-                "calling_ae=excluded.calling_ae, received_at=excluded.received_at",
-                (
-                    sop_instance_uid,
-                    sop_class_uid,
-                    study_instance_uid,
-                    series_instance_uid,
-                    str(path),
-                    calling_ae,
-                    now,
-                ),
-            )
-            db.execute(
-                "INSERT INTO studies (study_instance_uid, state, generation, last_received_at, updated_at) "
-                "VALUES (?, 'receiving', 0, ?, ?) "
-                "ON CONFLICT(study_instance_uid) DO UPDATE SET state='receiving', "
-                "generation=generation+1, last_received_at=excluded.last_received_at, "
-                "reason=NULL, attempts=0, not_before=0, updated_at=excluded.updated_at",
-                (study_instance_uid, now, now),
-            )
-        if previous is not None and Path(previous["path"]) != path:
-            Path(previous["path"]).unlink(missing_ok=True)
-        return stored
 
     # -- studies -----------------------------------------------------------------------------
 
@@ -365,6 +379,40 @@ class Spool:
             .fetchone()
         )
         return None if row is None else _study(row)
+
+    def purge_finished(self, finished_before: float) -> int:
+        """Delete the files and rows of studies finished before `finished_before`.
+
+        Finished means done or ignored with every delivery sent: a study with a pending or
+        dead delivery, a failed study (an operator may want to look) and one still in work
+        are kept whatever their age. The PACS holds the originals and now the results, so
+        this loses nothing. Rows go first, in one transaction; a crash before the files are
+        removed leaves only unreferenced files. Returns the number of studies purged.
+        """
+        candidates = [
+            row["study_instance_uid"]
+            for row in self._db().execute(
+                f"SELECT study_instance_uid FROM studies s WHERE {_FINISHED}", (finished_before,)
+            )
+        ]
+        purged = 0
+        for uid in candidates:
+            # Rows and files go under the study's lock: a store into it waits, then re-creates it.
+            with self._study_lock(uid):
+                with self._transaction() as db:
+                    # Checked again under the lock: a late instance may have re-opened the study.
+                    finished = db.execute(
+                        f"SELECT 1 FROM studies s WHERE study_instance_uid=? AND {_FINISHED}",
+                        (uid, finished_before),
+                    ).fetchone()
+                    if finished is not None:
+                        for table in ("outbox", "instances", "studies"):
+                            db.execute(f"DELETE FROM {table} WHERE study_instance_uid=?", (uid,))
+                if finished is not None:
+                    for folder in (self.instances_dir / uid, self.outbox_dir / uid):
+                        shutil.rmtree(folder, ignore_errors=True)
+                    purged += 1
+        return purged
 
     # -- outbox ------------------------------------------------------------------------------
 

@@ -504,3 +504,83 @@ def test_a_journal_of_the_first_schema_is_migrated_in_place(tmp_path):
     study = spool.claim_quiet_study(0)
     assert study is not None and study.attempts == 0
     assert spool._db().execute("PRAGMA user_version").fetchone()[0] == 1
+
+
+def _finish(spool: Spool, sop: str, study: str, state: str, delivery_states: tuple[str, ...] = ()) -> None:
+    """A study in `state` whose deliveries ended in `delivery_states` ('sent', 'dead', 'pending')."""
+    _store(spool, sop, study=study)
+    record = spool.claim_quiet_study(0, now=time.time() + 1)
+    results = spool.outbox_dir / study
+    results.mkdir(exist_ok=True)
+    deliveries = []
+    for index, _ in enumerate(delivery_states):
+        path = results / f"result{index}.dcm"
+        path.write_bytes(b"result")
+        deliveries.append((f"dest{index}", path))
+    spool.finish_study(record, state=state, deliveries=deliveries)
+    for index, delivery_state in enumerate(delivery_states):
+        delivery = spool.next_delivery(f"dest{index}")
+        if delivery_state == "sent":
+            spool.delivery_sent(delivery)
+        elif delivery_state == "dead":
+            spool.delivery_failed(delivery, "refused", retry_at=None)
+
+
+def test_purge_deletes_only_finished_studies_whose_results_were_all_sent(spool):
+    kept = {
+        "1.2.9.2": ("done", ("sent", "pending")),
+        "1.2.9.3": ("done", ("dead",)),
+        "1.2.9.4": ("failed", ()),
+    }
+    _finish(spool, "1.2.9.1.1", "1.2.9.1", "done", ("sent", "sent"))
+    _finish(spool, "1.2.9.5.1", "1.2.9.5", "ignored")
+    for study, (state, deliveries) in kept.items():
+        _finish(spool, f"{study}.1", study, state, deliveries)
+    _store(spool, "1.2.9.6.1", study="1.2.9.6")  # still receiving
+
+    assert spool.purge_finished(time.time() + 1) == 2
+
+    for gone in ("1.2.9.1", "1.2.9.5"):
+        assert spool.study(gone) is None and spool.instances(gone) == ()
+        assert not (spool.instances_dir / gone).exists() and not (spool.outbox_dir / gone).exists()
+    for study in (*kept, "1.2.9.6"):
+        assert spool.study(study) is not None
+        assert (spool.instances_dir / study / f"{study}.1.dcm").exists()
+    assert spool.counts()["outbox"] == {"dest0:dead": 1, "dest0:sent": 1, "dest1:pending": 1}
+
+
+def test_purge_keeps_studies_finished_within_the_retention(spool):
+    _finish(spool, "1.2.9.1.1", "1.2.9.1", "done", ("sent",))
+
+    assert spool.purge_finished(time.time() - 3600) == 0
+    assert spool.study("1.2.9.1") is not None
+
+
+def test_a_study_purged_and_sent_again_is_received_as_new(spool):
+    _finish(spool, "1.2.9.1.1", "1.2.9.1", "done", ("sent",))
+    spool.purge_finished(time.time() + 1)
+
+    stored = _store(spool, "1.2.9.1.1", study="1.2.9.1")
+
+    assert stored.path.exists()
+    assert spool.study("1.2.9.1").state == "receiving"
+
+
+def test_a_purge_racing_late_instances_never_loses_an_acknowledged_one(spool):
+    _finish(spool, "1.2.9.1.1", "1.2.9.1", "done", ("sent",))
+    stored = []
+
+    def late_instances() -> None:
+        for index in range(2, 60):
+            stored.append(_store(spool, f"1.2.9.1.{index}", study="1.2.9.1"))
+        spool.close()
+
+    sender = threading.Thread(target=late_instances)
+    sender.start()
+    while sender.is_alive():
+        spool.purge_finished(time.time() + 1)
+    sender.join()
+
+    assert len(stored) == 58
+    assert all(instance.path.exists() for instance in stored)
+    assert {i.sop_instance_uid for i in spool.instances("1.2.9.1")} >= {i.sop_instance_uid for i in stored}
