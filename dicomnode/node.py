@@ -145,7 +145,9 @@ class StudyWorker(threading.Thread):
         except PERMANENT_FAILURES as exc:
             reason = f"{exc.__class__.__name__}: {exc}"
             self.spool.finish_study(study, state="failed", reason=reason, prompt_set=job.prompt_set)
-            log.error("study %s failed with prompt set %s: %s", tag, job.prompt_set, reason)
+            # Our own errors are written to be log-safe; a library's text might quote a value.
+            said = reason if type(exc).__module__.startswith("dicomnode") else type(exc).__name__
+            log.error("study %s failed with prompt set %s: %s", tag, job.prompt_set, said)
             return
         except Exception as exc:  # disk, memory, device: may pass, so try again later
             self._retry(study, exc)
