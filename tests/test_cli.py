@@ -278,21 +278,28 @@ def test_status_of_an_empty_journal_shows_zero_counts_and_no_problems(node_confi
     assert outcome.stdout == "studies: none\noutbox: none\ninstances: stored=0\n"
 
 
-def test_status_lists_an_ignored_study_by_hashed_uid_only(node_config):
-    spool = Spool(state_dir_of(node_config))
-    study_uid = "1.2.826.0.1.3680043.8.498.424242"
+def journal_ct_study(config: Path, study_uid: str, **outcome) -> Spool:
+    """A CT study received and finished (`finish_study(**outcome)`) in the config's journal."""
+    spool = Spool(state_dir_of(config))
     spool.store(
         shipped_file(CT).read_bytes(),
-        sop_instance_uid="1.2.826.0.1.3680043.8.498.424243",
+        sop_instance_uid=f"{study_uid}.1",
         sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
         study_instance_uid=study_uid,
-        series_instance_uid="1.2.826.0.1.3680043.8.498.424244",
+        series_instance_uid=f"{study_uid}.2",
         calling_ae="CT_SCANNER",
     )
     study = spool.claim_quiet_study(0.0, now=float("inf"))
     assert study is not None
-    spool.finish_study(study, state="ignored", reason="no rule matched (cxr: Modality is CT)")
-    spool.close()
+    spool.finish_study(study, **outcome)
+    return spool
+
+
+def test_status_lists_an_ignored_study_by_hashed_uid_only(node_config):
+    study_uid = "1.2.826.0.1.3680043.8.498.424242"
+    journal_ct_study(
+        node_config, study_uid, state="ignored", reason="no rule matched (cxr: Modality is CT)"
+    ).close()
 
     outcome = cli("status", "--config", node_config)
 
@@ -542,17 +549,10 @@ def test_send_to_a_port_out_of_range_is_a_usage_error():
 def test_requeue_puts_dead_deliveries_back_and_refuses_an_unknown_destination(tmp_path, tiny_architecture):
     destination = {"name": "pacs", "host": "127.0.0.1", "port": 104, "ae_title": "PACS"}
     config = write_node_config(tmp_path, tiny_architecture, scp_port=free_port(), destinations=[destination])
-    spool = Spool(state_dir_of(config))
-    spool.store(
-        shipped_file(CT).read_bytes(),
-        sop_instance_uid="1.2.826.0.1.3680043.8.498.77",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        study_instance_uid="1.2.826.0.1.3680043.8.498.78",
-        series_instance_uid="1.2.826.0.1.3680043.8.498.79",
-        calling_ae="CT_SCANNER",
+    result = state_dir_of(config) / "outbox" / "sr.dcm"
+    spool = journal_ct_study(
+        config, "1.2.826.0.1.3680043.8.498.78", state="done", deliveries=[("pacs", result)]
     )
-    study = spool.claim_quiet_study(0.0, now=float("inf"))
-    spool.finish_study(study, state="done", deliveries=[("pacs", spool.outbox_dir / "sr.dcm")])
     spool.delivery_failed(spool.next_delivery("pacs"), "PACS@127.0.0.1:104 rejected", retry_at=None)
     spool.close()
 
@@ -607,18 +607,12 @@ def test_status_json_gives_monitoring_the_same_counts_and_problems(node_config):
     import json
 
     assert json.loads(cli("status", "--config", node_config, "--json").stdout) == {"journal": False}
-    spool = Spool(state_dir_of(node_config))
-    spool.store(
-        shipped_file(CT).read_bytes(),
-        sop_instance_uid="1.2.826.0.1.3680043.8.498.91",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        study_instance_uid="1.2.826.0.1.3680043.8.498.92",
-        series_instance_uid="1.2.826.0.1.3680043.8.498.93",
-        calling_ae="CT_SCANNER",
-    )
-    study = spool.claim_quiet_study(0.0, now=float("inf"))
-    spool.finish_study(study, state="ignored", reason="no rule matched (cxr: Modality is CT)")
-    spool.close()
+    journal_ct_study(
+        node_config,
+        "1.2.826.0.1.3680043.8.498.92",
+        state="ignored",
+        reason="no rule matched (cxr: Modality is CT)",
+    ).close()
 
     report = json.loads(cli("status", "--config", node_config, "--json").stdout)
 
