@@ -86,7 +86,9 @@ def study() -> tuple[list[pydicom.Dataset], list[Sample], list[Prediction]]:
     return sources, samples, predictions
 
 
-def _write(study, out_dir: Path, model: ModelIdentity = MODEL, order=(0, 1)):
+def _write(
+    study, out_dir: Path, model: ModelIdentity = MODEL, order=(0, 1), procedure: Code = CHEST_RADIOGRAPH
+):
     sources, samples, predictions = study
     return write_results(
         out_dir=out_dir,
@@ -94,7 +96,7 @@ def _write(study, out_dir: Path, model: ModelIdentity = MODEL, order=(0, 1)):
         samples=[samples[i] for i in order],
         predictions=[predictions[i] for i in order],
         findings=FINDINGS,
-        procedure=CHEST_RADIOGRAPH,
+        procedure=procedure,
         model=model,
     )
 
@@ -160,17 +162,7 @@ def test_sr_has_one_coded_group_per_finding_with_decision_and_probability(writte
 
 
 def test_sr_reports_the_procedure_the_prompt_set_declares(study, tmp_path):
-    sources, samples, predictions = study
-    two_views = Code("36643-5", "LN", "XR Chest 2 Views")
-    result = write_results(
-        out_dir=tmp_path,
-        sources=sources,
-        samples=samples,
-        predictions=predictions,
-        findings=FINDINGS,
-        procedure=two_views,
-        model=MODEL,
-    )
+    result = _write(study, tmp_path, procedure=Code("36643-5", "LN", "XR Chest 2 Views"))
     sr = pydicom.dcmread(result.paths[0])
     procedures = [
         item.ConceptCodeSequence[0]
