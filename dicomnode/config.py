@@ -181,11 +181,17 @@ class RoutingConfig(_Strict):
     rules: tuple[RoutingRule, ...]
 
 
-def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+def read_bytes(path: Path, what: str) -> bytes:
+    """The bytes of a file, or a ConfigError naming it and the reason it cannot be read."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from exc
+
+
+def _parse_yaml(path: Path, raw: bytes) -> dict[str, Any]:
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): save it as UTF-8") from exc
     try:
@@ -203,7 +209,9 @@ def _explain(path: Path, exc: ValidationError) -> ConfigError:
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        shown = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
+        given = err.get("input")
+        # A whole mapping or list quoted back would bury the message (and is the file itself).
+        shown = "" if err["type"] == "missing" or isinstance(given, dict | list) else f" (got {given!r})"
         lines.append(f"{path}: {key}: {err['msg']}{shown}")
     return ConfigError("\n".join(lines))
 
@@ -227,9 +235,26 @@ def read_validated(
 ) -> Schema:
     """Read a YAML file into `schema`; any problem raises `error` naming the file and the key."""
     try:
-        raw = _read_yaml(path, what)
-        raw.update(extra)
-        return schema.model_validate(raw)
+        return parse_validated(path, read_bytes(path, what), schema, error, **extra)
+    except ConfigError as exc:
+        raise error(str(exc)) from None
+
+
+def parse_validated(
+    path: Path,
+    raw: bytes,
+    schema: type[Schema],
+    error: type[ValueError] = ConfigError,
+    **extra: Any,
+) -> Schema:
+    """Validate YAML bytes read from `path` into `schema`, errors naming the file and the key.
+
+    For callers that must hash and parse the very same bytes (prompt sets).
+    """
+    try:
+        content = _parse_yaml(path, raw)
+        content.update(extra)
+        return schema.model_validate(content)
     except ConfigError as exc:
         raise error(str(exc)) from None
     except ValidationError as exc:

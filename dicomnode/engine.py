@@ -1,22 +1,44 @@
-"""Inference: Samples in, Predictions out, on a frozen backbone with a prompt set's text.
+"""Inference: Samples in, Predictions out, batched across studies near the device's limit.
 
-The engine knows nothing of DICOM. Text features of a prompt set are computed once and
-cached by the set's sha256 (a changed folder is a new key). Images run in batches under
-`inference_mode`, with bf16 autocast on CUDA.
+The engine knows nothing of DICOM. Callers (the per-study pipeline, `infer`, `eval`) hand it
+a prompt set and prepared samples; one worker per device (each CUDA GPU, else the CPU)
+takes requests from a shared queue and gathers those of different studies and prompt sets
+into one batch, up to `max_batch` images or `max_wait_s` after the first arrived. Sets that
+leave the image tower untouched (zero-shot, linear probe, DPT without a vision prompt)
+share one pass of the frozen tower; VPT sets run their own prompted pass.
+
+On CUDA: pinned host memory and non-blocking copies, bf16 autocast, `inference_mode`, fused
+attention (PyTorch's scaled-dot-product kernels inside nn.MultiheadAttention), a warm-up
+pass per prompt set at start-up. Each prompt-set version's classifier (its text features,
+prompts, head) is built once per device, cached by the set's sha256, and evicted once no
+study in flight uses it and it is no longer the version served.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
+import queue
 import threading
-from collections.abc import Sequence
+import time
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dicomnode.flow import InputSpec, ModelIdentity, Prediction, Sample
 from dicomnode.model.backbone import Backbone
+from dicomnode.model.classifier import (
+    PromptedClassifier,
+    build_classifier,
+    encode_texts,
+    zero_shot_features,
+)
 from dicomnode.model.promptset import PromptSet
 
 log = logging.getLogger(__name__)
@@ -26,20 +48,127 @@ class EngineError(RuntimeError):
     """A prompt set cannot run on this backbone; the message says which and why."""
 
 
-class Engine:
-    """Zero-shot CLIP classification with per-prompt-set cached text features."""
+@dataclass
+class _Request:
+    """Images of one study for one prompt set, and where their predictions go."""
 
-    def __init__(self, backbone: Backbone, max_batch: int = 16, algorithm_name: str = "dicomnode") -> None:
+    prompt_set: PromptSet
+    samples: Sequence[Sample]
+    future: Future
+
+
+def devices_for(backbone: Backbone) -> list[torch.device]:
+    """One inference device per CUDA GPU when the backbone is on CUDA, else the CPU."""
+    if backbone.device.type == "cuda":
+        return [torch.device("cuda", index) for index in range(torch.cuda.device_count())]
+    return [backbone.device]
+
+
+class _DeviceWorker(threading.Thread):
+    """Runs batches on one device with its own replica of the frozen backbone."""
+
+    def __init__(self, engine: Engine, backbone: Backbone) -> None:
+        super().__init__(name=f"inference-{backbone.device}", daemon=True)
+        self.engine = engine
+        self.backbone = backbone
+        self.device = backbone.device
+        self.cuda = backbone.device.type == "cuda"
+
+    def run(self) -> None:
+        if self.cuda:
+            torch.cuda.set_device(self.device)
+        while True:
+            batch = self.engine._next_batch()
+            if batch is None:
+                return
+            try:
+                results = self.infer(batch)
+            except Exception as exc:  # every request of the batch learns why it failed
+                for request in batch:
+                    request.future.set_exception(exc)
+                continue
+            for request, predictions in zip(batch, results, strict=True):
+                request.future.set_result(predictions)
+
+    def _to_device(self, samples: Sequence[Sample]) -> torch.Tensor:
+        pixels = torch.from_numpy(np.stack([s.pixels for s in samples]).astype(np.float32, copy=False))
+        if self.cuda:
+            return pixels.pin_memory().to(self.device, non_blocking=True)
+        return pixels
+
+    def infer(self, batch: list[_Request]) -> list[list[Prediction]]:
+        """Predictions for each request; one image pass per distinct vision key in the batch."""
+        max_batch = self.engine.max_batch
+        classifiers = [self.engine.classifier(r.prompt_set, self.device) for r in batch]
+        by_vision: dict[str, list[int]] = {}
+        for index, classifier in enumerate(classifiers):
+            by_vision.setdefault(classifier.vision_key, []).append(index)
+        self.engine.recent_batches.append((len(batch), sum(len(r.samples) for r in batch), len(by_vision)))
+        probabilities: list[torch.Tensor | None] = [None] * len(batch)
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
+            for _key, indices in by_vision.items():
+                samples = [s for i in indices for s in batch[i].samples]
+                pixels = self._to_device(samples)
+                # For PLAIN_VISION any member's features are the frozen tower's own.
+                encode = classifiers[indices[0]].image_features
+                features = torch.cat(
+                    [encode(pixels[s : s + max_batch]) for s in range(0, len(pixels), max_batch)]
+                )
+                start = 0
+                for i in indices:
+                    count = len(batch[i].samples)
+                    probabilities[i] = classifiers[i].probabilities(features[start : start + count]).float()
+                    start += count
+        out = []
+        for request, rows in zip(batch, probabilities, strict=True):
+            values = rows.cpu().tolist()
+            out.append(
+                [
+                    Prediction(sample.sop_instance_uid, tuple(float(p) for p in row))
+                    for sample, row in zip(request.samples, values, strict=True)
+                ]
+            )
+        return out
+
+
+class Engine:
+    """Batched classification of samples with any served prompt set."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        max_batch: int = 16,
+        algorithm_name: str = "dicomnode",
+        max_wait_s: float = 0.005,
+    ) -> None:
         self.backbone = backbone
         self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
         self.algorithm_name = algorithm_name
-        self._text_cache: dict[str, torch.Tensor] = {}
-        self._lock = threading.Lock()
+        self._replicas = {backbone.device: backbone}
+        for device in devices_for(backbone):
+            if device not in self._replicas and device != backbone.device:
+                self._replicas[device] = dataclasses.replace(
+                    backbone, model=copy.deepcopy(backbone.model).to(device), device=device
+                )
+        self._classifiers: dict[tuple[str, torch.device], PromptedClassifier] = {}
+        self._in_use: Counter[str] = Counter()
+        self._served: set[str] | None = None
+        self._lock = threading.RLock()
+        self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self._workers: list[_DeviceWorker] = []
+        #: (requests, images, image passes) of the latest batches: what batching achieved.
+        self.recent_batches: deque[tuple[int, int, int]] = deque(maxlen=1000)
 
     @property
     def input_spec(self) -> InputSpec:
         """What imaging must produce for this backbone."""
         return self.backbone.input_spec
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """The devices inference runs on, one worker each."""
+        return list(self._replicas)
 
     def identity(self, prompt_set: PromptSet) -> ModelIdentity:
         """Who produced a result: written into every SR and SC."""
@@ -58,75 +187,158 @@ class Engine:
         )
 
     def _check_compatible(self, prompt_set: PromptSet) -> None:
-        arch, sha = prompt_set.backbone_architecture, prompt_set.backbone_sha256
+        arch, sha, seed = (
+            prompt_set.backbone_architecture,
+            prompt_set.backbone_sha256,
+            prompt_set.backbone_seed,
+        )
         if arch is not None and arch != self.backbone.architecture:
             raise EngineError(
                 f"prompt set {prompt_set.name} was made for {arch}, "
                 f"the node runs {self.backbone.architecture}"
             )
+        running = self.backbone.sha256 or f"random DEMO weights (seed {self.backbone.seed})"
         if sha is not None and sha != self.backbone.sha256:
             raise EngineError(
-                f"prompt set {prompt_set.name} was trained on backbone sha256 {sha}, "
-                f"the node runs {self.backbone.sha256 or 'random DEMO weights'}"
+                f"prompt set {prompt_set.name} was trained on backbone sha256 {sha}, the node runs {running}"
+            )
+        if seed is not None and (self.backbone.sha256 is not None or seed != self.backbone.seed):
+            raise EngineError(
+                f"prompt set {prompt_set.name} was trained on random DEMO weights (seed {seed}), "
+                f"the node runs {running}"
             )
 
-    def _encode_texts(self, texts: list[str]) -> torch.Tensor:
-        tokens = self.backbone.tokenizer(texts).to(self.backbone.device)
-        return F.normalize(self.backbone.model.encode_text(tokens).float(), dim=-1)
+    def _encode_texts(self, backbone: Backbone, texts: list[str]) -> torch.Tensor:
+        return encode_texts(backbone, texts)
 
-    def _class_features(self, templates: Sequence[str], class_texts: Sequence[str]) -> torch.Tensor:
-        """One unit vector per class: the mean over templates, as in CLIP's prompt ensembling."""
-        per_class = []
-        for text in class_texts:
-            encoded = self._encode_texts([t.format(finding=text) for t in templates])
-            per_class.append(F.normalize(encoded.mean(dim=0), dim=-1))
-        return torch.stack(per_class)
-
-    def text_features(self, prompt_set: PromptSet) -> torch.Tensor:
-        """(classes, 2 or 1, dim): positive (and negative) text features, cached per sha256."""
+    def classifier(self, prompt_set: PromptSet, device: torch.device | None = None) -> PromptedClassifier:
+        """The classifier of this prompt-set version on `device`, built once and cached."""
+        device = device or self.backbone.device
+        key = (prompt_set.sha256, device)
         with self._lock:
-            cached = self._text_cache.get(prompt_set.sha256)
+            cached = self._classifiers.get(key)
             if cached is not None:
                 return cached
             self._check_compatible(prompt_set)
-            with torch.inference_mode():
-                parts = [self._class_features(prompt_set.positive_templates, prompt_set.class_texts)]
-                if prompt_set.negative_templates:
-                    parts.append(self._class_features(prompt_set.negative_templates, prompt_set.class_texts))
-                features = torch.stack(parts, dim=1)
-            self._text_cache[prompt_set.sha256] = features
+            backbone = self._replicas[device]
+            with torch.inference_mode(False), torch.no_grad():
+                zero_shot = zero_shot_features(backbone, prompt_set, encode=self._encode_texts)
+                classifier = build_classifier(backbone, prompt_set, zero_shot=zero_shot)
+                classifier.text_features()  # cached now, not on the first study
+            self._classifiers[key] = classifier
             log.info(
-                "text features of prompt set %s computed (%d classes)",
+                "prompt set %s %s ready on %s: %s, %d classes, %d learned parameters",
                 prompt_set.name,
-                len(features),
+                prompt_set.version,
+                device,
+                prompt_set.method,
+                len(prompt_set.class_texts),
+                classifier.trainable_parameters(),
             )
-            return features
+            return classifier
 
-    def _encode_images(self, pixels: np.ndarray) -> torch.Tensor:
-        device = self.backbone.device
-        batch = torch.from_numpy(pixels).to(device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            features = self.backbone.model.encode_image(batch)
-        return F.normalize(features.float(), dim=-1)
+    def text_features(self, prompt_set: PromptSet) -> torch.Tensor:
+        """(classes, 2 or 1, dim) text features of a prompt set, cached per sha256."""
+        return self.classifier(prompt_set).text_features()
+
+    def prepare(self, prompt_set: PromptSet) -> None:
+        """Check and build a prompt set on every device and run one warm-up batch through it."""
+        spec = self.input_spec
+        warm = Sample(
+            "warm-up", np.zeros((3, spec.image_size, spec.image_size), np.float32), np.zeros((1, 1), np.uint8)
+        )
+        for device in self.devices:
+            self.classifier(prompt_set, device)
+        self.predict(prompt_set, [warm])
+
+    # -- serving ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start one worker per device (done on the first request if not before)."""
+        with self._lock:
+            if self._workers:
+                return
+            self._workers = [_DeviceWorker(self, replica) for replica in self._replicas.values()]
+            for worker in self._workers:
+                worker.start()
+
+    def stop(self) -> None:
+        """Let the workers finish what is queued, then stop them."""
+        with self._lock:
+            workers, self._workers = self._workers, []
+        for _ in workers:
+            self._queue.put(None)
+        for worker in workers:
+            worker.join(timeout=60)
+
+    def _next_batch(self) -> list[_Request] | None:
+        """Block for a request, then gather more until max_batch images or max_wait_s."""
+        first = self._queue.get()
+        if first is None:
+            return None
+        batch, images = [first], len(first.samples)
+        deadline = time.monotonic() + self.max_wait_s
+        while images < self.max_batch:
+            remaining = deadline - time.monotonic()
+            try:
+                request = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if request is None:  # a stop: leave it for this or another worker's next turn
+                self._queue.put(None)
+                break
+            batch.append(request)
+            images += len(request.samples)
+        return batch
+
+    def submit(self, prompt_set: PromptSet, samples: Sequence[Sample]) -> Future:
+        """Queue samples for inference; the future gives their predictions in order."""
+        future: Future = Future()
+        if not samples:
+            future.set_result([])
+            return future
+        self.start()
+        self._queue.put(_Request(prompt_set, list(samples), future))
+        return future
 
     def predict(self, prompt_set: PromptSet, samples: Sequence[Sample]) -> list[Prediction]:
-        """Per-class probabilities for each sample.
+        """Per-class probabilities for each sample, in the order of the prompt set's classes.
 
         Multi-label: for each class, a two-way softmax between its positive and negative
-        prompts. Multi-class: a softmax over the classes' positive prompts.
+        prompts (or the head's sigmoid). Multi-class: a softmax over the classes.
         """
-        text = self.text_features(prompt_set)
-        scale = self.backbone.model.logit_scale.exp().float()
-        predictions: list[Prediction] = []
-        with torch.inference_mode():
-            for start in range(0, len(samples), self.max_batch):
-                chunk = samples[start : start + self.max_batch]
-                images = self._encode_images(np.stack([s.pixels for s in chunk]).astype(np.float32))
-                logits = scale * torch.einsum("bd,ckd->bck", images, text)
-                if prompt_set.task == "multi-label":
-                    probabilities = logits.softmax(dim=-1)[..., 0]
-                else:
-                    probabilities = logits[..., 0].softmax(dim=-1)
-                for sample, row in zip(chunk, probabilities.cpu().tolist(), strict=True):
-                    predictions.append(Prediction(sample.sop_instance_uid, tuple(float(p) for p in row)))
-        return predictions
+        self.classifier(prompt_set)  # compatibility errors surface here, in the caller's thread
+        with self.using(prompt_set):
+            return self.submit(prompt_set, samples).result()
+
+    # -- versions --------------------------------------------------------------------------
+
+    @contextmanager
+    def using(self, prompt_set: PromptSet) -> Iterator[None]:
+        """Keep this prompt-set version cached while a study runs on it, even across a reload."""
+        with self._lock:
+            self._in_use[prompt_set.sha256] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_use[prompt_set.sha256] -= 1
+                self._evict()
+
+    def serve_only(self, served: set[str]) -> None:
+        """Drop the cached classifiers of versions no longer served, once no study uses them."""
+        with self._lock:
+            self._served = set(served)
+            self._evict()
+
+    def _evict(self) -> None:
+        if self._served is None:
+            return
+        for key in [k for k in self._classifiers if k[0] not in self._served and self._in_use[k[0]] <= 0]:
+            del self._classifiers[key]
+            log.info("prompt set version %s released", key[0][:12])
+
+    def cached_versions(self) -> set[str]:
+        """The sha256 of every prompt-set version with a cached classifier."""
+        with self._lock:
+            return {sha for sha, _ in self._classifiers}

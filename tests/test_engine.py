@@ -31,9 +31,9 @@ class CountingEngine(Engine):
         super().__init__(backbone, **kwargs)
         self.encoded_texts = 0
 
-    def _encode_texts(self, texts: list[str]) -> torch.Tensor:
+    def _encode_texts(self, backbone: Backbone, texts: list[str]) -> torch.Tensor:
         self.encoded_texts += len(texts)
-        return super()._encode_texts(texts)
+        return super()._encode_texts(backbone, texts)
 
 
 @pytest.fixture(scope="module")

@@ -321,21 +321,44 @@ def test_name_differing_from_its_folder_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["vpt", "dpt"])
-def test_learned_methods_this_version_cannot_serve_are_refused_clearly(tmp_path, method):
-    folder = _promptset_folder(tmp_path, method=method)
+def test_a_learned_method_without_its_section_is_refused_naming_it(tmp_path, method):
+    folder = _promptset_folder(tmp_path, method=method, backbone={"architecture": "ViT-B-16", "seed": 0})
 
     with pytest.raises(PromptSetError) as raised:
         load_prompt_set(folder)
-    assert (
-        f"{folder / PROMPTSET_FILE}: method: '{method}' cannot be served by this version "
-        "(supported: zeroshot)" in str(raised.value)
+    assert f"{folder / PROMPTSET_FILE}: {method}: method '{method}' needs this section" in str(raised.value)
+
+
+def test_a_learned_method_without_the_backbone_it_learned_on_is_refused(tmp_path):
+    folder = _promptset_folder(tmp_path, method="dpt", dpt={"context_tokens": 4})
+
+    with pytest.raises(PromptSetError, match="backbone: method 'dpt' is learned on one backbone"):
+        load_prompt_set(folder)
+
+
+def test_a_learned_method_without_its_tensors_file_is_refused_naming_it(tmp_path):
+    folder = _promptset_folder(
+        tmp_path, method="dpt", dpt={"context_tokens": 4}, backbone={"architecture": "ViT-B-16", "seed": 0}
     )
+
+    with pytest.raises(PromptSetError) as raised:
+        load_prompt_set(folder)
+    assert f"{folder / TENSORS_FILE}: method 'dpt' needs its learned tensors" in str(raised.value)
+
+
+def test_a_section_of_another_method_is_refused(tmp_path):
+    folder = _promptset_folder(tmp_path, vpt={"tokens": {"count": 4}})
+
+    with pytest.raises(PromptSetError, match="vpt: given, but method is 'zeroshot'"):
+        load_prompt_set(folder)
 
 
 def test_unknown_method_is_refused_naming_the_key(tmp_path):
     folder = _promptset_folder(tmp_path, method="coop")
 
-    with pytest.raises(PromptSetError, match="method: Input should be 'zeroshot', 'vpt' or 'dpt'"):
+    with pytest.raises(
+        PromptSetError, match="method: Input should be 'zeroshot', 'linear-probe', 'vpt' or 'dpt'"
+    ):
         load_prompt_set(folder)
 
 

@@ -39,6 +39,7 @@ class Backbone:
     sha256: str | None
     input_spec: InputSpec
     device: torch.device
+    seed: int = 0
 
     @property
     def demo(self) -> bool:
@@ -133,4 +134,5 @@ def load_backbone(cfg: ModelConfig) -> Backbone:
         sha256=sha256,
         input_spec=_input_spec(model),
         device=device,
+        seed=cfg.seed,
     )
