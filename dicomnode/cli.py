@@ -305,7 +305,7 @@ def bench_receive(
 ) -> None:
     """DCMTK storescu -> dicomnode's SCP and spool, against storescu -> DCMTK storescp."""
     from dicomnode.bench import BenchError
-    from dicomnode.bench import bench_receive as run
+    from dicomnode.bench.receive import bench_receive as run
 
     if file is None:
         from pydicom.data import get_testdata_file
@@ -320,3 +320,71 @@ def bench_receive(
     except BenchError as exc:
         typer.echo(f"benchmark failed: {exc}", err=True)
         raise typer.Exit(1) from None
+
+
+@bench_app.command("infer")
+def bench_infer(
+    config: ConfigOption = DEFAULT_CONFIG,
+    architecture: Annotated[
+        str | None, typer.Option(help="open_clip architecture (default: the configured model).")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto, cpu or cuda (default: the configured one).")
+    ] = None,
+    batch: Annotated[
+        list[int] | None,
+        typer.Option(min=1, help="Batch sizes (repeat; default 1 32 256 512 on CUDA, 1 8 on CPU)."),
+    ] = None,
+    method: Annotated[
+        list[str] | None, typer.Option(help="Methods to time (repeat; default all; backbone always runs).")
+    ] = None,
+    iterations: Annotated[
+        int | None, typer.Option(min=1, help="Timed batches per row (default 30 CUDA, 3 CPU).")
+    ] = None,
+    compile_model: Annotated[
+        bool, typer.Option("--compile", help="torch.compile each forward first.")
+    ] = False,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Also write the figures as JSON here.")
+    ] = None,
+) -> None:
+    """Images/s and latency of each prompting method as a ratio to the bare backbone, same device."""
+    from dicomnode.bench import BenchError
+    from dicomnode.bench.infer import ALL_METHODS, write_json
+    from dicomnode.bench.infer import bench_infer as run
+    from dicomnode.model.backbone import BackboneError, load_backbone
+
+    cfg = _config(config)
+    model = cfg.model.model_copy(
+        update={k: v for k, v in {"architecture": architecture, "device": device}.items() if v is not None}
+    )
+    if architecture is not None and architecture != cfg.model.architecture:
+        model = model.model_copy(update={"checkpoint": None, "architecture_config": None})
+    methods = tuple(method or ALL_METHODS)
+    unknown = sorted(set(methods) - set(ALL_METHODS))
+    if unknown:
+        typer.echo(f"unknown method {', '.join(unknown)} (known: {', '.join(ALL_METHODS)})", err=True)
+        raise typer.Exit(2)
+    try:
+        backbone = load_backbone(model)
+    except BackboneError as exc:
+        typer.echo(f"cannot load the backbone: {exc}", err=True)
+        raise typer.Exit(2) from None
+    cuda = backbone.device.type == "cuda"
+    batches = batch or ([1, 32, 256, 512] if cuda else [1, 8])
+    try:
+        document = run(
+            backbone,
+            cfg.prompts_dir / "cxr",
+            batches,
+            ("backbone", *methods),
+            iterations or (30 if cuda else 3),
+            typer.echo,
+            compile_model=compile_model,
+        )
+    except BenchError as exc:
+        typer.echo(f"benchmark failed: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if json_file is not None:
+        write_json(document, json_file)
+        typer.echo(f"wrote {json_file}")

@@ -57,6 +57,21 @@ class _Request:
     future: Future
 
 
+#: Put on the queue once per worker to stop it.
+_STOP = object()
+
+
+@dataclass
+class _Staged:
+    """A batch on its way through one device: requests grouped by the image pass they need."""
+
+    batch: list[_Request]
+    classifiers: list[PromptedClassifier]
+    groups: list[list[int]]
+    pixels: torch.Tensor
+    probabilities: list[torch.Tensor] = dataclasses.field(default_factory=list)
+
+
 def devices_for(backbone: Backbone) -> list[torch.device]:
     """One inference device per CUDA GPU when the backbone is on CUDA, else the CPU."""
     if backbone.device.type == "cuda":
@@ -65,7 +80,12 @@ def devices_for(backbone: Backbone) -> list[torch.device]:
 
 
 class _DeviceWorker(threading.Thread):
-    """Runs batches on one device with its own replica of the frozen backbone."""
+    """Runs batches on one device with its own replica of the frozen backbone.
+
+    While the device computes one batch, the worker gathers and stages the next (copied
+    into a pinned buffer, then sent without blocking), so the host's work hides behind the
+    device's whenever more than one batch is waiting.
+    """
 
     def __init__(self, engine: Engine, backbone: Backbone) -> None:
         super().__init__(name=f"inference-{backbone.device}", daemon=True)
@@ -73,62 +93,106 @@ class _DeviceWorker(threading.Thread):
         self.backbone = backbone
         self.device = backbone.device
         self.cuda = backbone.device.type == "cuda"
+        self._buffers: list[torch.Tensor] = []
+        self._turn = 0
 
     def run(self) -> None:
         if self.cuda:
             torch.cuda.set_device(self.device)
+        staged = None
         while True:
-            batch = self.engine._next_batch()
-            if batch is None:
-                return
-            try:
-                results = self.infer(batch)
-            except Exception as exc:  # every request of the batch learns why it failed
-                for request in batch:
-                    request.future.set_exception(exc)
+            if staged is None:
+                batch = self.engine._next_batch(wait=True)
+                if batch is None:
+                    return
+                staged = self._guard(batch, self.stage, batch)
+                if staged is None:
+                    continue
+            if self._guard(staged.batch, self.launch, staged) is None:
+                staged = None
                 continue
-            for request, predictions in zip(batch, results, strict=True):
-                request.future.set_result(predictions)
+            following = self.engine._next_batch(wait=False)
+            current, staged = staged, None
+            if following is not None:
+                staged = self._guard(following, self.stage, following)
+            self._guard(current.batch, self.finish, current)
+            if following is None and self.engine._stopping.is_set():
+                return
 
-    def _to_device(self, samples: Sequence[Sample]) -> torch.Tensor:
-        pixels = torch.from_numpy(np.stack([s.pixels for s in samples]).astype(np.float32, copy=False))
-        if self.cuda:
-            return pixels.pin_memory().to(self.device, non_blocking=True)
-        return pixels
+    @staticmethod
+    def _guard(batch: list[_Request], step, argument):
+        """Run one step; on failure every request of the batch learns why, and None is returned."""
+        try:
+            return step(argument)
+        except Exception as exc:
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(exc)
+            return None
 
-    def infer(self, batch: list[_Request]) -> list[list[Prediction]]:
-        """Predictions for each request; one image pass per distinct vision key in the batch."""
-        max_batch = self.engine.max_batch
+    def _pinned(self, count: int) -> torch.Tensor:
+        """One of two host buffers in turn: the one not being copied from right now."""
+        size = self.backbone.input_spec.image_size
+        self._turn = 1 - self._turn
+        while len(self._buffers) < 2:
+            self._buffers.append(torch.empty(0))
+        buffer = self._buffers[self._turn]
+        if buffer.shape[0] < count:
+            buffer = torch.empty((count, 3, size, size), dtype=torch.float32, pin_memory=self.cuda)
+            self._buffers[self._turn] = buffer
+        return buffer[:count]
+
+    def stage(self, batch: list[_Request]) -> _Staged:
+        """Group the requests by image pass and send their pixels to the device."""
         classifiers = [self.engine.classifier(r.prompt_set, self.device) for r in batch]
         by_vision: dict[str, list[int]] = {}
         for index, classifier in enumerate(classifiers):
             by_vision.setdefault(classifier.vision_key, []).append(index)
-        self.engine.recent_batches.append((len(batch), sum(len(r.samples) for r in batch), len(by_vision)))
-        probabilities: list[torch.Tensor | None] = [None] * len(batch)
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
-            for _key, indices in by_vision.items():
-                samples = [s for i in indices for s in batch[i].samples]
-                pixels = self._to_device(samples)
-                # For PLAIN_VISION any member's features are the frozen tower's own.
-                encode = classifiers[indices[0]].image_features
-                features = torch.cat(
-                    [encode(pixels[s : s + max_batch]) for s in range(0, len(pixels), max_batch)]
-                )
-                start = 0
-                for i in indices:
-                    count = len(batch[i].samples)
-                    probabilities[i] = classifiers[i].probabilities(features[start : start + count]).float()
-                    start += count
-        out = []
-        for request, rows in zip(batch, probabilities, strict=True):
+        groups = list(by_vision.values())
+        samples = [s for group in groups for i in group for s in batch[i].samples]
+        host = self._pinned(len(samples))
+        rows = host.numpy()
+        for row, sample in enumerate(samples):
+            rows[row] = sample.pixels
+        pixels = host.to(self.device, non_blocking=True).to(self.backbone.input_dtype)
+        self.engine.recent_batches.append((len(batch), len(samples), len(groups)))
+        return _Staged(batch, classifiers, groups, pixels)
+
+    def launch(self, staged: _Staged) -> _Staged:
+        """Queue the image passes and the per-set scoring on the device (no waiting here)."""
+        max_batch = self.engine.max_batch
+        start = 0
+        by_request: dict[int, torch.Tensor] = {}
+        with (
+            torch.inference_mode(),
+            torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.backbone.autocast),
+        ):
+            for group in staged.groups:
+                count = sum(len(staged.batch[i].samples) for i in group)
+                pixels = staged.pixels[start : start + count]
+                start += count
+                # Within a group every member's image pass is the same: use the first.
+                encode = staged.classifiers[group[0]].image_features
+                features = torch.cat([encode(pixels[s : s + max_batch]) for s in range(0, count, max_batch)])
+                offset = 0
+                for i in group:
+                    size = len(staged.batch[i].samples)
+                    scores = staged.classifiers[i].probabilities(features[offset : offset + size])
+                    by_request[i] = scores.float()
+                    offset += size
+        staged.probabilities = [by_request[i] for i in range(len(staged.batch))]
+        return staged
+
+    def finish(self, staged: _Staged) -> None:
+        """Wait for the device, then hand each request its predictions."""
+        for request, rows in zip(staged.batch, staged.probabilities, strict=True):
             values = rows.cpu().tolist()
-            out.append(
+            request.future.set_result(
                 [
                     Prediction(sample.sop_instance_uid, tuple(float(p) for p in row))
                     for sample, row in zip(request.samples, values, strict=True)
                 ]
             )
-        return out
 
 
 class Engine:
@@ -141,13 +205,14 @@ class Engine:
         algorithm_name: str = "dicomnode",
         max_wait_s: float = 0.005,
     ) -> None:
+        """`max_batch` images at most per image pass; a partial batch waits `max_wait_s` for more."""
         self.backbone = backbone
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.algorithm_name = algorithm_name
         self._replicas = {backbone.device: backbone}
         for device in devices_for(backbone):
-            if device not in self._replicas and device != backbone.device:
+            if device not in self._replicas:
                 self._replicas[device] = dataclasses.replace(
                     backbone, model=copy.deepcopy(backbone.model).to(device), device=device
                 )
@@ -155,7 +220,8 @@ class Engine:
         self._in_use: Counter[str] = Counter()
         self._served: set[str] | None = None
         self._lock = threading.RLock()
-        self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self._queue: queue.Queue = queue.Queue()
+        self._stopping = threading.Event()
         self._workers: list[_DeviceWorker] = []
         #: (requests, images, image passes) of the latest batches: what batching achieved.
         self.recent_batches: deque[tuple[int, int, int]] = deque(maxlen=1000)
@@ -266,15 +332,23 @@ class Engine:
         """Let the workers finish what is queued, then stop them."""
         with self._lock:
             workers, self._workers = self._workers, []
+        self._stopping.set()
         for _ in workers:
-            self._queue.put(None)
+            self._queue.put(_STOP)
         for worker in workers:
             worker.join(timeout=60)
+        self._stopping.clear()
 
-    def _next_batch(self) -> list[_Request] | None:
-        """Block for a request, then gather more until max_batch images or max_wait_s."""
-        first = self._queue.get()
-        if first is None:
+    def _next_batch(self, wait: bool) -> list[_Request] | None:
+        """The next batch: requests gathered until max_batch images or max_wait_s after the first.
+
+        With `wait` False, None at once when nothing is queued. None also means: stop.
+        """
+        try:
+            first = self._queue.get() if wait else self._queue.get_nowait()
+        except queue.Empty:
+            return None
+        if first is _STOP:
             return None
         batch, images = [first], len(first.samples)
         deadline = time.monotonic() + self.max_wait_s
@@ -284,8 +358,8 @@ class Engine:
                 request = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
-            if request is None:  # a stop: leave it for this or another worker's next turn
-                self._queue.put(None)
+            if request is _STOP:  # leave it for this or another worker's next turn
+                self._queue.put(_STOP)
                 break
             batch.append(request)
             images += len(request.samples)

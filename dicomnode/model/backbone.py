@@ -40,6 +40,17 @@ class Backbone:
     input_spec: InputSpec
     device: torch.device
     seed: int = 0
+    precision: str = "autocast"
+
+    @property
+    def autocast(self) -> bool:
+        """Whether passes run under bf16 autocast (CUDA with fp32 weights)."""
+        return self.device.type == "cuda" and self.precision == "autocast"
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype images are handed to the tower in."""
+        return torch.bfloat16 if self.device.type == "cuda" and self.precision == "bf16" else torch.float32
 
     @property
     def demo(self) -> bool:
@@ -62,7 +73,7 @@ def pick_device(wanted: str) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise BackboneError("model.device is cuda but no CUDA device is available")
-    return torch.device("cuda")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _register_architecture(cfg: ModelConfig) -> None:
@@ -126,6 +137,8 @@ def load_backbone(cfg: ModelConfig) -> Backbone:
         )
     device = pick_device(cfg.device)
     model = model.to(device).eval()
+    if device.type == "cuda" and cfg.precision == "bf16":
+        model = model.to(torch.bfloat16)
     model.requires_grad_(False)
     return Backbone(
         model=model,
@@ -135,4 +148,5 @@ def load_backbone(cfg: ModelConfig) -> Backbone:
         input_spec=_input_spec(model),
         device=device,
         seed=cfg.seed,
+        precision=cfg.precision,
     )

@@ -1,7 +1,5 @@
-"""Benchmarks that print ratios against a reference measured in the same run.
-
-`receive`: DCMTK's storescu sends the same instances, over one association, once to DCMTK's
-storescp (the reference) and once to dicomnode's SCP with its spool (parse, fsync of file and
+"""`dicomnode bench receive`: DCMTK's storescu sends the same instances, over one association,
+once to DCMTK's storescp (the reference) and once to dicomnode's SCP with its spool (parse, fsync of file and
 folder, journal commit per instance). Runs alternate so that disk and CPU drift hit both.
 The ratio is what a PACS administrator feels: how much longer a study takes to reach us than
 to reach a plain DICOM archive.
@@ -25,13 +23,10 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 
+from dicomnode.bench import BenchError
 from dicomnode.config import ScpConfig
 from dicomnode.net.scp import start_scp
 from dicomnode.spool import Spool
-
-
-class BenchError(RuntimeError):
-    """A benchmark cannot run here (a tool is missing, a peer failed); says which."""
 
 
 @dataclass(frozen=True)
