@@ -331,6 +331,9 @@ def bench_infer(
     device: Annotated[
         str | None, typer.Option(help="auto, cpu or cuda (default: the configured one).")
     ] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="On CUDA: autocast or bf16 (default: the configured one).")
+    ] = None,
     batch: Annotated[
         list[int] | None,
         typer.Option(min=1, help="Batch sizes (repeat; default 1 32 256 512 on CUDA, 1 8 on CPU)."),
@@ -339,7 +342,7 @@ def bench_infer(
         list[str] | None, typer.Option(help="Methods to time (repeat; default all; backbone always runs).")
     ] = None,
     iterations: Annotated[
-        int | None, typer.Option(min=1, help="Timed batches per row (default 30 CUDA, 3 CPU).")
+        int | None, typer.Option(min=1, help="Timed batches per row (default 30 on CUDA, 3 on CPU).")
     ] = None,
     compile_model: Annotated[
         bool, typer.Option("--compile", help="torch.compile each forward first.")
@@ -349,17 +352,26 @@ def bench_infer(
     ] = None,
 ) -> None:
     """Images/s and latency of each prompting method as a ratio to the bare backbone, same device."""
+    from pydantic import ValidationError
+
     from dicomnode.bench import BenchError
     from dicomnode.bench.infer import ALL_METHODS, write_json
     from dicomnode.bench.infer import bench_infer as run
+    from dicomnode.config import ModelConfig
     from dicomnode.model.backbone import BackboneError, load_backbone
 
     cfg = _config(config)
-    model = cfg.model.model_copy(
-        update={k: v for k, v in {"architecture": architecture, "device": device}.items() if v is not None}
-    )
+    overrides = {
+        k: v for k, v in (("architecture", architecture), ("device", device), ("precision", precision)) if v
+    }
     if architecture is not None and architecture != cfg.model.architecture:
-        model = model.model_copy(update={"checkpoint": None, "architecture_config": None})
+        overrides.update(checkpoint=None, architecture_config=None)
+    try:
+        model = ModelConfig.model_validate({**cfg.model.model_dump(), **overrides})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        typer.echo(f"invalid --{error['loc'][0]}: {error['msg']} (got {error['input']!r})", err=True)
+        raise typer.Exit(2) from None
     methods = tuple(method or ALL_METHODS)
     unknown = sorted(set(methods) - set(ALL_METHODS))
     if unknown:
@@ -371,12 +383,11 @@ def bench_infer(
         typer.echo(f"cannot load the backbone: {exc}", err=True)
         raise typer.Exit(2) from None
     cuda = backbone.device.type == "cuda"
-    batches = batch or ([1, 32, 256, 512] if cuda else [1, 8])
     try:
         document = run(
             backbone,
             cfg.prompts_dir / "cxr",
-            batches,
+            batch or ([1, 32, 256, 512] if cuda else [1, 8]),
             ("backbone", *methods),
             iterations or (30 if cuda else 3),
             typer.echo,
