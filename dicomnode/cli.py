@@ -158,7 +158,7 @@ def infer(
     from pydicom.errors import InvalidDicomError
 
     from dicomnode.engine import Engine
-    from dicomnode.model.backbone import BackboneError, load_backbone
+    from dicomnode.model.backbone import BackboneError
     from dicomnode.model.promptset import PromptSetError, load_prompt_set
     from dicomnode.node import classify
     from dicomnode.privacy import uid_tag, withhold_warning_texts
@@ -180,7 +180,7 @@ def infer(
             else:
                 groups[decision.prompt_set].append(path)
         prompt_sets = {name: load_prompt_set(cfg.prompts_dir / name) for name in groups}
-        engine = Engine(load_backbone(cfg.model), max_batch=cfg.model.max_batch)
+        engine = Engine.from_config(cfg.model)
     except (ConfigError, PromptSetError, BackboneError, OSError, InvalidDicomError) as exc:
         typer.echo(f"cannot classify: {exc}", err=True)
         raise typer.Exit(2) from None

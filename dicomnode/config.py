@@ -84,6 +84,8 @@ class ModelConfig(_Strict):
     max_batch: int = Field(default=16, ge=1)
     # How long the engine waits for more studies' images before running a partial batch.
     max_wait_ms: float = Field(default=5.0, ge=0, le=1000)
+    # torch.compile the image passes (CUDA): slower start-up, faster batches.
+    compile: bool = False
 
 
 class DestinationConfig(_Strict):

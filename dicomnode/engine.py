@@ -31,8 +31,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dicomnode.config import ModelConfig
 from dicomnode.flow import InputSpec, ModelIdentity, Prediction, Sample
-from dicomnode.model.backbone import Backbone
+from dicomnode.model.backbone import Backbone, load_backbone
 from dicomnode.model.classifier import (
     PromptedClassifier,
     build_classifier,
@@ -204,12 +205,19 @@ class Engine:
         max_batch: int = 16,
         algorithm_name: str = "dicomnode",
         max_wait_s: float = 0.005,
+        compile_model: bool = False,
     ) -> None:
-        """`max_batch` images at most per image pass; a partial batch waits `max_wait_s` for more."""
+        """`max_batch` images at most per image pass; a partial batch waits `max_wait_s` for more.
+
+        `compile_model` runs every image pass through torch.compile (dynamic batch size, so
+        one compilation serves every batch); the first batch of each set pays for it, which
+        `prepare` does at start-up.
+        """
         self.backbone = backbone
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.algorithm_name = algorithm_name
+        self.compile_model = compile_model
         self._replicas = {backbone.device: backbone}
         for device in devices_for(backbone):
             if device not in self._replicas:
@@ -225,6 +233,16 @@ class Engine:
         self._workers: list[_DeviceWorker] = []
         #: (requests, images, image passes) of the latest batches: what batching achieved.
         self.recent_batches: deque[tuple[int, int, int]] = deque(maxlen=1000)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> Engine:
+        """Load the configured backbone and build an engine with the configured batching."""
+        return cls(
+            load_backbone(cfg),
+            max_batch=cfg.max_batch,
+            max_wait_s=cfg.max_wait_ms / 1000,
+            compile_model=cfg.compile,
+        )
 
     @property
     def input_spec(self) -> InputSpec:
@@ -291,6 +309,8 @@ class Engine:
                 zero_shot = zero_shot_features(backbone, prompt_set, encode=self._encode_texts)
                 classifier = build_classifier(backbone, prompt_set, zero_shot=zero_shot)
                 classifier.text_features()  # cached now, not on the first study
+            if self.compile_model:
+                classifier.image_features = torch.compile(classifier.image_features, dynamic=True)
             self._classifiers[key] = classifier
             log.info(
                 "prompt set %s %s ready on %s: %s, %d classes, %d learned parameters",

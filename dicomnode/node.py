@@ -24,7 +24,7 @@ from dicomnode import imaging
 from dicomnode.config import ConfigError, NodeConfig, RoutingConfig, load_routing
 from dicomnode.engine import Engine, EngineError
 from dicomnode.flow import Prediction, Sample, StudyJob
-from dicomnode.model.backbone import BackboneError, load_backbone
+from dicomnode.model.backbone import BackboneError
 from dicomnode.model.library import PromptSetLibrary
 from dicomnode.model.promptset import PromptSet, PromptSetError
 from dicomnode.net.scp import start_scp
@@ -237,7 +237,7 @@ class Node:
         self.stop_event = threading.Event()
         self.spool = Spool(cfg.state_dir, min_free_bytes=cfg.scp.min_free_mb << 20)
         self.routing = load_routing(cfg.routing)
-        self.engine = Engine(load_backbone(cfg.model), max_batch=cfg.model.max_batch)
+        self.engine = Engine.from_config(cfg.model)
         # Fails at start-up, not on the first study, and warms the text-feature cache.
         self.prompt_sets = PromptSetLibrary(
             cfg.prompts_dir,

@@ -183,7 +183,7 @@ def bench_infer(
                     forward = backbone.model.encode_image
                     learned = 0
                 elif method == "engine-zeroshot":
-                    host = pixels.cpu().numpy()
+                    host = pixels.float().cpu().numpy()
                     samples = [Sample(str(i), host[i], np.zeros((1, 1), np.uint8)) for i in range(batch)]
                     prompt_set = load_prompt_set(folders["zeroshot"])
                     engine.max_batch = batch
