@@ -70,6 +70,7 @@ class _Staged:
     classifiers: list[PromptedClassifier]
     groups: list[list[int]]
     pixels: torch.Tensor
+    copied: torch.cuda.Event | None = None
     probabilities: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
 
@@ -96,6 +97,7 @@ class _DeviceWorker(threading.Thread):
         self.cuda = backbone.device.type == "cuda"
         self._buffers: list[torch.Tensor] = []
         self._turn = 0
+        self._copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
 
     def run(self) -> None:
         if self.cuda:
@@ -155,13 +157,26 @@ class _DeviceWorker(threading.Thread):
         rows = host.numpy()
         for row, sample in enumerate(samples):
             rows[row] = sample.pixels
-        pixels = host.to(self.device, non_blocking=True).to(self.backbone.input_dtype)
+        copied = None
+        if self.cuda:
+            # On a stream of its own, so the copy overlaps the batch the device is computing.
+            with torch.cuda.stream(self._copy_stream):
+                pixels = host.to(self.device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self._copy_stream)
+        else:
+            pixels = host
         self.engine.recent_batches.append((len(batch), len(samples), len(groups)))
-        return _Staged(batch, classifiers, groups, pixels)
+        return _Staged(batch, classifiers, groups, pixels, copied)
 
     def launch(self, staged: _Staged) -> _Staged:
         """Queue the image passes and the per-set scoring on the device (no waiting here)."""
         max_batch = self.engine.max_batch
+        if staged.copied is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(staged.copied)
+            staged.pixels.record_stream(compute)
+        staged.pixels = staged.pixels.to(self.backbone.input_dtype)
         start = 0
         by_request: dict[int, torch.Tensor] = {}
         with (

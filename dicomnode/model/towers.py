@@ -87,7 +87,10 @@ def encode_image(
     def before_block(index: int, x: torch.Tensor) -> torch.Tensor:
         if count and index > 0 and index < token_prompts.shape[0]:
             deep = token_prompts[index].to(x.dtype).expand(x.shape[0], -1, -1)
-            x = torch.cat([x[:, :1], deep, x[:, 1 + count :]], dim=1)
+            if torch.is_grad_enabled():
+                x = torch.cat([x[:, :1], deep, x[:, 1 + count :]], dim=1)
+            else:  # serving: overwrite in place instead of copying the whole token stream
+                x[:, 1 : 1 + count] = deep
         if class_shift is not None:
             x = torch.cat([x[:, :1] + class_shift[index].to(x.dtype), x[:, 1:]], dim=1)
         return x
