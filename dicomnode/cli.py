@@ -160,7 +160,7 @@ def infer(
     from dicomnode.engine import Engine
     from dicomnode.model.backbone import BackboneError
     from dicomnode.model.promptset import PromptSetError, load_prompt_set
-    from dicomnode.node import classify
+    from dicomnode.pipeline import classify
     from dicomnode.privacy import uid_tag, withhold_warning_texts
     from dicomnode.results import write_results
     from dicomnode.routing import decide, read_header

@@ -68,6 +68,10 @@ class StudiesConfig(_Strict):
     max_attempts: int = Field(default=5, ge=1)
     retry_backoff_s: float = Field(default=30.0, ge=0)
     retention_days: float | None = Field(default=7.0, gt=0)
+    # Studies processed side by side (their images share the engine's batches), and the
+    # processes that decode and prepare images for them (0: in the study worker itself).
+    workers: int = Field(default=2, ge=1, le=64)
+    imaging_processes: int = Field(default=2, ge=0, le=64)
 
 
 class ModelConfig(_Strict):

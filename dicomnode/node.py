@@ -14,24 +14,21 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import Executor
 from pathlib import Path
 
-import pydicom
-
-from dicomnode import imaging
 from dicomnode.config import ConfigError, NodeConfig, RoutingConfig, load_routing
 from dicomnode.engine import Engine, EngineError
-from dicomnode.flow import Prediction, Sample, StudyJob
+from dicomnode.flow import StudyJob
 from dicomnode.model.backbone import BackboneError
 from dicomnode.model.library import PromptSetLibrary
 from dicomnode.model.promptset import PromptSet, PromptSetError
 from dicomnode.net.scp import start_scp
 from dicomnode.outbox import DestinationWorker
+from dicomnode.pipeline import classify, imaging_pool
 from dicomnode.privacy import uid_tag, withhold_warning_texts
 from dicomnode.results import write_results
-from dicomnode.routing import Ignored, read_header, route_study
+from dicomnode.routing import Ignored, route_study
 from dicomnode.spool import Spool, StudyRecord
 
 log = logging.getLogger(__name__)
@@ -85,7 +82,11 @@ def configure_logging(state_dir: Path, level: str) -> None:
 
 
 class StudyWorker(threading.Thread):
-    """Takes quiet studies from the journal and turns each into results in the outbox."""
+    """Takes quiet studies from the journal and turns each into results in the outbox.
+
+    Several run side by side, so that while one waits for the engine another decodes: the
+    engine then batches the images of their studies together. Only the first purges.
+    """
 
     def __init__(
         self,
@@ -95,8 +96,12 @@ class StudyWorker(threading.Thread):
         prompt_sets: PromptSetLibrary,
         engine: Engine,
         stop: threading.Event,
+        pool: Executor | None = None,
+        index: int = 0,
     ) -> None:
-        super().__init__(name="studies", daemon=True)
+        super().__init__(name=f"studies-{index}", daemon=True)
+        self.pool = pool
+        self.purges = index == 0
         self.cfg = cfg
         self.spool = spool
         self.routing = routing
@@ -108,7 +113,7 @@ class StudyWorker(threading.Thread):
         next_purge = 0.0
         while not self.stop_event.is_set():
             try:
-                if time.monotonic() >= next_purge:
+                if self.purges and time.monotonic() >= next_purge:
                     self.purge()
                     next_purge = time.monotonic() + PURGE_INTERVAL_S
                 study = self.spool.claim_quiet_study(self.cfg.studies.quiet_period_s)
@@ -173,8 +178,13 @@ class StudyWorker(threading.Thread):
             log.error("study %s failed after %d attempts: %s", tag, study.attempts + 1, type(exc).__name__)
 
     def _results_for(self, job: StudyJob) -> tuple[Path, ...]:
+        # The version taken here serves the whole study, even if a reload swaps it meanwhile.
         prompt_set = self.prompt_sets.get(job.prompt_set)
-        classified = classify(self.engine, prompt_set, [i.path for i in job.instances])
+        with self.engine.using(prompt_set):
+            return self._results_with(job, prompt_set)
+
+    def _results_with(self, job: StudyJob, prompt_set: PromptSet) -> tuple[Path, ...]:
+        classified = classify(self.engine, prompt_set, [i.path for i in job.instances], self.pool)
         for instance in job.instances:
             if instance.path in classified.problems:
                 log.warning(
@@ -194,39 +204,6 @@ class StudyWorker(threading.Thread):
             model=self.engine.identity(prompt_set),
         )
         return result.paths
-
-
-@dataclass
-class Classified:
-    """What `classify` made of some files: per image its header, sample and prediction."""
-
-    paths: list[Path] = field(default_factory=list)
-    sources: list[pydicom.Dataset] = field(default_factory=list)
-    samples: list[Sample] = field(default_factory=list)
-    predictions: list[Prediction] = field(default_factory=list)
-    problems: dict[Path, str] = field(default_factory=dict)
-
-
-def classify(engine: Engine, prompt_set: PromptSet, paths: Sequence[Path]) -> Classified:
-    """Prepare each file for the prompt set's domain and run the engine on those that could be.
-
-    A file imaging refuses is recorded in `problems` with the reason, never raised: one bad
-    image must not cost the study its other images.
-    """
-    classified = Classified()
-    for path in paths:
-        try:
-            sample = imaging.prepare(prompt_set.domain, path, engine.input_spec)
-            source = read_header(path)
-        except imaging.ImagingError as exc:
-            classified.problems[path] = str(exc)
-            continue
-        classified.paths.append(path)
-        classified.samples.append(sample)
-        classified.sources.append(source)
-    if classified.samples:
-        classified.predictions = engine.predict(prompt_set, classified.samples)
-    return classified
 
 
 class Node:
@@ -254,8 +231,19 @@ class Node:
             log.info("resumed %d studies interrupted by the last stop", recovered)
         self.server = start_scp(self.spool, self.cfg.scp)
         self.prompt_sets.watch()
+        self.pool = imaging_pool(self.cfg.studies.imaging_processes)
         self.threads = [
-            StudyWorker(self.cfg, self.spool, self.routing, self.prompt_sets, self.engine, self.stop_event)
+            StudyWorker(
+                self.cfg,
+                self.spool,
+                self.routing,
+                self.prompt_sets,
+                self.engine,
+                self.stop_event,
+                self.pool,
+                i,
+            )
+            for i in range(self.cfg.studies.workers)
         ]
         self.threads += [
             DestinationWorker(self.spool, d, self.cfg.scp.ae_title, self.stop_event)
@@ -272,6 +260,9 @@ class Node:
         self.prompt_sets.stop()
         for thread in self.threads:
             thread.join(timeout=60)
+        self.engine.stop()
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
         log.info("dicomnode stopped")
 
 

@@ -33,14 +33,18 @@ class PromptSetLibrary:
         prompts_dir: Path,
         names: Iterable[str],
         check: Callable[[PromptSet], object] = lambda prompt_set: None,
+        swapped: Callable[[set[str]], object] = lambda served: None,
     ) -> None:
         """Load every named set now (raising PromptSetError if one is unusable).
 
         `check` is run on every version before it is served (the engine's compatibility
-        check and text-feature warm-up); an exception from it refuses that version.
+        check and warm-up); an exception from it refuses that version. `swapped` is told the
+        sha256 of every version served after each swap (the engine frees the others once no
+        study in flight uses them).
         """
         self.prompts_dir = Path(prompts_dir).resolve()
         self.check = check
+        self.swapped = swapped
         self._sets: dict[str, PromptSet] = {}
         self._lock = threading.Lock()
         self._timers: dict[str, threading.Timer] = {}
@@ -71,6 +75,8 @@ class PromptSetLibrary:
             return False
         with self._lock:
             self._sets[name] = candidate
+            served = {prompt_set.sha256 for prompt_set in self._sets.values()}
+        self.swapped(served)
         log.info(
             "prompt set %s reloaded: version %s sha256 %s",
             name,
