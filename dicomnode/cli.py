@@ -275,20 +275,30 @@ def requeue(
 
 @app.command("config")
 def check_config(config: ConfigOption = DEFAULT_CONFIG) -> None:
-    """Validate dicomnode.yaml, routing.yaml and the prompt sets the rules name."""
+    """Validate dicomnode.yaml, routing.yaml and the prompt sets the rules name, on the backbone.
+
+    Prints each served prompt set with its method and how many parameters it learned.
+    """
+    from dicomnode.engine import Engine, EngineError
+    from dicomnode.model.backbone import BackboneError, load_backbone
+    from dicomnode.model.classifier import describe
     from dicomnode.model.promptset import PromptSetError, load_prompt_set
 
     cfg = _config(config)
     try:
         routing = load_routing(cfg.routing)
-        for rule in routing.rules:
-            if rule.prompt_set is not None:
-                load_prompt_set(cfg.prompts_dir / rule.prompt_set)
-    except (ConfigError, PromptSetError) as exc:
+        names = dict.fromkeys(rule.prompt_set for rule in routing.rules if rule.prompt_set is not None)
+        prompt_sets = [load_prompt_set(cfg.prompts_dir / name) for name in names]
+        # Checked on the CPU: a running node may hold the GPU, and the shapes are the same.
+        engine = Engine(load_backbone(cfg.model.model_copy(update={"device": "cpu"})))
+        classifiers = [engine.classifier(prompt_set) for prompt_set in prompt_sets]
+    except (ConfigError, PromptSetError, BackboneError, EngineError) as exc:
         typer.echo(f"configuration error:\n{exc}", err=True)
         raise typer.Exit(2) from None
     demo = "" if cfg.model.checkpoint else " (no checkpoint: DEMO model, no clinical meaning)"
     typer.echo(f"{config}: valid; {len(routing.rules)} routing rules; model {cfg.model.architecture}{demo}")
+    for line in describe(classifiers):
+        typer.echo(f"  prompt set {line}")
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: ratios against a reference in the same run.")

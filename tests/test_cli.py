@@ -120,7 +120,57 @@ def test_config_accepts_a_valid_configuration_and_says_the_model_is_a_demo(node_
     assert outcome.stdout == (
         f"{node_config}: valid; 2 routing rules; model {tiny_architecture.stem} "
         "(no checkpoint: DEMO model, no clinical meaning)\n"
+        "  prompt set cxr 0.1.0: zeroshot, 0 learned parameters\n"
     )
+
+
+def _with_prompts(config: Path, prompts: Path) -> None:
+    content = yaml.safe_load(config.read_text())
+    content["prompts_dir"] = str(prompts)
+    config.write_text(yaml.safe_dump(content))
+
+
+def test_config_names_each_served_sets_method_and_learned_parameters(
+    node_config, tiny_architecture, tmp_path
+):
+    from dicomnode.config import ModelConfig
+    from dicomnode.model.backbone import load_backbone
+    from tests.prompt_sets import VPT_DEEP, spec, write_prompt_set
+
+    backbone = load_backbone(
+        ModelConfig(
+            architecture=tiny_architecture.stem, architecture_config=tiny_architecture, seed=7, device="cpu"
+        )
+    )
+    write_prompt_set(tmp_path / "prompts" / "cxr", spec("cxr", "vpt", backbone, section=VPT_DEEP), backbone)
+    _with_prompts(node_config, tmp_path / "prompts")
+
+    outcome = cli("config", "--config", node_config)
+
+    assert outcome.exit_code == 0, outcome.stderr
+    # Two lung boxes at grids 8 and 2, four deep tokens on two 64-wide layers, a 32 -> 3 head.
+    learned = 2 * 3 * (64 + 4) + 2 * 4 * 64 + 32 * 3 + 3
+    assert outcome.stdout.endswith(f"  prompt set cxr 1: vpt, {learned:,} learned parameters\n")
+
+
+def test_config_refuses_a_set_learned_on_other_weights_naming_both(node_config, tiny_architecture, tmp_path):
+    from dicomnode.config import ModelConfig
+    from dicomnode.model.backbone import load_backbone
+    from tests.prompt_sets import DPT, spec, write_prompt_set
+
+    other = load_backbone(
+        ModelConfig(
+            architecture=tiny_architecture.stem, architecture_config=tiny_architecture, seed=3, device="cpu"
+        )
+    )
+    write_prompt_set(tmp_path / "prompts" / "cxr", spec("cxr", "dpt", other, section=DPT), other)
+    _with_prompts(node_config, tmp_path / "prompts")
+
+    outcome = cli("config", "--config", node_config)
+
+    assert outcome.exit_code == 2
+    assert "prompt set cxr was trained on random DEMO weights (seed 3), the node runs" in outcome.stderr
+    assert "(seed 7)" in outcome.stderr
 
 
 def test_config_without_option_checks_the_embedded_default_of_the_checkout():
