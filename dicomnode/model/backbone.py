@@ -40,7 +40,7 @@ class Backbone:
     input_spec: InputSpec
     device: torch.device
     seed: int = 0
-    precision: str = "autocast"
+    precision: str = "bf16"
 
     @property
     def autocast(self) -> bool:
