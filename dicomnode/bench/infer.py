@@ -205,7 +205,7 @@ def bench_infer(
                     with torch.inference_mode(), _autocast(backbone):
                         return forward(pixels)
 
-                warmup = 3 if device.type == "cuda" else 1
+                warmup = 3 if device.type == "cuda" else 2
                 seconds = _time(run, device, iterations, warmup)
                 images = batch * (ENGINE_IN_FLIGHT if method == "engine-zeroshot" else 1)
                 rate = images * len(seconds) / sum(seconds)
