@@ -118,6 +118,11 @@ class NodeConfig(_Strict):
     studies: StudiesConfig = StudiesConfig()
     model: ModelConfig = ModelConfig()
     destinations: tuple[DestinationConfig, ...] = ()
+    # A prompt set serves its newest valid learned version (prompts/<name>/<version>/) unless
+    # pinned here to one version folder, e.g. {cxr: 20261125-101500}.
+    prompt_set_versions: dict[str, Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")]] = Field(
+        default_factory=dict
+    )
 
     @field_validator("destinations")
     @classmethod

@@ -215,12 +215,15 @@ class Node:
         self.spool = Spool(cfg.state_dir, min_free_bytes=cfg.scp.min_free_mb << 20)
         self.routing = load_routing(cfg.routing)
         self.engine = Engine.from_config(cfg.model)
-        # Fails at start-up, not on the first study, and warms the text-feature cache.
+        # Fails at start-up, not on the first study, and warms each set up on every device.
         self.prompt_sets = PromptSetLibrary(
             cfg.prompts_dir,
             [rule.prompt_set for rule in self.routing.rules if rule.prompt_set is not None],
-            check=self.engine.text_features,
+            check=self.engine.prepare,
+            swapped=self.engine.serve_only,
+            pins=cfg.prompt_set_versions,
         )
+        self.pool: Executor | None = None
         self.threads: list[threading.Thread] = []
         self.server = None
 

@@ -86,3 +86,53 @@ def test_the_watcher_reloads_a_prompt_set_after_its_folder_changes(prompts):
         wait_until(lambda: library.get("cxr").findings[0].threshold == 0.65, 15, what="reload")
     finally:
         library.stop()
+
+
+def _version(prompts: Path, name: str, threshold: str) -> Path:
+    """A learned version of the cxr set in prompts/cxr/<name>/ (a copy with one threshold changed)."""
+    folder = prompts / "cxr" / name
+    folder.mkdir()
+    text = (prompts / "cxr" / "promptset.yaml").read_text()
+    (folder / "promptset.yaml").write_text(text.replace("threshold: 0.5}", f"threshold: {threshold}}}", 1))
+    return folder
+
+
+def test_the_newest_valid_version_serves_and_hidden_runs_never_do(prompts):
+    _version(prompts, "20261101-080000", "0.31")
+    _version(prompts, "20261120-080000", "0.32")
+    _version(prompts, ".20261125-080000.partial", "0.33")
+
+    library = PromptSetLibrary(prompts, ["cxr"])
+
+    assert library.get("cxr").folder.name == "20261120-080000"
+    assert library.get("cxr").findings[0].threshold == 0.32
+
+
+def test_a_broken_newest_version_is_passed_over_for_the_one_before(prompts, caplog):
+    _version(prompts, "20261101-080000", "0.31")
+    broken = _version(prompts, "20261120-080000", "0.32")
+    (broken / "promptset.yaml").write_text("name: cxr\n")
+
+    library = PromptSetLibrary(prompts, ["cxr"])
+
+    assert library.get("cxr").folder.name == "20261101-080000"
+    assert "version in 20261120-080000 not usable" in caplog.text
+
+
+def test_a_pinned_version_serves_even_when_a_newer_one_exists(prompts):
+    _version(prompts, "20261101-080000", "0.31")
+    _version(prompts, "20261120-080000", "0.32")
+
+    library = PromptSetLibrary(prompts, ["cxr"], pins={"cxr": "20261101-080000"})
+
+    assert library.get("cxr").findings[0].threshold == 0.31
+
+
+def test_a_new_version_folder_is_picked_up_by_refresh(prompts):
+    library = PromptSetLibrary(prompts, ["cxr"])
+    before = library.get("cxr").sha256
+    _version(prompts, "20261125-080000", "0.4")
+
+    assert library.refresh("cxr")
+    assert library.get("cxr").sha256 != before
+    assert library.get("cxr").folder.name == "20261125-080000"

@@ -146,9 +146,20 @@ class PromptedClassifier(nn.Module):
             return self.head(features)
         return text_logits(features, self.text_features(), self.scale, self.task)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Per-class logits of a batch of normalised images (B, 3, S, S)."""
-        return self.logits(self.image_features(pixels))
+    def forward(self, pixels: torch.Tensor, with_features: bool = False):
+        """Per-class logits of a batch of normalised images (B, 3, S, S).
+
+        With `with_features`, also the image features and the text features (None for a head)
+        the logits came from, for losses that need them (training goes through forward, so
+        that distributed training sees every use of the prompts).
+        """
+        image = self.image_features(pixels)
+        if self.head is not None:
+            logits, text = self.head(image), None
+        else:
+            text = self.text_features()
+            logits = text_logits(image, text, self.scale, self.task)
+        return (logits, image, text) if with_features else logits
 
     def probabilities(self, features: torch.Tensor) -> torch.Tensor:
         """Per-class probabilities of normalised image features, as the results need them."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from dicomnode.model.promptset import PromptSet, load_prompt_set
+from dicomnode.model.promptset import PROMPTSET_FILE, PromptSet, load_prompt_set
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +34,14 @@ class PromptSetLibrary:
         names: Iterable[str],
         check: Callable[[PromptSet], object] = lambda prompt_set: None,
         swapped: Callable[[set[str]], object] = lambda served: None,
+        pins: dict[str, str] | None = None,
     ) -> None:
         """Load every named set now (raising PromptSetError if one is unusable).
 
         `check` is run on every version before it is served (the engine's compatibility
         check and warm-up); an exception from it refuses that version. `swapped` is told the
         sha256 of every version served after each swap (the engine frees the others once no
-        study in flight uses them).
+        study in flight uses them). `pins` maps a set to the one version folder it must serve.
         """
         self.prompts_dir = Path(prompts_dir).resolve()
         self.check = check
@@ -49,10 +50,49 @@ class PromptSetLibrary:
         self._lock = threading.Lock()
         self._timers: dict[str, threading.Timer] = {}
         self._observer: Observer | None = None
+        self.pins = dict(pins or {})
         for name in dict.fromkeys(names):
-            prompt_set = load_prompt_set(self.prompts_dir / name)
-            check(prompt_set)
-            self._sets[name] = prompt_set
+            self._sets[name] = self._newest(name, None)
+
+    def versions(self, name: str) -> list[Path]:
+        """Folders that may serve `name`, newest first: the pinned version if the configuration
+        names one, else each learned version (prompts/<name>/<version>/, by name, newest first)
+        and then the set's own folder. Hidden folders (runs in progress) never count."""
+        folder = self.prompts_dir / name
+        if name in self.pins:
+            return [folder / self.pins[name]]
+        learned = []
+        if folder.is_dir():
+            learned = sorted(
+                (
+                    p
+                    for p in folder.iterdir()
+                    if p.is_dir() and not p.name.startswith(".") and (p / PROMPTSET_FILE).is_file()
+                ),
+                key=lambda p: p.name,
+                reverse=True,
+            )
+        return [*learned, folder]
+
+    def _newest(self, name: str, current: PromptSet | None) -> PromptSet | None:
+        """The newest version that loads and passes the check; None if that is `current`.
+
+        A version that fails is passed over with its reason logged; when none is usable the
+        newest one's error is raised.
+        """
+        first_error: Exception | None = None
+        for folder in self.versions(name):
+            try:
+                candidate = load_prompt_set(folder)
+                if current is not None and candidate.sha256 == current.sha256:
+                    return None
+                self.check(candidate)
+                return candidate
+            except Exception as exc:  # a refused version: try the one before it
+                first_error = first_error or exc
+                log.warning("prompt set %s: version in %s not usable: %s", name, folder.name, exc)
+        assert first_error is not None
+        raise first_error
 
     def get(self, name: str) -> PromptSet:
         """The version of `name` to use now; KeyError if the node does not serve it."""
@@ -66,12 +106,11 @@ class PromptSetLibrary:
         if current is None:
             return False
         try:
-            candidate = load_prompt_set(self.prompts_dir / name)
-            if candidate.sha256 == current.sha256:
-                return False
-            self.check(candidate)
+            candidate = self._newest(name, current)
         except Exception as exc:  # any refusal keeps the last good version serving
             log.error("prompt set %s: new version refused, still serving %s: %s", name, current.version, exc)
+            return False
+        if candidate is None:
             return False
         with self._lock:
             self._sets[name] = candidate

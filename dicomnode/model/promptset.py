@@ -235,7 +235,8 @@ def load_prompt_set(folder: Path, *, require_tensors: bool = True) -> PromptSet:
     path = folder / PROMPTSET_FILE
     files = _read_files(folder)
     spec = parse_validated(path, files[PROMPTSET_FILE], _PromptSetFile, PromptSetError)
-    if spec.name != folder.name:
+    # prompts/<name>/promptset.yaml, or a learned version in prompts/<name>/<version>/.
+    if spec.name not in (folder.name, folder.parent.name):
         raise PromptSetError(f"{path}: name: {spec.name!r} differs from its folder {folder.name!r}")
     _check_method(path, spec)
     tensors: dict[str, torch.Tensor] = {}
