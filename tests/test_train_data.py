@@ -1,5 +1,5 @@
 """Training data: each layout is read with its labels and patient-wise splits, bad data is
-refused by file and line.
+refused by file and line, and the tensors are exactly what serving prepares.
 
 Datasets are written by tests/synthetic.py as real PNG, JPEG and DICOM files.
 """
@@ -15,11 +15,17 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import torch
 from PIL import Image
 
+from dicomnode import imaging
+from dicomnode.flow import InputSpec
+from dicomnode.imaging.common import to_sample
 from dicomnode.train.data import (
     DataError,
     LabelledData,
+    LabelledImage,
+    TrainingImages,
     data_fingerprint,
     few_shot,
     read_dataset,
@@ -44,6 +50,10 @@ CXR14 = (
     "Hernia",
 )
 OCT = ("CNV", "DME", "DRUSEN", "NORMAL")
+# CLIP's statistics at a size other than the synthetic images', so resizing is exercised.
+SPEC = InputSpec(
+    image_size=56, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711)
+)
 
 
 @pytest.fixture(scope="module")
@@ -276,6 +286,84 @@ def test_fingerprint_names_the_labels_splits_and_files_not_the_mount(
     assert data_fingerprint(changed) != fingerprint
     moved = dataclasses.replace(first, split="val" if first.split != "val" else "train")
     assert data_fingerprint(dataclasses.replace(data, images=(moved, *data.images[1:]))) != fingerprint
+
+
+# Pixels -----------------------------------------------------------------------------------
+
+
+def test_dicom_pixels_are_exactly_what_serving_prepares(dicom_folder: Path) -> None:
+    data = read_dataset(dicom_folder, CXR14)
+    dataset = TrainingImages(data.images, data.classes, "cxr", SPEC)
+    for index in (0, 1):  # the synthetic files alternate 8-bit and 16-bit
+        pixels, target = dataset[index]
+        image = data.images[index]
+        assert pydicom.dcmread(image.path).BitsAllocated == (8, 16)[index]
+        assert pixels.dtype == torch.float32 and pixels.shape == (3, 56, 56)
+        assert np.array_equal(pixels.numpy(), imaging.prepare("cxr", image.path, SPEC).pixels)
+        assert target.tolist() == [float(name in image.labels) for name in data.classes]
+
+
+def test_png_pixels_are_exactly_what_to_sample_makes_of_the_picture(chestxray14: Path) -> None:
+    data = read_dataset(chestxray14, CXR14)
+    dataset = TrainingImages(data.images, data.classes, "cxr", SPEC)
+    for index, image in enumerate(data.images[:4]):
+        display = np.asarray(Image.open(image.path), dtype=np.float32) / 255
+        pixels, target = dataset[index]
+        assert np.array_equal(pixels.numpy(), to_sample("any", display, SPEC).pixels)
+        assert target.dtype == torch.float32
+        assert target.tolist() == [float(name in image.labels) for name in data.classes]
+
+
+@pytest.mark.parametrize("layout", ["png", "dicom"])
+def test_augmentation_changes_pixels_keeps_their_shape_and_is_reproducible(
+    layout: str, chestxray14: Path, dicom_folder: Path
+) -> None:
+    data = read_dataset(chestxray14 if layout == "png" else dicom_folder, CXR14)
+    train = data.split("train")[:3]
+    plain = TrainingImages(train, data.classes, "cxr", SPEC)
+    augmented = TrainingImages(train, data.classes, "cxr", SPEC, augment=True, seed=7)
+    again = TrainingImages(train, data.classes, "cxr", SPEC, augment=True, seed=7)
+    reseeded = TrainingImages(train, data.classes, "cxr", SPEC, augment=True, seed=8)
+    for index in range(len(train)):
+        pixels, target = augmented[index]
+        assert pixels.shape == plain[index][0].shape and pixels.dtype == torch.float32
+        assert not torch.allclose(pixels, plain[index][0], atol=0.05)
+        assert torch.equal(pixels, again[index][0])
+        assert not torch.equal(pixels, reseeded[index][0])
+        assert torch.equal(target, plain[index][1])
+    assert not torch.equal(augmented[0][0], augmented[1][0])
+
+
+def test_augmentation_is_a_rotation_brightness_shift_and_noise_of_the_stated_sizes(tmp_path: Path) -> None:
+    """On a flat grey picture: the centre moves by the brightness shift plus sigma 0.02 noise,
+    and the corners the rotation uncovers turn black."""
+    path = tmp_path / "flat.png"
+    Image.fromarray(np.full((64, 64), 128, dtype=np.uint8)).save(path)
+    flat = [LabelledImage(path, (), "p", "train")]
+    display_units = InputSpec(image_size=64, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    shifts, dark_corners = [], 0
+    for seed in range(8):
+        pixels = TrainingImages(flat, (), "cxr", display_units, augment=True, seed=seed)[0][0].numpy()
+        centre = pixels[0, 24:40, 24:40]
+        shifts.append(float(centre.mean()) - 128 / 255)
+        assert 0.015 < centre.std() < 0.025
+        dark_corners += bool(pixels[0, :2, :2].mean() < 0.25)
+    assert all(abs(shift) < 0.1 + 0.01 for shift in shifts) and np.ptp(shifts) > 0.05
+    assert dark_corners >= 4
+
+
+def test_augmentation_is_refused_outside_the_train_split(chestxray14: Path) -> None:
+    data = read_dataset(chestxray14, CXR14)
+    with pytest.raises(ValueError, match="'test'"):
+        TrainingImages(data.split("test"), data.classes, "cxr", SPEC, augment=True)
+
+
+def test_image_that_cannot_be_prepared_is_refused_naming_its_file(dicom_folder: Path, tmp_path: Path) -> None:
+    folder = copy_of(dicom_folder, tmp_path)
+    data = read_dataset(folder, CXR14)
+    data.images[2].path.write_bytes(b"not a DICOM file")
+    with pytest.raises(DataError, match=rf"{data.images[2].path}: cannot be prepared"):
+        TrainingImages(data.images, data.classes, "cxr", SPEC)[2]
 
 
 # The synthetic data itself ----------------------------------------------------------------

@@ -7,6 +7,9 @@ Labels are matched to the prompt set's class names and returned in its spelling 
 Splits carved here are carved by patient, never by image, so no patient's images are seen in
 training and scored in validation. Every bad input raises `DataError` naming the file, the
 line and what is wrong; nothing is skipped silently.
+
+`TrainingImages` turns the labelled images into tensors through the very functions serving
+uses, so a prompt set learns on exactly the pixels it is later shown.
 """
 
 from __future__ import annotations
@@ -20,8 +23,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pydicom
+import torch
+from PIL import Image, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
+
+from dicomnode.flow import InputSpec, Sample
+from dicomnode.imaging import ImagingError, prepare
+from dicomnode.imaging.common import display_pixels, to_sample
 
 SPLITS = ("train", "val", "test")
 PICTURE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
@@ -41,6 +51,11 @@ LOOKED_FOR = (
 NO_FINDING = frozenset({"nofinding", "normal"})
 # Layouts without an official split hold out this share of patients for testing.
 TEST_FRACTION = 0.1
+
+# Augmentation of VPT training (METHODS.md section 1), in display units ([0, 1]).
+ROTATION_DEGREES = 15.0
+BRIGHTNESS = 0.1
+NOISE_SIGMA = 0.02
 
 
 class DataError(ValueError):
@@ -434,3 +449,109 @@ def data_fingerprint(data: LabelledData) -> str:
         (image.path.relative_to(root).as_posix(), list(image.labels), image.split) for image in data.images
     )
     return hashlib.sha256(json.dumps(records).encode("utf-8")).hexdigest()
+
+
+# Pixels -----------------------------------------------------------------------------------------
+
+
+def is_picture(path: Path) -> bool:
+    """Whether a dataset file is a plain picture (PNG, JPEG, TIFF, BMP) rather than DICOM."""
+    return path.suffix.lower() in PICTURE_SUFFIXES
+
+
+def picture_display(path: Path) -> np.ndarray:
+    """A picture as a display image, float32 in [0, 1]: (rows, cols) grayscale or (rows, cols, 3) RGB.
+
+    16-bit grayscale is scaled by 65535, everything else by 255; colour with alpha or a palette
+    is converted to RGB.
+    """
+    with Image.open(path) as picture:
+        if picture.mode in ("I;16", "I;16B", "I;16L", "I"):
+            return np.clip(np.asarray(picture, dtype=np.float64) / 65535, 0.0, 1.0).astype(np.float32)
+        mode = "L" if picture.mode in ("1", "L", "LA") else "RGB"
+        return (np.asarray(picture.convert(mode), dtype=np.float32) / 255).astype(np.float32)
+
+
+def serving_sample(domain: str, path: Path, spec: InputSpec) -> Sample:
+    """The Sample serving makes of a file: DICOM through the domain's preparer, pictures as they are."""
+    if is_picture(path):
+        return to_sample(path.stem, picture_display(path), spec)
+    return prepare(domain, path, spec)
+
+
+class TrainingImages(torch.utils.data.Dataset):
+    """Labelled images as backbone input (3, S, S) float32 with multi-hot float32 targets.
+
+    Without augmentation an item's pixels are exactly `serving_sample`'s. With augmentation
+    (training images only) the display image is brightened by up to +-0.1 and rotated by up to
+    +-15 degrees before `to_sample`, and Gaussian noise of sigma 0.02 (display units) is added
+    after. An item's augmentation depends on (seed, index) only, so a run is reproducible; pass
+    another seed for other draws. Augmented DICOM is decoded with `display_pixels` directly, so
+    the domain preparer's acceptance checks run on the un-augmented splits only.
+    """
+
+    def __init__(
+        self,
+        images: Sequence[LabelledImage],
+        classes: Sequence[str],
+        domain: str,
+        spec: InputSpec,
+        augment: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.images = tuple(images)
+        self.classes = tuple(classes)
+        self.domain = domain
+        self.spec = spec
+        self.augment = augment
+        self.seed = seed
+        self._index = {name: position for position, name in enumerate(self.classes)}
+        for image in self.images:
+            unknown = [label for label in image.labels if label not in self._index]
+            if unknown:
+                raise DataError(f"{image.path}: labels {unknown} are not among the classes {self.classes}")
+            if augment and image.split != "train":
+                raise ValueError(f"{image.path}: augmentation is for the train split, not {image.split!r}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = range(len(self.images))[index]
+        image = self.images[index]
+        try:
+            if self.augment:
+                pixels = self._augmented(image.path, np.random.default_rng([self.seed, index]))
+            else:
+                pixels = serving_sample(self.domain, image.path, self.spec).pixels
+        except (ImagingError, InvalidDicomError, UnidentifiedImageError, OSError) as exc:
+            raise DataError(f"{image.path}: cannot be prepared: {exc}") from exc
+        target = np.zeros(len(self.classes), dtype=np.float32)
+        target[[self._index[label] for label in image.labels]] = 1.0
+        return torch.from_numpy(pixels), torch.from_numpy(target)
+
+    def _augmented(self, path: Path, rng: np.random.Generator) -> np.ndarray:
+        display = picture_display(path) if is_picture(path) else display_pixels(pydicom.dcmread(path))
+        angle = rng.uniform(-ROTATION_DEGREES, ROTATION_DEGREES)
+        shift = rng.uniform(-BRIGHTNESS, BRIGHTNESS)
+        # Brighten before rotating so the corners the rotation uncovers stay black, as padding is.
+        shown = _rotated(np.clip(display + shift, 0.0, 1.0), angle)
+        pixels = to_sample(path.stem, shown, self.spec).pixels
+        # One luminance field for every channel: a grayscale image stays gray, as in serving.
+        noise = rng.normal(0.0, NOISE_SIGMA, size=pixels.shape[1:])
+        std = np.asarray(self.spec.std, dtype=np.float64)[:, np.newaxis, np.newaxis]
+        return (pixels + noise / std).astype(np.float32)
+
+
+def _rotated(display: np.ndarray, degrees: float) -> np.ndarray:
+    """Rotate a (rows, cols[, 3]) float image about its centre, uncovered corners black."""
+    planes = display[..., np.newaxis] if display.ndim == 2 else display
+    rotated = [
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(planes[..., channel], dtype=np.float32)).rotate(
+                degrees, resample=Image.Resampling.BILINEAR, fillcolor=0.0
+            )
+        )
+        for channel in range(planes.shape[2])
+    ]
+    return rotated[0] if display.ndim == 2 else np.stack(rotated, axis=2)
