@@ -301,6 +301,164 @@ def check_config(config: ConfigOption = DEFAULT_CONFIG) -> None:
         typer.echo(f"  prompt set {line}")
 
 
+@app.command("train")
+def train_command(
+    modality: Annotated[str, typer.Option(help="The prompt set to learn: cxr, oct, pathology.")],
+    data: Annotated[
+        Path,
+        typer.Option(help="Dataset folder (ChestX-ray14, DICOM + labels.csv, image folders, tiles.csv)."),
+    ],
+    config: ConfigOption = DEFAULT_CONFIG,
+    method: Annotated[
+        str | None, typer.Option(help="vpt, dpt or linear-probe (default: the training YAML's).")
+    ] = None,
+    shots: Annotated[
+        int | None, typer.Option(min=1, help="Few-shot: this many training images per class.")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs (default: the training YAML's).")] = None,
+    nproc_per_node: Annotated[
+        int, typer.Option(min=1, help="Processes (GPUs) on this host, via torchrun.")
+    ] = 1,
+    out: Annotated[
+        Path | None, typer.Option(help="Write the version here instead of prompts/<modality>/<version>.")
+    ] = None,
+    train_config: Annotated[
+        Path | None, typer.Option(help="Training YAML (the seeds' defaults otherwise).")
+    ] = None,
+) -> None:
+    """Learn a new version of a modality's prompt set; a running node picks it up by itself."""
+    import os
+    import subprocess
+    import sys
+
+    if nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+        # torchrun starts the processes and their rendezvous; each runs this same command.
+        args = [a for a in sys.argv[1:]]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc_per_node}",
+        ]
+        raise typer.Exit(subprocess.call([*command, "-m", "dicomnode", *args]))
+    from dicomnode.config import read_validated
+    from dicomnode.train.loop import TrainingConfig
+    from dicomnode.train.run import TrainingError, run
+
+    cfg = _config(config)
+    try:
+        training = read_validated(train_config, TrainingConfig) if train_config else TrainingConfig()
+        overrides = {
+            k: v for k, v in (("method", method), ("shots", shots), ("epochs", epochs)) if v is not None
+        }
+        training = TrainingConfig.model_validate({**training.model_dump(), **overrides})
+    except ConfigError as exc:
+        typer.echo(f"configuration error:\n{exc}", err=True)
+        raise typer.Exit(2) from None
+    except ValueError as exc:
+        typer.echo(f"invalid option: {exc}", err=True)
+        raise typer.Exit(2) from None
+    bar = _progress_bar()
+    try:
+        run(modality, data, cfg, training, out, typer.echo, bar)
+    except TrainingError as exc:
+        typer.echo(f"cannot train: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command("eval")
+def eval_command(
+    prompt_set: Annotated[str, typer.Option(help="A prompt-set folder, or the name of a served set.")],
+    data: Annotated[Path, typer.Option(help="Dataset folder, in any layout `train` reads.")],
+    config: ConfigOption = DEFAULT_CONFIG,
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    baselines: Annotated[
+        bool, typer.Option(help="Also zero-shot and a linear probe on the same images.")
+    ] = False,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Also write the table as JSON here.")
+    ] = None,
+) -> None:
+    """The method x metric table (AUC, sensitivity, specificity, F1, FNR, 95% CIs) of a prompt set."""
+    import json
+    import tempfile
+
+    from dicomnode.model.backbone import BackboneError, load_backbone
+    from dicomnode.model.classifier import build_classifier
+    from dicomnode.model.library import PromptSetLibrary
+    from dicomnode.model.promptset import PromptSetError, load_prompt_set
+    from dicomnode.train.data import DataError, read_dataset
+    from dicomnode.train.evaluate import evaluate, markdown
+
+    cfg = _config(config)
+    try:
+        folder = Path(prompt_set)
+        if folder.is_dir():
+            chosen = load_prompt_set(folder)
+        else:
+            chosen = PromptSetLibrary(cfg.prompts_dir, [prompt_set], pins=cfg.prompt_set_versions).get(
+                prompt_set
+            )
+        dataset = read_dataset(data, [f.name for f in chosen.findings])
+        backbone = load_backbone(cfg.model.model_copy(update={"precision": "autocast"}))
+        extra = {}
+        if baselines:
+            shipped = load_prompt_set(cfg.prompts_dir / chosen.name)
+            extra["zeroshot"] = build_classifier(backbone, shipped)
+            extra["linear-probe"] = _linear_probe(backbone, shipped, dataset, Path(tempfile.mkdtemp()))
+        rows = evaluate(backbone, chosen, dataset, split, extra)
+    except (PromptSetError, DataError, BackboneError, ValueError) as exc:
+        typer.echo(f"cannot evaluate: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{chosen.name} {chosen.version} on {data} ({split} split)")
+    markdown(rows, typer.echo)
+    if backbone.demo:
+        typer.echo("DEMO backbone (random weights): these figures have NO clinical meaning")
+    if json_file is not None:
+        json_file.write_text(json.dumps({"split": split, "results": rows}, indent=2) + "\n")
+        typer.echo(f"wrote {json_file}")
+
+
+def _linear_probe(backbone, shipped, dataset, work: Path):
+    """A linear head trained on the train split from the zero-shot weights: the probe baseline."""
+    import torch
+    import yaml
+
+    from dicomnode.model.promptset import PROMPTSET_FILE, load_prompt_set
+    from dicomnode.train.loop import Ranks, TrainingConfig, train
+
+    content = yaml.safe_load((shipped.folder / PROMPTSET_FILE).read_text())
+    content["classes"] = [c for c in content["classes"] if c["name"] in dataset.classes]
+    content.update(
+        method="linear-probe", backbone={"architecture": backbone.architecture, "seed": backbone.seed}
+    )
+    if backbone.sha256:
+        content["backbone"] = {"architecture": backbone.architecture, "sha256": backbone.sha256}
+    draft = work / shipped.name
+    draft.mkdir(parents=True)
+    (draft / PROMPTSET_FILE).write_text(yaml.safe_dump(content))
+    probe = load_prompt_set(draft, require_tensors=False)
+    cfg = TrainingConfig(method="linear-probe", lr_head=1e-2, augment=False, workers=0)
+    return train(backbone, probe, dataset, cfg, Ranks(0, 1, torch.device(backbone.device)), work).classifier
+
+
+def _progress_bar():
+    """A progress line on stderr: epoch, loss, images/s and time left (tqdm)."""
+    from tqdm import tqdm
+
+    state: dict = {}
+
+    def update(epoch: int, epochs: int, loss: float, rate: float, left: float) -> None:
+        bar = state.get("bar")
+        if bar is None:
+            bar = state["bar"] = tqdm(total=epochs, unit="epoch", dynamic_ncols=True)
+        bar.n = epoch - 1
+        bar.set_postfix_str(f"loss {loss:.4f}, {rate:.0f} img/s, {left:.0f} s left")
+
+    return update
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: ratios against a reference in the same run.")
 app.add_typer(bench_app, name="bench")
 
@@ -408,4 +566,41 @@ def bench_infer(
         raise typer.Exit(1) from None
     if json_file is not None:
         write_json(document, json_file)
+        typer.echo(f"wrote {json_file}")
+
+
+@bench_app.command("train")
+def bench_train_command(
+    config: ConfigOption = DEFAULT_CONFIG,
+    device: Annotated[
+        str | None, typer.Option(help="auto, cpu or cuda (default: the configured one).")
+    ] = None,
+    batch: Annotated[int, typer.Option(min=1, help="Images per step (the seed's 32).")] = 32,
+    steps: Annotated[int, typer.Option(min=1, help="Timed steps per method.")] = 10,
+    epoch_images: Annotated[
+        int,
+        typer.Option(
+            help="Also give the time of one epoch of this many images (ChestX-ray14 train_val: 86524)."
+        ),
+    ] = 86524,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Also write the figures as JSON here.")
+    ] = None,
+) -> None:
+    """Step time and peak memory of VPT, DPT and the linear probe against full fine-tuning."""
+    import json
+
+    from dicomnode.bench.train import bench_train
+    from dicomnode.model.backbone import BackboneError, load_backbone
+
+    cfg = _config(config)
+    update = {"precision": "autocast", **({"device": device} if device else {})}
+    try:
+        backbone = load_backbone(cfg.model.model_copy(update=update))
+    except BackboneError as exc:
+        typer.echo(f"cannot load the backbone: {exc}", err=True)
+        raise typer.Exit(2) from None
+    document = bench_train(backbone, cfg.prompts_dir / "cxr", batch, steps, typer.echo, epoch_images)
+    if json_file is not None:
+        json_file.write_text(json.dumps(document, indent=2) + "\n")
         typer.echo(f"wrote {json_file}")

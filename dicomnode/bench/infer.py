@@ -30,13 +30,14 @@ from dicomnode.engine import Engine
 from dicomnode.flow import Sample
 from dicomnode.model.backbone import Backbone
 from dicomnode.model.classifier import PromptedClassifier, build_classifier, save_prompts
-from dicomnode.model.promptset import PROMPTSET_FILE, load_prompt_set
+from dicomnode.model.promptset import LEARNED_METHODS, PROMPTSET_FILE, load_prompt_set
 from dicomnode.model.towers import vision_shape
 
 #: The methods measured, with the prompt-set sections that define them. vpt-deep is the
 #: default chest set of METHODS.md (both lung fields at two scales, deep token prompts).
 METHODS: dict[str, tuple[str, dict | None]] = {
     "zeroshot": ("zeroshot", None),
+    "linear-probe": ("linear-probe", None),
     "vpt-shallow": ("vpt", {"tokens": {"count": 8, "depth": "shallow"}}),
     "vpt-deep": (
         "vpt",
@@ -100,13 +101,15 @@ def make_prompt_sets(backbone: Backbone, folder: Path, template: Path, seed: int
     folders = {}
     for name, (method, section) in METHODS.items():
         content = {**base, "name": name, "method": method}
+        learned = method in LEARNED_METHODS
         if section is not None:
             content[method] = section
+        if learned:
             content["backbone"] = identity
         target = folder / name
         target.mkdir(parents=True)
         (target / PROMPTSET_FILE).write_text(yaml.safe_dump(content, sort_keys=False))
-        if section is not None:
+        if learned:
             classifier = build_classifier(
                 backbone, load_prompt_set(target, require_tensors=False), initialise=True
             )

@@ -112,7 +112,8 @@ class PromptedClassifier(nn.Module):
         visual = self._backbone.model.visual
         if self.visual_prompts is not None:
             features = self.visual_prompts.image_features(visual, pixels)
-        elif self.dual_prompts is not None and self.dual_prompts.changes_image_tower:
+        elif self.dual_prompts is not None and (self.training or self.dual_prompts.changes_image_tower):
+            # Learning always takes the prompted pass: a zero vision prompt still has a gradient.
             features = self.dual_prompts.image_features(visual, pixels)
         else:
             features = self._backbone.model.encode_image(pixels)
@@ -166,7 +167,7 @@ class PromptedClassifier(nn.Module):
         return probabilities(self.logits(features), self.task)
 
 
-def _zero_shot_head(zero_shot: torch.Tensor, scale: torch.Tensor, task: str) -> nn.Linear:
+def zero_shot_head(zero_shot: torch.Tensor, scale: torch.Tensor, task: str) -> nn.Linear:
     """A linear head that computes exactly the zero-shot logits: the probe's starting point."""
     weight = zero_shot[:, 0] - zero_shot[:, 1] if task == "multi-label" else zero_shot[:, 0]
     head = nn.Linear(weight.shape[1], weight.shape[0])
@@ -212,7 +213,7 @@ def build_classifier(
             f"{prompt_set.folder}: method {method!r} on {backbone.architecture}: {exc}"
         ) from None
     if method in ("vpt", "linear-probe"):
-        classifier.head = _zero_shot_head(zero_shot, classifier.scale, prompt_set.task)
+        classifier.head = zero_shot_head(zero_shot, classifier.scale, prompt_set.task)
     classifier.to(backbone.device)
     if not initialise:
         _load(classifier, prompt_set.tensors, prompt_set)
