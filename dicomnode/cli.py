@@ -327,6 +327,7 @@ def train_command(
     ] = None,
 ) -> None:
     """Learn a new version of a modality's prompt set; a running node picks it up by itself."""
+    _require_train_extra()
     import os
     import subprocess
     import sys
@@ -381,6 +382,7 @@ def eval_command(
     ] = None,
 ) -> None:
     """The method x metric table (AUC, sensitivity, specificity, F1, FNR, 95% CIs) of a prompt set."""
+    _require_train_extra()
     import json
     import tempfile
 
@@ -441,6 +443,16 @@ def _linear_probe(backbone, shipped, dataset, work: Path):
     probe = load_prompt_set(draft, require_tensors=False)
     cfg = TrainingConfig(method="linear-probe", lr_head=1e-2, augment=False, workers=0)
     return train(backbone, probe, dataset, cfg, Ranks(0, 1, torch.device(backbone.device)), work).classifier
+
+
+def _require_train_extra() -> None:
+    """Training needs scikit-learn and matplotlib, which a serving-only install leaves out."""
+    import importlib.util
+
+    missing = [m for m in ("sklearn", "matplotlib") if importlib.util.find_spec(m) is None]
+    if missing:
+        typer.echo(f"{', '.join(missing)} not installed: pip install 'dicomnode[train]'", err=True)
+        raise typer.Exit(2)
 
 
 def _progress_bar():
@@ -588,6 +600,7 @@ def bench_train_command(
     ] = None,
 ) -> None:
     """Step time and peak memory of VPT, DPT and the linear probe against full fine-tuning."""
+    _require_train_extra()
     import json
 
     from dicomnode.bench.train import bench_train

@@ -44,7 +44,7 @@ PURGE_INTERVAL_S = 600.0
 #: Failures another attempt cannot fix: the study's content, the prompt set or the code is at
 #: fault (imaging, results and prompt-set errors are ValueErrors). Anything else (disk full,
 #: out of memory, a device error) may pass and is retried.
-PERMANENT_FAILURES = (StudyFailed, EngineError, ValueError, TypeError, KeyError)
+PERMANENT_FAILURES = (StudyFailed, EngineError, ValueError, TypeError, KeyError, AttributeError)
 
 
 class StartupError(RuntimeError):

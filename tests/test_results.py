@@ -275,6 +275,29 @@ def test_source_without_orientation_or_body_part_still_passes_dciodvfy(study, tm
         assert not dciodvfy_errors(path)
 
 
+def test_a_source_without_type_2_patient_and_study_attributes_gets_results_that_pass_dciodvfy(
+    study, tmp_path
+):
+    sources, samples, predictions = study
+    bare = [pydicom.Dataset(ds) for ds in sources]
+    for ds in bare:
+        del ds.PatientBirthDate, ds.PatientSex, ds.ReferringPhysicianName, ds.AccessionNumber
+    result = write_results(
+        out_dir=tmp_path,
+        sources=bare,
+        samples=samples,
+        predictions=predictions,
+        findings=FINDINGS,
+        procedure=CHEST_RADIOGRAPH,
+        model=MODEL,
+    )
+    for path in result.paths:
+        written = pydicom.dcmread(path)
+        assert "PatientBirthDate" in written and not written.PatientBirthDate
+        assert not dciodvfy_errors(path)
+    assert "PatientBirthDate" not in bare[0], "the caller's header is left as it was"
+
+
 def test_sources_from_two_studies_are_refused(study, tmp_path):
     sources, samples, predictions = study
     stranger = pydicom.dcmread(_source_path("RG3_UNCR.dcm"), stop_before_pixels=True)

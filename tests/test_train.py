@@ -150,3 +150,55 @@ def test_a_label_the_prompt_set_does_not_know_is_refused_naming_it(node, tmp_pat
 
     assert done.returncode == 2
     assert "Cat" in done.stderr
+
+
+def test_eval_prints_the_method_by_metric_table_with_baselines_and_writes_json(node, chest_data, tmp_path):
+    trained = _train(node, chest_data, "vpt", tmp_path, "--out", str(tmp_path / "learned" / "cxr"))
+    assert trained.returncode == 0, trained.stderr[-2000:]
+
+    learned, table = tmp_path / "learned" / "cxr", tmp_path / "eval.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "dicomnode", "eval", "--prompt-set", str(learned), "--data", str(chest_data),
+         "--config", str(node), "--baselines", "--json", str(table)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (
+        "| method | macro AUC (95% CI) | sensitivity | specificity | F1 | FNR | learned parameters |"
+        in done.stdout
+    )
+    table = json.loads(table.read_text())
+    methods = {row["method"]: row for row in table["results"]}
+    assert list(methods) == ["vpt", "zeroshot", "linear-probe"]
+    for row in methods.values():
+        low, high = row["auc_ci"]
+        assert low <= row["auc"] <= high
+        assert set(row["classes"]) == {"Effusion", "Nodule", "Pneumothorax"}
+    assert methods["vpt"]["auc"] >= 0.8
+    assert methods["zeroshot"]["learned_parameters"] == 0
+    assert "NO clinical meaning" in done.stdout
+
+
+def test_a_trained_version_is_served_by_the_node_it_was_trained_for(node, chest_data, tmp_path, orthanc):
+    from tests.conftest import dcmtk, start_node, wait_until
+    from tests.test_end_to_end import _results_in, _sr_text
+
+    trained = _train(node, chest_data, "dpt", tmp_path)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    content = yaml.safe_load(node.read_text())
+    content["destinations"] = [orthanc.destination(backoff_s=0.5)]
+    node.write_text(yaml.safe_dump(content))
+    running = start_node(node, content["scp"]["port"])
+    try:
+        study = synthetic.dicom_labels(tmp_path / "dicom", classes=CLASSES, patients=1, images_per_patient=1)
+        path = next(p for p in study.rglob("*.dcm"))
+        sent = dcmtk("storescu", "-aec", "DICOMNODE", "127.0.0.1", str(running.port), str(path))
+        assert sent.returncode == 0, sent.stderr
+        reports = [r for r in _results_in(orthanc) if "88." in r.SOPClassUID]
+        assert "cxr dpt" in _sr_text(reports[0])
+        assert wait_until(lambda: "done=1" in running.cli("status").stdout, 30, what="done")
+    finally:
+        from tests.conftest import stop_process
+
+        stop_process(running.process)

@@ -9,6 +9,7 @@ engine's output arrives as plain `Prediction` values.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,6 +55,7 @@ def write_results(
     replaces the earlier ones. Raises `ResultsError` naming the attribute or UID at fault.
     """
     _check_inputs(sources, samples, predictions, findings)
+    sources = [_with_type2_patient_and_study(ds) for ds in sources]
     study_findings = _study_findings(findings, predictions)
     source_uids = [str(ds.SOPInstanceUID) for ds in sources]
 
@@ -92,6 +94,33 @@ def write_results(
     sr_path = _save(report, out_dir / f"sr-{report.SOPInstanceUID}.dcm")
     sc_path = _save(capture, out_dir / f"sc-{capture.SOPInstanceUID}.dcm")
     return ResultSet(study_instance_uid=str(sources[0].StudyInstanceUID), paths=(sr_path, sc_path))
+
+
+#: Type 2 attributes of the Patient and General Study modules that the results copy from the
+#: source. A modality may leave them out (they are required, but may be empty): the results
+#: then carry them empty, as the standard allows, instead of failing the study.
+_TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+def _with_type2_patient_and_study(source: pydicom.Dataset) -> pydicom.Dataset:
+    """The source header, with the Type 2 attributes it lacks present and empty (a copy)."""
+    missing = [keyword for keyword in _TYPE2_COPIED if keyword not in source]
+    if not missing:
+        return source
+    completed = copy.deepcopy(source)
+    for keyword in missing:
+        setattr(completed, keyword, "")
+    return completed
 
 
 def _check_inputs(
