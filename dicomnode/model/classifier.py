@@ -141,11 +141,16 @@ class PromptedClassifier(nn.Module):
         self._text_cache = None
         return self
 
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        """Per-class logits of normalised image features."""
-        if self.head is not None:
-            return self.head(features)
-        return text_logits(features, self.text_features(), self.scale, self.task)
+    def logits(self, features: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-class logits of normalised image features (against `text`, else this set's text
+        features), in fp32 even under autocast: the probabilities are compared with calibrated
+        thresholds and must not be bf16-rounded."""
+        with torch.autocast(features.device.type, enabled=False):
+            features = features.float()
+            if self.head is not None:
+                return self.head(features)
+            text = self.text_features() if text is None else text
+            return text_logits(features, text.float(), self.scale, self.task)
 
     def forward(self, pixels: torch.Tensor, with_features: bool = False):
         """Per-class logits of a batch of normalised images (B, 3, S, S).
@@ -155,11 +160,9 @@ class PromptedClassifier(nn.Module):
         that distributed training sees every use of the prompts).
         """
         image = self.image_features(pixels)
-        if self.head is not None:
-            logits, text = self.head(image), None
-        else:
-            text = self.text_features()
-            logits = text_logits(image, text, self.scale, self.task)
+        # Once per step: while learning, text features are a pass through the text tower.
+        text = None if self.head is not None else self.text_features()
+        logits = self.logits(image, text)
         return (logits, image, text) if with_features else logits
 
     def probabilities(self, features: torch.Tensor) -> torch.Tensor:

@@ -57,9 +57,11 @@ def _plots(folder: Path, probabilities: np.ndarray, targets: np.ndarray, classes
             first, second, _ = curve(y, probabilities[:, c])
             x, yv = (first, second) if name == "roc.png" else (second, first)
             ax.plot(x, yv, label=label)
+        if name == "roc.png":
+            ax.plot([0, 1], [0, 1], linestyle=":", color="grey", label="chance")
         ax.set_xlabel(axes[0])
         ax.set_ylabel(axes[1])
-        ax.set_title(f"{name[:-4].upper()} on the test split" if name else "")
+        ax.set_title(f"{name[:-4].upper()} on the test split")
         ax.legend(fontsize=7)
         figure.savefig(folder / name, dpi=100)
         plt.close(figure)
