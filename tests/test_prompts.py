@@ -18,7 +18,7 @@ from dicomnode.model.backbone import Backbone, load_backbone
 from dicomnode.model.classifier import PLAIN_VISION, build_classifier
 from dicomnode.model.promptset import TENSORS_FILE, PromptSetError, load_prompt_set
 from dicomnode.model.towers import TextTower, encode_image
-from dicomnode.model.vpt import VisualPrompts
+from dicomnode.model.vpt import CHEST_DEFAULT, VisualPrompts
 from tests.prompt_sets import DPT, VPT_DEEP, VPT_SHALLOW, spec, write_prompt_set
 
 
@@ -224,14 +224,7 @@ def test_the_default_chest_vpt_for_vit_b16_stays_near_the_seeds_parameter_budget
     from dicomnode.model.promptset import VptSpec
     from dicomnode.model.towers import VisionShape
 
-    section = {
-        "pixel": {
-            "placement": "regions",
-            "regions": {"left": [0.1, 0.1, 0.5, 0.9], "right": [0.5, 0.1, 0.9, 0.9]},
-            "grids": [32, 8],
-        },
-        "tokens": {"count": 6, "depth": "deep"},
-    }
+    section = CHEST_DEFAULT
     prompts = VisualPrompts(VptSpec.model_validate(section), VisionShape(768, 12, 224, 512), patch_size=16)
     head = 512 * 14 + 14
     total = sum(t.numel() for t in prompts.named_tensors().values()) + head

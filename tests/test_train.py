@@ -116,7 +116,7 @@ def test_a_resumed_run_ends_exactly_as_an_uninterrupted_one(chest_data, tiny_arc
     draft_folder.mkdir()
     content = yaml.safe_load((REPO / "prompts" / "cxr" / "promptset.yaml").read_text())
     content["classes"] = [c for c in content["classes"] if c["name"] in CLASSES]
-    content.update(method="vpt", vpt=loop.DEFAULT_VPT, backbone={"architecture": "tinyclip", "seed": 7})
+    content.update(method="vpt", backbone={"architecture": "tinyclip", "seed": 7})
     content["vpt"] = {"tokens": {"count": 2, "depth": "deep"}, "pixel": {"placement": "border", "size": 4}}
     (draft_folder / "promptset.yaml").write_text(yaml.safe_dump(content))
     draft = load_prompt_set(draft_folder, require_tensors=False)

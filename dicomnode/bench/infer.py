@@ -32,6 +32,7 @@ from dicomnode.model.backbone import Backbone
 from dicomnode.model.classifier import PromptedClassifier, build_classifier, save_prompts
 from dicomnode.model.promptset import LEARNED_METHODS, PROMPTSET_FILE, load_prompt_set
 from dicomnode.model.towers import vision_shape
+from dicomnode.model.vpt import CHEST_DEFAULT
 
 #: The methods measured, with the prompt-set sections that define them. vpt-deep is the
 #: default chest set of METHODS.md (both lung fields at two scales, deep token prompts).
@@ -39,17 +40,7 @@ METHODS: dict[str, tuple[str, dict | None]] = {
     "zeroshot": ("zeroshot", None),
     "linear-probe": ("linear-probe", None),
     "vpt-shallow": ("vpt", {"tokens": {"count": 8, "depth": "shallow"}}),
-    "vpt-deep": (
-        "vpt",
-        {
-            "pixel": {
-                "placement": "regions",
-                "regions": {"right_lung": [0.1, 0.15, 0.48, 0.85], "left_lung": [0.52, 0.15, 0.9, 0.85]},
-                "grids": [32, 8],
-            },
-            "tokens": {"count": 6, "depth": "deep"},
-        },
-    ),
+    "vpt-deep": ("vpt", CHEST_DEFAULT),
     "dpt": ("dpt", {"context_tokens": 16, "class_specific": False, "vision_prompt": True}),
 }
 ALL_METHODS = ("backbone", *METHODS, "engine-zeroshot")

@@ -22,6 +22,17 @@ from dicomnode.model.towers import VisionShape, encode_image
 PIXEL = "vpt.pixel"
 TOKENS = "vpt.tokens"
 
+#: The chest default of METHODS.md: both lung fields at two scales (grids 32 and 8) and six
+#: deep token prompts; with a 14-class head about 0.07M parameters on ViT-B/16.
+CHEST_DEFAULT = {
+    "pixel": {
+        "placement": "regions",
+        "regions": {"right_lung": [0.1, 0.15, 0.48, 0.85], "left_lung": [0.52, 0.15, 0.9, 0.85]},
+        "grids": [32, 8],
+    },
+    "tokens": {"count": 6, "depth": "deep"},
+}
+
 
 class VisualPrompts(nn.Module):
     """The learnable prompts of one VPT set for one image tower shape."""

@@ -34,6 +34,7 @@ from dicomnode.config import ModelConfig
 from dicomnode.model.backbone import Backbone, load_backbone
 from dicomnode.model.classifier import PromptedClassifier, build_classifier, encode_texts, text_logits
 from dicomnode.model.promptset import DptSpec, PromptSet, VptSpec
+from dicomnode.model.vpt import CHEST_DEFAULT
 from dicomnode.train.data import LabelledData, LabelledImage, TrainingImages, few_shot
 from dicomnode.train.losses import (
     ClinicalLossWeights,
@@ -46,16 +47,6 @@ from dicomnode.train.losses import (
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-
-#: The chest default of METHODS.md: both lung fields at two scales, deep token prompts.
-DEFAULT_VPT = {
-    "pixel": {
-        "placement": "regions",
-        "regions": {"right_lung": [0.1, 0.15, 0.48, 0.85], "left_lung": [0.52, 0.15, 0.9, 0.85]},
-        "grids": [32, 8],
-    },
-    "tokens": {"count": 6, "depth": "deep"},
-}
 
 
 class TrainingConfig(BaseModel):
@@ -77,7 +68,7 @@ class TrainingConfig(BaseModel):
     val_fraction: float = Field(default=0.1, gt=0, lt=1)
     target_sensitivity: float = Field(default=0.9, gt=0, le=1)
     workers: int = Field(default=2, ge=0)
-    vpt: VptSpec = VptSpec.model_validate(DEFAULT_VPT)
+    vpt: VptSpec = VptSpec.model_validate(CHEST_DEFAULT)
     dpt: DptSpec = DptSpec()
     clinical: dict[str, float] = Field(default_factory=dict, description="class -> priority weight")
     focal: tuple[float, float, float] = (1.0, 4.0, 0.05)
