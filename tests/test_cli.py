@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from tests.conftest import (
     free_port,
     start_orthanc,
     stop_process,
+    umask,
     wait_for_port,
     wait_until,
     write_node_config,
@@ -564,6 +566,34 @@ def test_requeue_puts_dead_deliveries_back_and_refuses_an_unknown_destination(tm
     assert outcome.exit_code == 0
     assert outcome.stdout == "1 dead deliveries requeued\n"
     assert "outbox: pacs:pending=1" in cli("status", "--config", config).stdout
+
+
+def test_status_and_requeue_from_a_permissive_shell_leave_the_journal_private(tmp_path, tiny_architecture):
+    destination = {"name": "pacs", "host": "127.0.0.1", "port": 104, "ae_title": "PACS"}
+    config = write_node_config(tmp_path, tiny_architecture, scp_port=free_port(), destinations=[destination])
+    state_dir = state_dir_of(config)
+    with umask(0o077):  # the journal as `dicomnode serve` writes it
+        spool = journal_ct_study(
+            config,
+            "1.2.826.0.1.3680043.8.498.79",
+            state="done",
+            deliveries=[("pacs", state_dir / "outbox" / "sr.dcm")],
+        )
+        spool.delivery_failed(spool.next_delivery("pacs"), "PACS@127.0.0.1:104 rejected", retry_at=None)
+        spool.close()
+
+    with umask(0o022):  # an administrator's shell
+        status = cli("status", "--config", config)
+        requeue = cli("requeue", "--config", config)
+        # The -wal and -shm these commands' connections created, if they are still open.
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in state_dir.glob("journal.sqlite*")}
+
+    assert status.exit_code == 0 and "outbox: pacs:dead=1" in status.stdout
+    assert requeue.stdout == "1 dead deliveries requeued\n"
+    assert "journal.sqlite" in modes
+    assert set(modes.values()) == {0o600}, modes
+    for folder in (state_dir, state_dir / "spool", state_dir / "outbox"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
 
 
 # -- infer ---------------------------------------------------------------------------------------
