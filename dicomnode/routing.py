@@ -20,13 +20,11 @@ from pydicom.uid import UID_dictionary
 
 from dicomnode.config import MatchCondition, RoutingConfig, RoutingRule
 from dicomnode.flow import StoredInstance, StudyJob
+from dicomnode.identity import NODE_MANUFACTURER
 
 #: Value representations whose values are codes or numbers, never free text about a person;
 #: only these are quoted in routing reasons, which end up in logs and `dicomnode status`.
 _QUOTABLE_VRS = frozenset({"AE", "CS", "DS", "IS", "SS", "US", "UI"})
-
-#: Manufacturer written into every result, so results forwarded back to us are never re-processed.
-RESULT_MANUFACTURER = "dicomnode"
 
 
 @dataclass(frozen=True)
@@ -94,7 +92,8 @@ def _rule_mismatch(rule: RoutingRule, ds: pydicom.Dataset, calling_ae: str) -> s
 
 def decide(routing: RoutingConfig, ds: pydicom.Dataset, calling_ae: str = "") -> Decision:
     """Route one dataset: the first matching rule wins; the reason says why in words."""
-    if str(ds.get("Manufacturer", "")).strip() == RESULT_MANUFACTURER:
+    # Our own results, forwarded back by a PACS, are never processed again.
+    if str(ds.get("Manufacturer", "")).strip() == NODE_MANUFACTURER:
         return Decision(None, None, "a result dicomnode produced itself")
     misses = []
     for rule in routing.rules:

@@ -11,6 +11,7 @@ the older content does not mark it done).
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
 import threading
@@ -118,8 +119,13 @@ class Spool:
         self.instances_dir = self.state_dir / "spool"
         self.outbox_dir = self.state_dir / "outbox"
         self.min_free_bytes = min_free_bytes
+        self.journal_path = self.state_dir / "journal.sqlite"
         for folder in (self.state_dir, self.instances_dir, self.outbox_dir):
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # SQLite would create the journal under the umask of whoever opens it first, and gives
+        # its -wal and -shm files the journal's own mode: created 0600 here, all three stay
+        # private whatever the umask. An existing journal is opened as it is, its mode kept.
+        os.close(os.open(self.journal_path, os.O_WRONLY | os.O_CREAT, 0o600))
         self._local = threading.local()
         self._study_locks = [threading.Lock() for _ in range(_STUDY_LOCKS)]
         self._db().executescript(_SCHEMA)
@@ -143,7 +149,7 @@ class Spool:
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.state_dir / "journal.sqlite", timeout=30, isolation_level=None)
+            db = sqlite3.connect(self.journal_path, timeout=30, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             # FULL: a committed row survives power loss, which the C-STORE ack promises.
             db.execute("PRAGMA synchronous=FULL")

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,16 @@ def wait_until(predicate, timeout: float = 60.0, interval: float = 0.2, what: st
             return value
         time.sleep(interval)
     raise TimeoutError(f"{what} not reached after {timeout} s")
+
+
+@contextmanager
+def umask(mask: int) -> Iterator[None]:
+    """Run the block under this process umask, as a service or a shell with that umask would."""
+    previous = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(previous)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,7 +24,9 @@ from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
 from dicomnode.cli import app
+from dicomnode.config import load_routing
 from dicomnode.privacy import uid_tag
+from dicomnode.routing import Ignored, route_study
 from dicomnode.spool import Spool
 from tests.conftest import (
     REPO,
@@ -32,6 +35,7 @@ from tests.conftest import (
     free_port,
     start_orthanc,
     stop_process,
+    umask,
     wait_for_port,
     wait_until,
     write_node_config,
@@ -90,6 +94,41 @@ rules:
     match: {BodyPartExamined: [EXTREMITY]}
     ignore: no prompt set for extremities
 """
+
+
+#: A patient the tests chose: a value of theirs in an output was put there by the node.
+PATIENT = {
+    "PatientName": "Doe^Jane",
+    "PatientID": "MRN-884422",
+    "StudyInstanceUID": "1.2.826.0.1.3680043.8.498.424242",
+}
+
+#: Rules, added after ROUTING's, that read each attribute of PATIENT and never match it, so
+#: that routing compares the patient's values and must still keep them out of its reasons.
+PATIENT_RULES = """
+  - {name: patient-name, match: {PatientName: [Nobody^Known]}, prompt_set: cxr}
+  - {name: patient-id, match: {PatientID: [NOBODY]}, prompt_set: cxr}
+  - {name: study, match: {StudyInstanceUID: ['1.2.3']}, prompt_set: cxr}
+"""
+
+#: Why ROUTING + PATIENT_RULES routes PATIENT's CT nowhere.
+PATIENT_CT_REASON = (
+    "no rule matched (chest-radiograph: Modality is CT, rule wants CR|DX; "
+    "extremity: BodyPartExamined is absent, rule wants EXTREMITY; "
+    "patient-name: PatientName is a value that does not match, rule wants Nobody^Known; "
+    "patient-id: PatientID is a value that does not match, rule wants NOBODY; "
+    "study: StudyInstanceUID is a value that does not match, rule wants 1.2.3)"
+)
+
+
+def ct_of_patient(folder: Path) -> Path:
+    """pydicom's CT_small as a study of PATIENT, written as a modality sends it."""
+    ds = pydicom.dcmread(shipped_file(CT))
+    for keyword, value in PATIENT.items():
+        setattr(ds, keyword, value)
+    path = folder / "ct.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
 
 
 @pytest.fixture
@@ -255,12 +294,24 @@ def test_route_prints_the_decision_and_reason_for_each_file(node_config):
     ]
 
 
-def test_route_never_prints_the_patient_name_of_a_file(node_config):
+def test_route_never_prints_the_patient_data_of_a_file(node_config, tmp_path):
+    with_routing(node_config, ROUTING + PATIENT_RULES)
+    patient_ct = ct_of_patient(tmp_path)
+
     outcome = cli(
-        "route", shipped_file(CHEST), shipped_file(EXTREMITY), shipped_file(CT), "--config", node_config
+        "route",
+        shipped_file(CHEST),
+        shipped_file(EXTREMITY),
+        shipped_file(CT),
+        patient_ct,
+        "--config",
+        node_config,
     )
 
-    assert "CompressedSamples" not in outcome.stdout + outcome.stderr
+    assert outcome.exit_code == 0, outcome.stderr
+    assert f"{patient_ct}: (ignored): {PATIENT_CT_REASON}" in outcome.stdout.splitlines()
+    for value in ("CompressedSamples", *PATIENT.values()):  # CT_small's patient, and ours
+        assert value not in outcome.stdout + outcome.stderr, value
 
 
 def test_route_as_a_calling_ae_title(node_config):
@@ -345,11 +396,34 @@ def journal_ct_study(config: Path, study_uid: str, **outcome) -> Spool:
     return spool
 
 
-def test_status_lists_an_ignored_study_by_hashed_uid_only(node_config):
-    study_uid = "1.2.826.0.1.3680043.8.498.424242"
-    journal_ct_study(
-        node_config, study_uid, state="ignored", reason="no rule matched (cxr: Modality is CT)"
-    ).close()
+def journal_ignored_study(config: Path, instance: Path) -> Spool:
+    """`instance` received into the config's journal and its study routed nowhere, as by the node.
+
+    Stored under the UIDs the file carries, as the SCP stores it; routed by the config's
+    routing.yaml; journaled as ignored with the reason routing gave.
+    """
+    ds = pydicom.dcmread(instance, stop_before_pixels=True)
+    spool = Spool(state_dir_of(config))
+    spool.store(
+        instance.read_bytes(),
+        sop_instance_uid=ds.SOPInstanceUID,
+        sop_class_uid=ds.SOPClassUID,
+        study_instance_uid=ds.StudyInstanceUID,
+        series_instance_uid=ds.SeriesInstanceUID,
+        calling_ae="CT_SCANNER",
+    )
+    study = spool.claim_quiet_study(0.0, now=float("inf"))
+    assert study is not None
+    routing = load_routing(Path(yaml.safe_load(config.read_text())["routing"]))
+    outcome = route_study(routing, study.study_instance_uid, spool.instances(study.study_instance_uid))
+    assert isinstance(outcome, Ignored), outcome
+    spool.finish_study(study, state="ignored", reason=outcome.reason)
+    return spool
+
+
+def test_status_lists_an_ignored_study_by_hashed_uid_only(node_config, tmp_path):
+    with_routing(node_config, ROUTING + PATIENT_RULES)
+    journal_ignored_study(node_config, ct_of_patient(tmp_path)).close()
 
     outcome = cli("status", "--config", node_config)
 
@@ -359,9 +433,10 @@ def test_status_lists_an_ignored_study_by_hashed_uid_only(node_config):
         "outbox: none",
         "instances: stored=1",
         "recent problems:",
-        f"  study ignored study {uid_tag(study_uid)}: no rule matched (cxr: Modality is CT)",
+        f"  study ignored study {uid_tag(PATIENT['StudyInstanceUID'])}: {PATIENT_CT_REASON}",
     ]
-    assert study_uid not in outcome.stdout
+    for value in PATIENT.values():
+        assert value not in outcome.stdout, value
 
 
 def test_status_with_invalid_configuration_exits_2(tmp_path):
@@ -614,6 +689,34 @@ def test_requeue_puts_dead_deliveries_back_and_refuses_an_unknown_destination(tm
     assert outcome.exit_code == 0
     assert outcome.stdout == "1 dead deliveries requeued\n"
     assert "outbox: pacs:pending=1" in cli("status", "--config", config).stdout
+
+
+def test_status_and_requeue_from_a_permissive_shell_leave_the_journal_private(tmp_path, tiny_architecture):
+    destination = {"name": "pacs", "host": "127.0.0.1", "port": 104, "ae_title": "PACS"}
+    config = write_node_config(tmp_path, tiny_architecture, scp_port=free_port(), destinations=[destination])
+    state_dir = state_dir_of(config)
+    with umask(0o077):  # the journal as `dicomnode serve` writes it
+        spool = journal_ct_study(
+            config,
+            "1.2.826.0.1.3680043.8.498.79",
+            state="done",
+            deliveries=[("pacs", state_dir / "outbox" / "sr.dcm")],
+        )
+        spool.delivery_failed(spool.next_delivery("pacs"), "PACS@127.0.0.1:104 rejected", retry_at=None)
+        spool.close()
+
+    with umask(0o022):  # an administrator's shell
+        status = cli("status", "--config", config)
+        requeue = cli("requeue", "--config", config)
+        # The -wal and -shm these commands' connections created, if they are still open.
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in state_dir.glob("journal.sqlite*")}
+
+    assert status.exit_code == 0 and "outbox: pacs:dead=1" in status.stdout
+    assert requeue.stdout == "1 dead deliveries requeued\n"
+    assert "journal.sqlite" in modes
+    assert set(modes.values()) == {0o600}, modes
+    for folder in (state_dir, state_dir / "spool", state_dir / "outbox"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
 
 
 # -- infer ---------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pydicom
 import requests
+import yaml
 from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
@@ -21,6 +22,7 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, DigitalXRayIma
 
 from dicomnode.net.scu import Peer, store
 from tests.conftest import (
+    REPO,
     dciodvfy_errors,
     dcmtk,
     free_port,
@@ -265,17 +267,52 @@ def _variant(source: Path, folder: Path, name: str, **changes) -> Path:
     return path
 
 
+def _routing_that_reads_patient_data(folder: Path) -> Path:
+    """The shipped rules, then rules that read PatientName and PatientID and never match them.
+
+    Routing then compares every study's patient name and ID, and must still keep them out of
+    the reasons it gives the journal and the log.
+    """
+    rules = yaml.safe_load((REPO / "conf" / "routing.yaml").read_text())["rules"]
+    rules += [
+        {"name": "patient-name", "match": {"PatientName": ["Nobody^Known"]}, "prompt_set": "cxr"},
+        {"name": "patient-id", "match": {"PatientID": ["NOBODY"]}, "prompt_set": "cxr"},
+    ]
+    path = folder / "routing.yaml"
+    path.write_text(yaml.safe_dump({"rules": rules}, sort_keys=False))
+    return path
+
+
 def test_dx_is_reported_sc_is_ignored_and_a_chest_cr_without_pixels_fails_with_its_reason(
     tmp_path, orthanc, node_factory
 ):
-    node = node_factory(destinations=[orthanc.destination(backoff_s=0.5)])
+    node = node_factory(
+        destinations=[orthanc.destination(backoff_s=0.5)],
+        routing=str(_routing_that_reads_patient_data(tmp_path)),
+    )
     chest = Path(get_testdata_file("RG1_UNCR.dcm", download=False))
+    # Each input is a patient the test chose. RG1's referring physician "ward" stays: highdicom
+    # warns about that name quoting it, and the node must withhold the warning's text.
     # No real DX ships with pydicom's data: the real CR, relabelled as a DX for presentation.
     dx = _variant(
-        chest, tmp_path, "dx.dcm", SOPClassUID=DigitalXRayImageStorageForPresentation, Modality="DX"
+        chest,
+        tmp_path,
+        "dx.dcm",
+        SOPClassUID=DigitalXRayImageStorageForPresentation,
+        Modality="DX",
+        PatientName="Doe^Jane",
+        PatientID="MRN-884422",
     )
-    no_pixels = _variant(chest, tmp_path, "cr-no-pixels.dcm", PixelData=None)
-    secondary_capture = get_testdata_file("SC_rgb.dcm", download=False)
+    no_pixels = _variant(
+        chest, tmp_path, "cr-no-pixels.dcm", PixelData=None, PatientName="Roe^Richard", PatientID="MRN-551133"
+    )
+    secondary_capture = _variant(
+        Path(get_testdata_file("SC_rgb.dcm", download=False)),
+        tmp_path,
+        "sc.dcm",
+        PatientName="Poe^Edgar",
+        PatientID="MRN-190949",
+    )
     for path in (dx, no_pixels, secondary_capture):
         sent = dcmtk("storescu", "-aec", "DICOMNODE", "127.0.0.1", str(node.port), str(path))
         assert sent.returncode == 0, sent.stderr
@@ -290,6 +327,7 @@ def test_dx_is_reported_sc_is_ignored_and_a_chest_cr_without_pixels_fails_with_i
         what="three outcomes",
     )
     assert "Modality is OT, rule wants CR|DX" in status
+    assert "PatientName is a value that does not match" in status, "routing read the SC's patient"
     assert "no Pixel Data" in status
     assert len(list((node.config.parent / "var" / "spool").rglob("*.dcm"))) == 3, "nothing received is lost"
 
@@ -297,11 +335,18 @@ def test_dx_is_reported_sc_is_ignored_and_a_chest_cr_without_pixels_fails_with_i
     assert node.process.wait(timeout=60) == 0
     log = node.log.read_text()
     assert "dicomnode stopped" in log
-    for value in ("CompressedSamples", "Lestrade", '"ward"'):  # patient and physician names sent
-        assert value not in log, f"{value} reached the log"
-    for path in (dx, no_pixels):
+    log += (node.config.parent / "var" / "logs" / "dicomnode.log").read_text()
+    assert '"ward"' not in log, "highdicom's warning quoting the referring physician reached the log"
+    for path in (dx, no_pixels, secondary_capture):
         sent_ds = pydicom.dcmread(path, stop_before_pixels=True)
-        assert sent_ds.StudyInstanceUID not in log and sent_ds.SOPInstanceUID not in log
+        for value in (
+            str(sent_ds.PatientName),
+            sent_ds.PatientID,
+            sent_ds.StudyInstanceUID,
+            sent_ds.SOPInstanceUID,
+        ):
+            assert value not in log, f"{value} reached the log"
+            assert value not in status, f"{value} reached dicomnode status"
 
 
 def test_below_the_free_space_floor_storescu_is_told_out_of_resources_and_nothing_is_kept(

@@ -210,8 +210,12 @@ def _write_meta_without_sop_class(path: Path) -> None:
     ],
     ids=["no-dicm-prefix", "no-sop-class-in-meta"],
 )
-def test_a_result_file_that_is_not_sendable_dicom_is_a_failed_delivery_not_a_crash(pacs, spool, write, error):
-    path = spool.outbox_dir / "sr-2.25.1234567.dcm"
+def test_a_result_file_that_is_not_sendable_dicom_is_a_failed_delivery_not_a_crash(
+    pacs, spool, write, error, caplog
+):
+    # Where the node writes a study's results: outbox/<StudyInstanceUID>/sr-<SOPInstanceUID>.dcm.
+    path = spool.outbox_dir / STUDY / "sr-2.25.1234567.dcm"
+    path.parent.mkdir()
     write(path)
     _queue(spool, [("orthanc", path)])
     delivery = spool.next_delivery("orthanc")
@@ -222,6 +226,9 @@ def test_a_result_file_that_is_not_sendable_dicom_is_a_failed_delivery_not_a_cra
     assert (row["state"], row["attempts"]) == ("pending", 1)
     assert error in row["last_error"]
     assert "2.25.1234567" not in row["last_error"], "result paths are made of UIDs: never quoted"
+    assert "delivery 1 to orthanc failed" in caplog.text
+    for uid in (STUDY, "2.25.1234567"):
+        assert uid not in row["last_error"] and uid not in caplog.text, uid
 
 
 def test_a_peer_that_rejects_the_called_ae_title_is_a_failed_delivery(pacs, spool):

@@ -21,8 +21,10 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.sr.codedict import codes
 from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
+from dicomnode.config import load_routing
 from dicomnode.flow import Code, Finding, ModelIdentity, Prediction, Sample
 from dicomnode.results import ResultsError, write_results
+from dicomnode.routing import Decision, decide, read_header
 from tests.conftest import dciodvfy_errors
 
 SOURCE_FILES = ("RG1_UNCR.dcm", "RG1_UNCI.dcm")
@@ -132,6 +134,18 @@ def test_outputs_belong_to_the_source_study_in_two_new_series(study, written):
         assert output.SeriesInstanceUID not in source_series
         assert "DEMO" not in output.SeriesDescription
     assert sr.SeriesInstanceUID != sc.SeriesInstanceUID
+
+
+def test_routing_knows_both_results_as_our_own_and_never_routes_them_back(written, tmp_path):
+    # A rule that takes any SR or SC: only the loop guard keeps a forwarded result out.
+    rules = tmp_path / "routing.yaml"
+    rules.write_text("rules: [{name: any-result, match: {Modality: [SR, OT]}, prompt_set: cxr}]\n")
+    routing = load_routing(rules)
+    result, _, _ = written
+
+    for path in result.paths:
+        decision = decide(routing, read_header(path))
+        assert decision == Decision(None, None, "a result dicomnode produced itself"), path.name
 
 
 def _groups(sr: pydicom.Dataset):

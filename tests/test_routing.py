@@ -18,7 +18,8 @@ from pydicom.uid import generate_uid
 
 from dicomnode.config import RoutingConfig, load_routing
 from dicomnode.flow import StoredInstance, StudyJob
-from dicomnode.routing import RESULT_MANUFACTURER, Decision, Ignored, decide, read_header, route_study
+from dicomnode.identity import NODE_MANUFACTURER
+from dicomnode.routing import Decision, Ignored, decide, read_header, route_study
 
 CHEST = "RG1_UNCR.dcm"
 EXTREMITY = "RG3_UNCR.dcm"
@@ -257,7 +258,7 @@ def test_result_produced_by_dicomnode_is_never_routed_even_when_a_rule_matches(t
         tmp_path, "rules: [{name: anything-cr, match: {Modality: [CR, SR, OT]}, prompt_set: x}]"
     )
     ds = header(CHEST)
-    ds.Manufacturer = RESULT_MANUFACTURER
+    ds.Manufacturer = NODE_MANUFACTURER
 
     decision = decide(routing, ds)
 
@@ -371,7 +372,7 @@ def test_unreadable_instance_is_a_reason_and_does_not_stop_the_others(routing, t
 
 def test_results_of_dicomnode_in_the_study_are_left_out_of_the_job(routing, tmp_path):
     chest = stored(tmp_path, CHEST)
-    our_result = stored(tmp_path, CHEST, Manufacturer=RESULT_MANUFACTURER)
+    our_result = stored(tmp_path, CHEST, Manufacturer=NODE_MANUFACTURER)
 
     job = route_study(routing, STUDY, [our_result, chest])
 

@@ -6,20 +6,19 @@ on the same folder, as after a crash of the node.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sqlite3
 import stat
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from dicomnode.privacy import uid_tag
 from dicomnode.spool import Spool, SpoolError, SpoolFull, StudyRecord, is_valid_uid
+from tests.conftest import umask
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 OTHER_STUDY = "1.2.826.0.1.3680043.8.498.2"
@@ -49,15 +48,6 @@ def _claim(spool: Spool, quiet_period_s: float = 30.0) -> StudyRecord:
     return study
 
 
-@contextmanager
-def _umask(mask: int) -> Iterator[None]:
-    previous = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(previous)
-
-
 @pytest.fixture
 def spool(tmp_path) -> Iterator[Spool]:
     journal = Spool(tmp_path / "var")
@@ -80,7 +70,7 @@ def test_store_writes_the_exact_bytes_and_journals_the_instance(spool):
 
 
 def test_instance_files_are_0600_and_folders_0700_even_under_a_permissive_umask(tmp_path):
-    with _umask(0o022):
+    with umask(0o022):
         journal = Spool(tmp_path / "var")
         stored = _store(journal, "1.2.3.4.5")
         journal.close()
@@ -90,16 +80,19 @@ def test_instance_files_are_0600_and_folders_0700_even_under_a_permissive_umask(
     assert stat.S_IMODE(stored.path.stat().st_mode) == 0o600
 
 
-def test_journal_files_are_private_under_the_service_umask_077(tmp_path):
-    with _umask(0o077):
+def test_journal_files_are_0600_and_folders_0700_even_under_a_permissive_umask(tmp_path):
+    with umask(0o022):
         journal = Spool(tmp_path / "var")
         _store(journal, "1.2.3.4.5")
+        # While a connection is open, SQLite's WAL mode keeps -wal and -shm beside the journal.
         journal_files = sorted(journal.state_dir.glob("journal.sqlite*"))
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in journal_files}
         journal.close()
 
-    assert "journal.sqlite" in modes
+    assert sorted(modes) == ["journal.sqlite", "journal.sqlite-shm", "journal.sqlite-wal"]
     assert set(modes.values()) == {0o600}, modes
+    for folder in (journal.state_dir, journal.instances_dir, journal.outbox_dir):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
 
 
 def test_duplicate_sop_instance_uid_is_idempotent_one_row_and_one_file(spool):

@@ -18,7 +18,8 @@ from pydicom.dataset import Dataset
 from pydicom.valuerep import VR
 
 from dicomnode.flow import ModelIdentity
-from dicomnode.results.sr import MANUFACTURER, StudyFinding
+from dicomnode.identity import NODE_MANUFACTURER
+from dicomnode.results.sr import StudyFinding
 
 # The longer side of the source image in the capture: large enough to read, small enough to
 # send and store cheaply. The panel and banner are added to it.
@@ -73,7 +74,7 @@ def build_secondary_capture(
         series_number=series_number,
         sop_instance_uid=sop_instance_uid,
         instance_number=1,
-        manufacturer=MANUFACTURER,
+        manufacturer=NODE_MANUFACTURER,
         # highdicom insists on an orientation for the PATIENT coordinate system and accepts
         # single letters only; the source's own value replaces this one below.
         patient_orientation=("L", "F"),

@@ -29,9 +29,9 @@ from highdicom.sr import (
 from pydicom.sr.codedict import codes
 
 from dicomnode.flow import Code, Finding, ModelIdentity
+from dicomnode.identity import NODE_MANUFACTURER
 from dicomnode.results.uids import derive_uid, name_based_uid
 
-MANUFACTURER = "dicomnode"
 DEMO_NOTICE = "DEMO model, random weights, no clinical meaning"
 
 # The probability is written as (111012, DCM, "Certainty of Finding") in percent: it is the
@@ -102,7 +102,7 @@ def build_report(
         series_number=series_number,
         sop_instance_uid=sop_instance_uid,
         instance_number=1,
-        manufacturer=MANUFACTURER,
+        manufacturer=NODE_MANUFACTURER,
         is_complete=True,
         is_final=False,
         is_verified=False,
@@ -115,9 +115,9 @@ def build_report(
 def _observation_context(model: ModelIdentity) -> ObservationContext:
     """The observer is the algorithm running in the node (TID 1004 device observer)."""
     device = DeviceObserverIdentifyingAttributes(
-        uid=name_based_uid(MANUFACTURER, model.algorithm_name, model.algorithm_version),
-        name=MANUFACTURER,
-        manufacturer_name=MANUFACTURER,
+        uid=name_based_uid(NODE_MANUFACTURER, model.algorithm_name, model.algorithm_version),
+        name=NODE_MANUFACTURER,
+        manufacturer_name=NODE_MANUFACTURER,
         model_name=_algorithm_name(model),
     )
     return ObservationContext(
