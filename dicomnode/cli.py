@@ -316,6 +316,9 @@ def train_command(
         int | None, typer.Option(min=1, help="Few-shot: this many training images per class.")
     ] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Epochs (default: the training YAML's).")] = None,
+    base_classes: Annotated[
+        int | None, typer.Option(min=1, help="Base-to-novel: learn from the first N classes' labels only.")
+    ] = None,
     nproc_per_node: Annotated[
         int, typer.Option(min=1, help="Processes (GPUs) on this host, via torchrun.")
     ] = 1,
@@ -350,9 +353,8 @@ def train_command(
     cfg = _config(config)
     try:
         training = read_validated(train_config, TrainingConfig) if train_config else TrainingConfig()
-        overrides = {
-            k: v for k, v in (("method", method), ("shots", shots), ("epochs", epochs)) if v is not None
-        }
+        given = (("method", method), ("shots", shots), ("epochs", epochs), ("base_classes", base_classes))
+        overrides = {k: v for k, v in given if v is not None}
         training = TrainingConfig.model_validate({**training.model_dump(), **overrides})
     except ConfigError as exc:
         typer.echo(f"configuration error:\n{exc}", err=True)

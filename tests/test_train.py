@@ -202,3 +202,55 @@ def test_a_trained_version_is_served_by_the_node_it_was_trained_for(node, chest_
         from tests.conftest import stop_process
 
         stop_process(running.process)
+
+
+def test_base_to_novel_never_learns_from_a_novel_class_label(chest_data, tiny_architecture, tmp_path):
+    """Two datasets that differ only in the novel class's labels give bit-identical prompts."""
+    import dataclasses
+
+    backbone = load_backbone(
+        ModelConfig(
+            architecture=tiny_architecture.stem, architecture_config=tiny_architecture, seed=7, device="cpu"
+        )
+    )
+    data = read_dataset(chest_data, CLASSES)
+    novel = data.classes[-1]
+    flipped = dataclasses.replace(
+        data,
+        images=tuple(
+            dataclasses.replace(i, labels=tuple(sorted(set(i.labels) ^ {novel}))) for i in data.images
+        ),
+    )
+    folder = tmp_path / "cxr"
+    folder.mkdir()
+    content = yaml.safe_load((REPO / "prompts" / "cxr" / "promptset.yaml").read_text())
+    content["classes"] = [c for c in content["classes"] if c["name"] in CLASSES]
+    content.update(method="dpt", dpt={"context_tokens": 4}, backbone={"architecture": "tinyclip", "seed": 7})
+    (folder / "promptset.yaml").write_text(yaml.safe_dump(content))
+    draft = load_prompt_set(folder, require_tensors=False)
+    cfg = loop.TrainingConfig.model_validate({**TRAINING, "epochs": 2, "method": "dpt", "base_classes": 2})
+    ranks = loop.Ranks(0, 1, torch.device("cpu"))
+
+    first = loop.train(backbone, draft, data, cfg, ranks, tmp_path / "a").classifier.named_tensors()
+    second = loop.train(backbone, draft, flipped, cfg, ranks, tmp_path / "b").classifier.named_tensors()
+    every = loop.TrainingConfig.model_validate({**TRAINING, "epochs": 2, "method": "dpt"})
+    with_novel = loop.train(backbone, draft, flipped, every, ranks, tmp_path / "c").classifier.named_tensors()
+
+    for name, tensor in first.items():
+        assert torch.equal(tensor, second[name]), name
+    assert any(not torch.equal(t, with_novel[n]) for n, t in first.items()), (
+        "all classes: the labels do teach"
+    )
+
+
+def test_train_reports_base_and_novel_figures_apart(node, chest_data, tmp_path):
+    done = _train(
+        node, chest_data, "dpt", tmp_path, "--base-classes", "2", "--out", str(tmp_path / "v" / "cxr")
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((tmp_path / "v" / "cxr" / "metrics.json").read_text())
+    assert metrics["base_classes"] == 2
+    assert 0.0 <= metrics["test"]["novel_auc"] <= 1.0
+    assert metrics["test"]["base_auc"] >= 0.7
+    assert "base classes" in done.stdout and "novel classes" in done.stdout

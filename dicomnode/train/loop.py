@@ -64,6 +64,9 @@ class TrainingConfig(BaseModel):
     warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
     augment: bool = True
     shots: int | None = Field(default=None, ge=1)
+    # Base-to-novel: learn from the labels of the first N classes (in the set's order) only;
+    # the others are novel, their labels never seen, their figures reported apart.
+    base_classes: int | None = Field(default=None, ge=1)
     seed: int = 0
     val_fraction: float = Field(default=0.1, gt=0, lt=1)
     target_sensitivity: float = Field(default=0.9, gt=0, le=1)
@@ -194,9 +197,16 @@ def train(
 ) -> Trained:
     """Learn `prompt_set` (a draft: promptset.yaml without tensors) on `data`; resume from `work_dir`."""
     classifier = build_classifier(backbone, prompt_set, initialise=True, seed=cfg.seed)
+    base = cfg.base_classes or len(data.classes)
+    if base >= len(data.classes) and cfg.base_classes:
+        raise ValueError(
+            f"base_classes {cfg.base_classes} leaves no novel class among the data's {len(data.classes)}"
+        )
     train_images = list(data.split("train"))
+    if prompt_set.task == "multi-class":  # an image of a novel class would teach its label
+        train_images = [i for i in train_images if set(i.labels) <= set(data.classes[:base])]
     if cfg.shots:
-        train_images = list(few_shot(train_images, data.classes, cfg.shots, cfg.seed))
+        train_images = list(few_shot(train_images, data.classes[:base], cfg.shots, cfg.seed))
     dataset = TrainingImages(
         train_images, data.classes, prompt_set.domain, backbone.input_spec, augment=cfg.augment, seed=cfg.seed
     )
@@ -224,12 +234,16 @@ def train(
             pixels, targets = pixels.to(ranks.device, non_blocking=True), targets.to(ranks.device)
             with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
                 logits, image, text = model(pixels, with_features=True)
+                # Only the base classes' labels and names teach (all classes unless base-to-novel).
+                logits, targets = logits[:, :base], targets[:, :base]
                 if prompt_set.task == "multi-label":
-                    loss = clinical_loss(logits, targets, priority, focal)
+                    loss = clinical_loss(logits, targets, priority[:base], focal)
                 else:
                     loss = classification_loss(logits, targets, prompt_set.task)
                 if teacher is not None:
-                    loss = loss + _distillation(classifier, pixels, logits, image, text, teacher, distill)
+                    loss = loss + _distillation(
+                        classifier, pixels, logits, image, text[:base], teacher[:base], distill
+                    )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -256,7 +270,7 @@ def _distillation(classifier, pixels, logits, image, text, teacher, weights) -> 
     """DPT: text towards the teacher, image features near the frozen ones, scores near the teacher's."""
     with torch.no_grad():
         frozen = F.normalize(classifier._backbone.model.encode_image(pixels).float(), dim=-1)
-        teacher_logits = text_logits(frozen, teacher, classifier.scale, classifier.task)
+        teacher_logits = text_logits(frozen, teacher, classifier.scale, classifier.task)[:, : logits.shape[1]]
     return distillation_loss(text, teacher, image, frozen, logits, teacher_logits, classifier.task, weights)
 
 

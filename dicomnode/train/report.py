@@ -91,9 +91,16 @@ def write_version(
         "target_sensitivity": target_sensitivity,
         "validation": split_figures(*validation, classes, thresholds),
         "test": split_figures(*test, classes, thresholds),
+        "base_classes": record.get("base_classes"),
         "learned_parameters": classifier.trainable_parameters(),
         "demo_backbone": record["backbone"].get("sha256") is None,
     }
+    base = record.get("base_classes")
+    if base:
+        for split, (probabilities, targets) in (("validation", validation), ("test", test)):
+            if len(targets):
+                metrics[split]["base_auc"] = macro_auc(probabilities[:, :base], targets[:, :base])
+                metrics[split]["novel_auc"] = macro_auc(probabilities[:, base:], targets[:, base:])
     staging = target.parent / f".{target.name}.partial"
     staging.mkdir(parents=True, exist_ok=False, mode=0o755)
     save_prompts(classifier, staging)

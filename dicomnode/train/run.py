@@ -103,6 +103,7 @@ def run(
         "training": cfg.model_dump(mode="json"),
         "backbone": {"architecture": backbone.architecture, "sha256": backbone.sha256, "seed": backbone.seed},
         "data": {"folder": str(data_dir), "layout": data.layout, "fingerprint": fingerprint},
+        "base_classes": cfg.base_classes,
         "learned_parameters": trained.classifier.trainable_parameters(),
         "processes": ranks.world,
         "seconds": round(trained.seconds, 1),
@@ -116,6 +117,8 @@ def run(
     if test.get("images"):
         low, high = test["auc_ci"]
         report(f"test macro AUC {test['auc']:.3f} (95% CI {low:.3f}-{high:.3f}) on {test['images']} images")
+        if cfg.base_classes:
+            report(f"  base classes {test['base_auc']:.3f}, novel classes {test['novel_auc']:.3f}")
     if backbone.demo:
         report("DEMO backbone (random weights): these figures have NO clinical meaning")
     report(f"wrote {target}")
