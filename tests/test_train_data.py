@@ -382,3 +382,18 @@ def test_synthetic_images_show_exactly_their_labelled_findings(chestxray14: Path
         pixels = np.asarray(Image.open(image.path), dtype=np.float32) / 255
         for name, region in SIGN_REGIONS.items():
             assert ((pixels[region] > 0.8).sum() > 50) == (name in image.labels), (image.path.name, name)
+
+
+def test_each_epoch_draws_its_own_augmentation_and_the_same_epoch_the_same(tmp_path):
+    root = synthetic.chestxray14(tmp_path / "cxr", patients=4, seed=3)
+    data = read_dataset(root, ("Effusion", "Pneumothorax", "Nodule"))
+    spec = InputSpec(64, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    images = TrainingImages(data.split("train"), data.classes, "cxr", spec, augment=True, seed=1)
+
+    first = images[0][0]
+    images.set_epoch(1)
+    second = images[0][0]
+    images.set_epoch(0)
+
+    assert not torch.equal(first, second)
+    assert torch.equal(images[0][0], first)

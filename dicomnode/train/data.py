@@ -485,8 +485,9 @@ class TrainingImages(torch.utils.data.Dataset):
     Without augmentation an item's pixels are exactly `serving_sample`'s. With augmentation
     (training images only) the display image is brightened by up to +-0.1 and rotated by up to
     +-15 degrees before `to_sample`, and Gaussian noise of sigma 0.02 (display units) is added
-    after. An item's augmentation depends on (seed, index) only, so a run is reproducible; pass
-    another seed for other draws. Augmented DICOM is decoded with `display_pixels` directly, so
+    after. An item's augmentation depends on (seed, epoch, index) only, so a run is
+    reproducible and each epoch draws anew (`set_epoch`, before the loader starts its workers).
+    Augmented DICOM is decoded with `display_pixels` directly, so
     the domain preparer's acceptance checks run on the un-augmented splits only.
     """
 
@@ -505,6 +506,7 @@ class TrainingImages(torch.utils.data.Dataset):
         self.spec = spec
         self.augment = augment
         self.seed = seed
+        self.epoch = 0
         self._index = {name: position for position, name in enumerate(self.classes)}
         for image in self.images:
             unknown = [label for label in image.labels if label not in self._index]
@@ -516,12 +518,16 @@ class TrainingImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the augmentation of this epoch (loader workers copy the dataset when they start)."""
+        self.epoch = epoch
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         index = range(len(self.images))[index]
         image = self.images[index]
         try:
             if self.augment:
-                pixels = self._augmented(image.path, np.random.default_rng([self.seed, index]))
+                pixels = self._augmented(image.path, np.random.default_rng([self.seed, self.epoch, index]))
             else:
                 pixels = serving_sample(self.domain, image.path, self.spec).pixels
         except (ImagingError, InvalidDicomError, UnidentifiedImageError, OSError) as exc:

@@ -117,7 +117,8 @@ def _loader(images: TrainingImages, ranks: Ranks, cfg: TrainingConfig, shuffle: 
         sampler=sampler,
         num_workers=cfg.workers,
         pin_memory=ranks.device.type == "cuda",
-        persistent_workers=cfg.workers > 0,
+        # Workers start anew each epoch, so they see the dataset's epoch (its augmentation draw).
+        persistent_workers=False,
     )
 
 
@@ -229,6 +230,7 @@ def train(
     started, seen = time.monotonic(), 0
     for epoch in range(start_epoch, cfg.epochs):
         loader.sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
         classifier.train()
         for step, (pixels, targets) in enumerate(loader):
             pixels, targets = pixels.to(ranks.device, non_blocking=True), targets.to(ranks.device)
