@@ -28,3 +28,58 @@ def test_bench_receive_of_a_file_that_is_not_dicom_fails_naming_it(tmp_path):
 
     assert done.returncode != 0
     assert "notes.txt" in done.stderr
+
+
+def test_bench_infer_times_every_method_against_the_backbone_of_the_same_run(tmp_path, tiny_architecture):
+    import json
+
+    from tests.conftest import free_port, write_node_config
+
+    config = write_node_config(tmp_path, tiny_architecture, scp_port=free_port())
+    figures = tmp_path / "infer.json"
+
+    done = run_cli(
+        "bench", "infer", "--config", str(config), "--batch", "2", "--iterations", "2", "--json", str(figures)
+    )
+
+    assert done.returncode == 0, done.stderr
+    document = json.loads(figures.read_text())
+    assert (document["device"], document["architecture"]) == ("cpu", "tinyclip")
+    rows = {row["method"]: row for row in document["results"]}
+    assert list(rows) == [
+        "backbone",
+        "zeroshot",
+        "linear-probe",
+        "vpt-shallow",
+        "vpt-deep",
+        "dpt",
+        "engine-zeroshot",
+    ]
+    assert rows["backbone"]["ratio_to_backbone"] == 1.0
+    for row in rows.values():
+        assert row["batch"] == 2 and row["images_per_s"] > 0 and row["p95_ms"] >= row["p50_ms"] > 0
+        assert row["ratio_to_backbone"] == row["images_per_s"] / rows["backbone"]["images_per_s"]
+    assert rows["vpt-deep"]["learned_parameters"] > rows["vpt-shallow"]["learned_parameters"] > 0
+
+
+def test_bench_train_compares_each_method_with_full_fine_tuning(tmp_path, tiny_architecture):
+    import json
+
+    from tests.conftest import free_port, write_node_config
+
+    config = write_node_config(tmp_path, tiny_architecture, scp_port=free_port())
+    figures = tmp_path / "train.json"
+
+    done = run_cli(
+        "bench", "train", "--config", str(config), "--batch", "2", "--steps", "1", "--json", str(figures)
+    )
+
+    assert done.returncode == 0, done.stderr
+    rows = {row["method"]: row for row in json.loads(figures.read_text())["results"]}
+    assert list(rows) == ["full-finetune", "linear-probe", "vpt-shallow", "vpt-deep", "dpt"]
+    assert rows["full-finetune"]["time_vs_full"] == 1.0
+    assert all(
+        row["learned_parameters"] < rows["full-finetune"]["learned_parameters"]
+        for m, row in rows.items()
+        if m != "full-finetune"
+    )

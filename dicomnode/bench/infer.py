@@ -173,6 +173,7 @@ def bench_infer(
             pixels = torch.randn(batch, 3, size, size, device=device).to(backbone.input_dtype)
             baseline: float | None = None
             for method in [m for m in ALL_METHODS if m in methods]:
+                extra_tokens = 0
                 if method == "backbone":
                     forward = backbone.model.encode_image
                     learned = 0
@@ -192,6 +193,8 @@ def bench_infer(
                     classifier = classifiers[method]
                     forward = classifier
                     learned = classifier.trainable_parameters()
+                    prompts = classifier.visual_prompts
+                    extra_tokens = prompts.tokens.shape[1] if prompts and prompts.tokens is not None else 0
                 if compile_model and method != "engine-zeroshot":
                     forward = torch.compile(forward)
 
@@ -216,7 +219,8 @@ def bench_infer(
                         learned_parameters=learned,
                     )
                 )
-                _report_row(report, results[-1], peak, backbone)
+                flops = flops_per_image(backbone, extra_tokens) if method != "engine-zeroshot" else None
+                _report_row(report, results[-1], peak, flops)
         if engine is not None:
             engine.stop()
     return {
@@ -232,13 +236,10 @@ def bench_infer(
 
 
 def _report_row(
-    report: Callable[[str], None], row: InferResult, peak: float | None, backbone: Backbone
+    report: Callable[[str], None], row: InferResult, peak: float | None, flops: float | None
 ) -> None:
     ratio = f"{row.ratio_to_backbone:5.2f}x backbone" if row.ratio_to_backbone else ""
-    limit = ""
-    if peak and row.method != "engine-zeroshot":
-        extra = 8 if row.method == "vpt-shallow" else 6 if row.method == "vpt-deep" else 0
-        limit = f"  {row.images_per_s * flops_per_image(backbone, extra) / peak:5.1%} of limit"
+    limit = f"  {row.images_per_s * flops / peak:5.1%} of limit" if peak and flops else ""
     report(
         f"  {row.method:16s} batch {row.batch:5d}  {row.images_per_s:10.1f} img/s  "
         f"p50 {row.p50_ms:8.2f} ms  p95 {row.p95_ms:8.2f} ms  {ratio}{limit}"
