@@ -12,7 +12,8 @@ from pathlib import Path
 
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
-from pynetdicom import AE, _config, build_context
+from pynetdicom import AE, _config, build_context, evt
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.sop_class import Verification
 
 # Send files as stored, without decoding and re-encoding them (pynetdicom's documented switch).
@@ -62,9 +63,24 @@ def _client(calling_ae: str, peer: Peer) -> AE:
 
 
 def _associate(ae: AE, peer: Peer, contexts: list | None = None):
-    assoc = ae.associate(peer.host, peer.port, contexts=contexts, ae_title=peer.ae_title)
+    # pynetdicom can read a peer's A-ASSOCIATE-RJ and then, when the peer closes the socket
+    # before its requestor thread looks, report an abort instead of the rejection. The PDU
+    # itself is the evidence: a rejection is reported as one whatever the race did.
+    rejections: list[A_ASSOCIATE_RJ] = []
+
+    def received(event: evt.Event) -> None:
+        if isinstance(event.pdu, A_ASSOCIATE_RJ):
+            rejections.append(event.pdu)
+
+    assoc = ae.associate(
+        peer.host,
+        peer.port,
+        contexts=contexts,
+        ae_title=peer.ae_title,
+        evt_handlers=[(evt.EVT_PDU_RECV, received)],
+    )
     if not assoc.is_established:
-        if assoc.is_rejected:
+        if assoc.is_rejected or rejections:
             raise AssociationFailed(f"{peer} rejected the association")
         raise AssociationFailed(f"{peer} did not accept an association (unreachable or aborted)")
     return assoc
