@@ -619,3 +619,34 @@ def bench_train_command(
     if json_file is not None:
         json_file.write_text(json.dumps(document, indent=2) + "\n")
         typer.echo(f"wrote {json_file}")
+
+
+@bench_app.command("study")
+def bench_study_command(
+    config: ConfigOption = DEFAULT_CONFIG,
+    device: Annotated[
+        str | None, typer.Option(help="auto, cpu or cuda (default: the configured one).")
+    ] = None,
+    count: Annotated[int, typer.Option(min=1, help="Studies to send, one after the other.")] = 20,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Also write the figures as JSON here.")
+    ] = None,
+) -> None:
+    """Receipt-to-SR latency of the whole node (quiet period 0) against the engine alone."""
+    import json
+
+    from dicomnode.bench import BenchError
+    from dicomnode.bench.study import bench_study
+    from dicomnode.model.backbone import BackboneError
+
+    cfg = _config(config)
+    if device:
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"device": device})})
+    try:
+        document = bench_study(cfg, count, typer.echo)
+    except (BenchError, BackboneError) as exc:
+        typer.echo(f"benchmark failed: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if json_file is not None:
+        json_file.write_text(json.dumps(document, indent=2) + "\n")
+        typer.echo(f"wrote {json_file}")

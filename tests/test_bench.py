@@ -83,3 +83,22 @@ def test_bench_train_compares_each_method_with_full_fine_tuning(tmp_path, tiny_a
         for m, row in rows.items()
         if m != "full-finetune"
     )
+
+
+def test_bench_study_measures_receipt_to_results_against_the_engine_alone(tmp_path, tiny_architecture):
+    import json
+
+    from tests.conftest import REPO, free_port, write_node_config
+
+    config = write_node_config(
+        tmp_path, tiny_architecture, scp_port=free_port(), prompts_dir=str(REPO / "prompts")
+    )
+    figures = tmp_path / "study.json"
+
+    done = run_cli("bench", "study", "--config", str(config), "--count", "2", "--json", str(figures))
+
+    assert done.returncode == 0, done.stderr
+    document = json.loads(figures.read_text())
+    assert document["studies"] == 2
+    assert document["p95_ms"] >= document["p50_ms"] > document["engine_ms"] > 0
+    assert re.search(r"receipt to SR: p50\s+[\d.]+ ms\s+p95\s+[\d.]+ ms", done.stdout)
