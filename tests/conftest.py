@@ -83,6 +83,16 @@ def tiny_architecture(tmp_path_factory) -> Path:
     return path
 
 
+def tiny_backbone(architecture: Path, seed: int = 7):
+    """The tiny test backbone on the CPU with seeded random weights (seed 7, as the node configs)."""
+    from dicomnode.config import ModelConfig
+    from dicomnode.model.backbone import load_backbone
+
+    return load_backbone(
+        ModelConfig(architecture=architecture.stem, architecture_config=architecture, seed=seed, device="cpu")
+    )
+
+
 @pytest.fixture(scope="session")
 def chest_cr() -> Path:
     """A real computed radiograph of the chest (MONOCHROME1, 1955x1841) from pydicom-data."""

@@ -35,6 +35,7 @@ from tests.conftest import (
     free_port,
     start_orthanc,
     stop_process,
+    tiny_backbone,
     umask,
     wait_for_port,
     wait_until,
@@ -172,15 +173,9 @@ def _with_prompts(config: Path, prompts: Path) -> None:
 def test_config_names_each_served_sets_method_and_learned_parameters(
     node_config, tiny_architecture, tmp_path
 ):
-    from dicomnode.config import ModelConfig
-    from dicomnode.model.backbone import load_backbone
     from tests.prompt_sets import VPT_DEEP, spec, write_prompt_set
 
-    backbone = load_backbone(
-        ModelConfig(
-            architecture=tiny_architecture.stem, architecture_config=tiny_architecture, seed=7, device="cpu"
-        )
-    )
+    backbone = tiny_backbone(tiny_architecture)
     write_prompt_set(tmp_path / "prompts" / "cxr", spec("cxr", "vpt", backbone, section=VPT_DEEP), backbone)
     _with_prompts(node_config, tmp_path / "prompts")
 
@@ -193,15 +188,9 @@ def test_config_names_each_served_sets_method_and_learned_parameters(
 
 
 def test_config_refuses_a_set_learned_on_other_weights_naming_both(node_config, tiny_architecture, tmp_path):
-    from dicomnode.config import ModelConfig
-    from dicomnode.model.backbone import load_backbone
     from tests.prompt_sets import DPT, spec, write_prompt_set
 
-    other = load_backbone(
-        ModelConfig(
-            architecture=tiny_architecture.stem, architecture_config=tiny_architecture, seed=3, device="cpu"
-        )
-    )
+    other = tiny_backbone(tiny_architecture, seed=3)
     write_prompt_set(tmp_path / "prompts" / "cxr", spec("cxr", "dpt", other, section=DPT), other)
     _with_prompts(node_config, tmp_path / "prompts")
 

@@ -11,24 +11,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dicomnode.config import ModelConfig
 from dicomnode.engine import Engine, EngineError
 from dicomnode.flow import Sample
-from dicomnode.model.backbone import Backbone, load_backbone
+from dicomnode.model.backbone import Backbone
 from dicomnode.model.classifier import PLAIN_VISION, build_classifier
 from dicomnode.model.promptset import TENSORS_FILE, PromptSetError, load_prompt_set
 from dicomnode.model.towers import TextTower, encode_image
 from dicomnode.model.vpt import CHEST_DEFAULT, VisualPrompts
+from tests.conftest import tiny_backbone
 from tests.prompt_sets import DPT, VPT_DEEP, VPT_SHALLOW, spec, write_prompt_set
 
 
 @pytest.fixture(scope="module")
 def backbone(tiny_architecture) -> Backbone:
-    return load_backbone(
-        ModelConfig(
-            architecture=tiny_architecture.stem, architecture_config=tiny_architecture, seed=7, device="cpu"
-        )
-    )
+    return tiny_backbone(tiny_architecture)
 
 
 def _pixels(backbone: Backbone, count: int, seed: int = 0) -> torch.Tensor:
@@ -302,11 +298,7 @@ def test_tensors_of_another_method_are_refused_naming_them(backbone, tmp_path):
 
 def test_a_set_learned_on_other_demo_weights_is_refused(backbone, tiny_architecture, tmp_path):
     prompt_set = write_prompt_set(tmp_path / "s", spec("s", "dpt", backbone, section=DPT), backbone)
-    other = load_backbone(
-        ModelConfig(
-            architecture=tiny_architecture.stem, architecture_config=tiny_architecture, seed=8, device="cpu"
-        )
-    )
+    other = tiny_backbone(tiny_architecture, seed=8)
 
     with pytest.raises(
         EngineError,

@@ -16,22 +16,17 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from dicomnode.config import ModelConfig
 from dicomnode.engine import Engine
 from dicomnode.flow import Sample
-from dicomnode.model.backbone import Backbone, load_backbone
-from tests.conftest import dcmtk, wait_until
+from dicomnode.model.backbone import Backbone
+from tests.conftest import dcmtk, tiny_backbone, wait_until
 from tests.prompt_sets import DPT, VPT_DEEP, spec, write_prompt_set
 from tests.test_end_to_end import SR_CLASSES, _results_in, _sr_text
 
 
 @pytest.fixture(scope="module")
 def backbone(tiny_architecture) -> Backbone:
-    return load_backbone(
-        ModelConfig(
-            architecture=tiny_architecture.stem, architecture_config=tiny_architecture, seed=7, device="cpu"
-        )
-    )
+    return tiny_backbone(tiny_architecture)
 
 
 def _samples(backbone: Backbone, count: int, seed: int) -> list[Sample]:

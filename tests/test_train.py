@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from dicomnode.config import ModelConfig, load_config
+from dicomnode.config import load_config
 from dicomnode.model.backbone import load_backbone
 from dicomnode.model.classifier import build_classifier
 from dicomnode.model.promptset import load_prompt_set
@@ -25,7 +25,7 @@ from dicomnode.train import loop
 from dicomnode.train.data import TrainingImages, read_dataset
 from dicomnode.train.metrics import macro_auc
 from tests import synthetic
-from tests.conftest import REPO, free_port, write_node_config
+from tests.conftest import REPO, free_port, tiny_backbone, write_node_config
 
 CLASSES = ("Effusion", "Pneumothorax", "Nodule")
 
@@ -106,11 +106,7 @@ def test_two_processes_learn_a_set_that_beats_zero_shot_on_held_out_patients(
 
 
 def test_a_resumed_run_ends_exactly_as_an_uninterrupted_one(chest_data, tiny_architecture, tmp_path):
-    backbone = load_backbone(
-        ModelConfig(
-            architecture=tiny_architecture.stem, architecture_config=tiny_architecture, seed=7, device="cpu"
-        )
-    )
+    backbone = tiny_backbone(tiny_architecture)
     data = read_dataset(chest_data, CLASSES)
     draft_folder = tmp_path / "cxr"
     draft_folder.mkdir()
@@ -208,11 +204,7 @@ def test_base_to_novel_never_learns_from_a_novel_class_label(chest_data, tiny_ar
     """Two datasets that differ only in the novel class's labels give bit-identical prompts."""
     import dataclasses
 
-    backbone = load_backbone(
-        ModelConfig(
-            architecture=tiny_architecture.stem, architecture_config=tiny_architecture, seed=7, device="cpu"
-        )
-    )
+    backbone = tiny_backbone(tiny_architecture)
     data = read_dataset(chest_data, CLASSES)
     novel = data.classes[-1]
     flipped = dataclasses.replace(
