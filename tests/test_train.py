@@ -246,3 +246,17 @@ def test_train_reports_base_and_novel_figures_apart(node, chest_data, tmp_path):
     assert 0.0 <= metrics["test"]["novel_auc"] <= 1.0
     assert metrics["test"]["base_auc"] >= 0.7
     assert "base classes" in done.stdout and "novel classes" in done.stdout
+
+
+def test_the_description_consensus_drops_a_description_about_something_else():
+    torch.manual_seed(0)
+    topic = torch.nn.functional.normalize(torch.randn(32), dim=0)
+    on_topic = torch.nn.functional.normalize(topic + 0.3 * torch.randn(6, 32), dim=-1)
+    elsewhere = torch.nn.functional.normalize(-topic + 0.1 * torch.randn(1, 32), dim=-1)
+
+    kept = loop.consensus(torch.cat([on_topic, elsewhere]))
+
+    assert torch.allclose(kept, on_topic.mean(dim=0), atol=1e-6)
+    assert torch.allclose(loop.consensus(on_topic[:2]), on_topic[:2].mean(dim=0)), (
+        "too few to judge: all kept"
+    )

@@ -134,13 +134,34 @@ def _schedule(optimizer: torch.optim.Optimizer, total: int, warmup_fraction: flo
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+#: A description whose similarity to its class's mean lies this many robust standard
+#: deviations below the others' is an outlier (BiomedCoOp's filter of LLM-written text).
+OUTLIER_Z = 3.0
+
+
+def consensus(features: torch.Tensor) -> torch.Tensor:
+    """Mean of normalised description features (n, dim) after dropping outliers.
+
+    Each description's cosine to the mean is scored by a robust z-score (median and MAD);
+    those far below the others (a description about something else) are left out. Fewer than
+    three descriptions give no robust spread, so all are kept.
+    """
+    if len(features) < 3:
+        return features.mean(dim=0)
+    similarity = features @ F.normalize(features.mean(dim=0), dim=-1)
+    median = similarity.median()
+    spread = 1.4826 * (similarity - median).abs().median() + 1e-6
+    keep = (similarity - median) / spread > -OUTLIER_Z
+    return features[keep].mean(dim=0)
+
+
 def _teacher(classifier: PromptedClassifier, backbone: Backbone, prompt_set: PromptSet) -> torch.Tensor:
-    """DPT's teacher: per class the mean of the template features and the description features."""
+    """DPT's teacher: per class the template features joined by the consensus of its descriptions."""
     teacher = classifier.zero_shot.clone()
     with torch.no_grad():
         for c, descriptions in enumerate(prompt_set.class_descriptions):
             if descriptions:
-                described = encode_texts(backbone, list(descriptions)).mean(dim=0)
+                described = consensus(encode_texts(backbone, list(descriptions)))
                 teacher[c, 0] = F.normalize(teacher[c, 0] + described, dim=-1)
     return teacher
 
