@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -23,7 +22,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 
-from dicomnode.bench import BenchError
+from dicomnode.bench import BenchError, free_port, wait_for_port
 from dicomnode.config import ScpConfig
 from dicomnode.net.scp import start_scp
 from dicomnode.spool import Spool
@@ -35,22 +34,6 @@ class ReceiveRun:
 
     receiver: str
     seconds: float
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise BenchError(f"nothing listens on port {port} after {timeout} s")
 
 
 def _tool(name: str) -> str:
@@ -92,7 +75,7 @@ def _send(port: int, ae_title: str, paths: list[Path]) -> float:
 
 @contextmanager
 def _storescp(folder: Path) -> Iterator[int]:
-    port = _free_port()
+    port = free_port()
     folder.mkdir(parents=True)
     process = subprocess.Popen(
         [_tool("storescp"), "-aet", "STORESCP", "-od", str(folder), str(port)],
@@ -100,7 +83,7 @@ def _storescp(folder: Path) -> Iterator[int]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_for_port(port)
+        wait_for_port(port)
         yield port
     finally:
         process.terminate()
@@ -109,11 +92,11 @@ def _storescp(folder: Path) -> Iterator[int]:
 
 @contextmanager
 def _dicomnode_scp(folder: Path) -> Iterator[int]:
-    port = _free_port()
+    port = free_port()
     spool = Spool(folder, min_free_bytes=0)
     server = start_scp(spool, ScpConfig(host="127.0.0.1", port=port, ae_title="DICOMNODE", min_free_mb=0))
     try:
-        _wait_for_port(port)
+        wait_for_port(port)
         yield port
     finally:
         server.shutdown()

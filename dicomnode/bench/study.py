@@ -22,8 +22,7 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dicomnode.bench import BenchError
-from dicomnode.bench.receive import _free_port, _wait_for_port
+from dicomnode.bench import BenchError, free_port, wait_for_port
 from dicomnode.config import NodeConfig
 from dicomnode.net.scu import Peer, store
 
@@ -61,7 +60,7 @@ def bench_study(cfg: NodeConfig, count: int, report: Callable[[str], None]) -> d
     with tempfile.TemporaryDirectory(prefix="dicomnode-bench-") as tmp:
         root = Path(tmp)
         (root / "in").mkdir()
-        port = _free_port()
+        port = free_port()
         node_cfg = cfg.model_copy(
             update={
                 "state_dir": root / "state",
@@ -73,7 +72,7 @@ def bench_study(cfg: NodeConfig, count: int, report: Callable[[str], None]) -> d
         node = Node(node_cfg)
         node.start()
         try:
-            _wait_for_port(port)
+            wait_for_port(port)
             device = node.engine.backbone.device
             report(
                 f"study: {count} single-image CR studies into a node on {device} ({cfg.model.architecture})"

@@ -12,7 +12,6 @@ the target sensitivity; rank 0 writes the prompt-set version.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import sys
@@ -43,8 +42,6 @@ from dicomnode.train.losses import (
     clinical_loss,
     distillation_loss,
 )
-
-log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 
