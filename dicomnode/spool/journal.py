@@ -1,0 +1,144 @@
+"""The journal: one SQLite database, its schema, and a connection per thread.
+
+The three rooms of the spool (instances, studies, outbox) are mixins over this base, so they
+share one journal and commit their steps in its transactions.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    sop_class_uid TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    calling_ae TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_by_study ON instances(study_instance_uid);
+CREATE TABLE IF NOT EXISTS studies (
+    study_instance_uid TEXT PRIMARY KEY,
+    state TEXT NOT NULL CHECK (state IN ('receiving', 'processing', 'done', 'ignored', 'failed')),
+    generation INTEGER NOT NULL DEFAULT 0,
+    last_received_at REAL NOT NULL,
+    prompt_set TEXT,
+    reason TEXT,
+    updated_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    not_before REAL NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_instance_uid TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    path TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'dead')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    updated_at REAL NOT NULL,
+    UNIQUE (destination, path)
+);
+"""
+
+#: Version 1: retry bookkeeping (attempts, not_before) on studies.
+SCHEMA_VERSION = 1
+_ADDED_STUDY_COLUMNS = {
+    "attempts": "INTEGER NOT NULL DEFAULT 0",
+    "not_before": "REAL NOT NULL DEFAULT 0",
+}
+
+_UID_CHARS = frozenset("0123456789.")
+
+_STUDY_LOCKS = 64
+
+
+class SpoolError(RuntimeError):
+    """The spool could not make an instance durable; nothing was acknowledged."""
+
+
+class SpoolFull(SpoolError):
+    """Free space is below the configured floor; the sender should retry later."""
+
+
+def is_valid_uid(uid: str) -> bool:
+    """True for a syntactically valid DICOM UID (PS3.5 9.1), which is also a safe file name."""
+    return (
+        0 < len(uid) <= 64
+        and set(uid) <= _UID_CHARS
+        and all(part and (part == "0" or not part.startswith("0")) for part in uid.split("."))
+    )
+
+
+class Journal:
+    """Instance files under `state_dir/spool` and the journal `state_dir/journal.sqlite`.
+
+    Safe to use from several threads: each thread gets its own SQLite connection.
+    """
+
+    def __init__(self, state_dir: Path, min_free_bytes: int = 0) -> None:
+        self.state_dir = Path(state_dir)
+        self.instances_dir = self.state_dir / "spool"
+        self.outbox_dir = self.state_dir / "outbox"
+        self.min_free_bytes = min_free_bytes
+        self.journal_path = self.state_dir / "journal.sqlite"
+        for folder in (self.state_dir, self.instances_dir, self.outbox_dir):
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # SQLite would create the journal under the umask of whoever opens it first, and gives
+        # its -wal and -shm files the journal's own mode: created 0600 here, all three stay
+        # private whatever the umask. An existing journal is opened as it is, its mode kept.
+        os.close(os.open(self.journal_path, os.O_WRONLY | os.O_CREAT, 0o600))
+        self._local = threading.local()
+        self._study_locks = [threading.Lock() for _ in range(_STUDY_LOCKS)]
+        self._db().executescript(_SCHEMA)
+        self._migrate()
+
+    def _study_lock(self, study_instance_uid: str) -> threading.Lock:
+        """One of a fixed set of locks, picked by study: stores of other studies run in parallel."""
+        return self._study_locks[hash(study_instance_uid) % _STUDY_LOCKS]
+
+    def _migrate(self) -> None:
+        """Bring a journal written by an earlier version up to this schema, in place."""
+        db = self._db()
+        columns = {row["name"] for row in db.execute("PRAGMA table_info(studies)")}
+        for column, definition in _ADDED_STUDY_COLUMNS.items():
+            if column not in columns:
+                db.execute(f"ALTER TABLE studies ADD COLUMN {column} {definition}")
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.journal_path, timeout=30, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed row survives power loss, which the C-STORE ack promises.
+            db.execute("PRAGMA synchronous=FULL")
+            db.row_factory = sqlite3.Row
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None

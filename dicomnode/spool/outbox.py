@@ -1,0 +1,120 @@
+"""The outbox queue and the status it reports: one row per file per destination.
+
+Deliveries are queued by `StudyState.finish_study` in the transaction that finishes a study;
+destination workers take them here, and `dicomnode status` reads the counts and problems.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from dicomnode.flow import Delivery
+from dicomnode.privacy import uid_tag
+from dicomnode.spool.journal import Journal
+
+
+class OutboxQueue(Journal):
+    """Deliveries: the next one due, its outcome, dead letters requeued; counts for status."""
+
+    def next_delivery(self, destination: str, now: float | None = None) -> Delivery | None:
+        """The oldest pending delivery to `destination` that is due."""
+        now = time.time() if now is None else now
+        row = (
+            self._db()
+            .execute(
+                "SELECT * FROM outbox WHERE destination=? AND state='pending' AND next_attempt_at<=? "
+                "ORDER BY next_attempt_at, id LIMIT 1",
+                (destination, now),
+            )
+            .fetchone()
+        )
+        if row is None:
+            return None
+        return Delivery(
+            id=row["id"],
+            destination=row["destination"],
+            path=Path(row["path"]),
+            attempts=row["attempts"],
+        )
+
+    def delivery_sent(self, delivery: Delivery) -> None:
+        """Record a delivery the destination acknowledged."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE outbox SET state='sent', attempts=attempts+1, last_error=NULL, updated_at=? "
+                "WHERE id=?",
+                (time.time(), delivery.id),
+            )
+
+    def delivery_failed(self, delivery: Delivery, error: str, *, retry_at: float | None) -> None:
+        """Record a failed attempt; `retry_at` None sends the delivery to the dead letter."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE outbox SET state=?, attempts=attempts+1, last_error=?, next_attempt_at=?, "
+                "updated_at=? WHERE id=?",
+                (
+                    "dead" if retry_at is None else "pending",
+                    error,
+                    retry_at if retry_at is not None else time.time(),
+                    time.time(),
+                    delivery.id,
+                ),
+            )
+
+    def requeue_dead(self, destination: str | None = None) -> int:
+        """Give dead deliveries (to one destination, or all) a fresh set of attempts, now.
+
+        The operator's answer to a dead letter once the destination is fixed; returns how many
+        deliveries went back to the queue.
+        """
+        now = time.time()
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE outbox SET state='pending', attempts=0, next_attempt_at=?, updated_at=? "
+                "WHERE state='dead' AND (? IS NULL OR destination=?)",
+                (now, now, destination, destination),
+            )
+            return cursor.rowcount
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Counts of studies by state and of deliveries by destination and state."""
+        db = self._db()
+        studies = {r[0]: r[1] for r in db.execute("SELECT state, count(*) FROM studies GROUP BY state")}
+        outbox: dict[str, int] = {}
+        for destination, state, count in db.execute(
+            "SELECT destination, state, count(*) FROM outbox GROUP BY destination, state"
+        ):
+            outbox[f"{destination}:{state}"] = count
+        instances = db.execute("SELECT count(*) FROM instances").fetchone()[0]
+        return {"studies": studies, "outbox": outbox, "instances": {"stored": instances}}
+
+    def problems(self, limit: int = 20) -> list[tuple[str, str, str]]:
+        """Recent failed, ignored and retrying studies and dead deliveries.
+
+        Each as (kind, hashed UID, reason).
+        """
+        db = self._db()
+        rows = [
+            (
+                "study retrying" if r["state"] == "receiving" else "study " + r["state"],
+                uid_tag(r["study_instance_uid"]),
+                r["reason"] or "",
+            )
+            for r in db.execute(
+                "SELECT * FROM studies WHERE state IN ('failed', 'ignored') "
+                "OR (state='receiving' AND attempts > 0) ORDER BY updated_at DESC LIMIT ?",
+                (limit,),
+            )
+        ]
+        rows += [
+            (
+                f"dead letter to {r['destination']}",
+                uid_tag(r["study_instance_uid"]),
+                r["last_error"] or "",
+            )
+            for r in db.execute(
+                "SELECT * FROM outbox WHERE state='dead' ORDER BY updated_at DESC LIMIT ?", (limit,)
+            )
+        ]
+        return rows

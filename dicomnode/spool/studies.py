@@ -1,0 +1,186 @@
+"""Study state and retention: which studies are waiting, in work, finished, and when they go.
+
+States of a study: receiving -> processing -> done | ignored | failed. A late instance puts
+any study back to receiving (and bumps its generation, so a worker that is still processing
+the older content does not mark it done).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicomnode.spool.journal import Journal
+
+#: Condition on a study row `s` (parameter: finished before): done or ignored, every result sent.
+_FINISHED = (
+    "state IN ('done', 'ignored') AND updated_at < ? AND NOT EXISTS (SELECT 1 FROM outbox o "
+    "WHERE o.study_instance_uid = s.study_instance_uid AND o.state != 'sent')"
+)
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """A study's row in the journal."""
+
+    study_instance_uid: str
+    state: str
+    generation: int
+    last_received_at: float
+    prompt_set: str | None
+    reason: str | None
+    attempts: int = 0
+
+
+class StudyState(Journal):
+    """Studies: claim quiet ones, record outcomes and retries, purge finished ones."""
+
+    def recover(self) -> int:
+        """At start-up, put studies whose processing was interrupted back in the queue."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE studies SET state='receiving', updated_at=? WHERE state='processing'",
+                (time.time(),),
+            )
+            return cursor.rowcount
+
+    def claim_quiet_study(self, quiet_period_s: float, now: float | None = None) -> StudyRecord | None:
+        """Take the oldest study that has been quiet long enough, marking it processing."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT * FROM studies WHERE state='receiving' AND last_received_at <= ? "
+                "AND not_before <= ? ORDER BY last_received_at LIMIT 1",
+                (now - quiet_period_s, now),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE studies SET state='processing', updated_at=? WHERE study_instance_uid=?",
+                (now, row["study_instance_uid"]),
+            )
+        return _study(row, state="processing")
+
+    def finish_study(
+        self,
+        study: StudyRecord,
+        *,
+        state: str,
+        reason: str | None = None,
+        prompt_set: str | None = None,
+        deliveries: Sequence[tuple[str, Path]] = (),
+    ) -> bool:
+        """Record the outcome of processing and queue its deliveries, in one transaction.
+
+        If a late instance arrived while the study was processed (its generation moved on),
+        the deliveries are still queued (they are correct for what was processed) but the
+        study stays in `receiving` so the new content is processed too. Returns whether the
+        study reached `state`.
+        """
+        now = time.time()
+        with self._transaction() as db:
+            for destination, path in deliveries:
+                db.execute(
+                    "INSERT INTO outbox (study_instance_uid, destination, path, state, attempts, "
+                    "next_attempt_at, updated_at) VALUES (?, ?, ?, 'pending', 0, ?, ?) "
+                    "ON CONFLICT(destination, path) DO UPDATE SET state='pending', attempts=0, "
+                    "next_attempt_at=excluded.next_attempt_at, last_error=NULL, "
+                    "updated_at=excluded.updated_at",
+                    (study.study_instance_uid, destination, str(path), now, now),
+                )
+            cursor = db.execute(
+                "UPDATE studies SET state=?, reason=?, prompt_set=?, updated_at=? "
+                "WHERE study_instance_uid=? AND generation=? AND state='processing'",
+                (state, reason, prompt_set, now, study.study_instance_uid, study.generation),
+            )
+            return cursor.rowcount == 1
+
+    def retry_study(self, study: StudyRecord, reason: str, *, delay_s: float, max_attempts: int) -> bool:
+        """Record a failure that may pass (disk, memory, device): retry after `delay_s`.
+
+        After `max_attempts` the study is failed for good. Returns whether a retry is planned.
+        A late instance in the meantime wins: the study is then already back in receiving.
+        """
+        now = time.time()
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT attempts FROM studies WHERE study_instance_uid=? AND generation=? "
+                "AND state='processing'",
+                (study.study_instance_uid, study.generation),
+            ).fetchone()
+            if row is None:
+                return False
+            attempts = row["attempts"] + 1
+            retry = attempts < max_attempts
+            db.execute(
+                "UPDATE studies SET state=?, attempts=?, not_before=?, reason=?, updated_at=? "
+                "WHERE study_instance_uid=?",
+                (
+                    "receiving" if retry else "failed",
+                    attempts,
+                    now + delay_s if retry else 0,
+                    f"attempt {attempts} of {max_attempts} failed: {reason}",
+                    now,
+                    study.study_instance_uid,
+                ),
+            )
+            return retry
+
+    def study(self, study_instance_uid: str) -> StudyRecord | None:
+        """The journal row of one study, or None."""
+        row = (
+            self._db()
+            .execute("SELECT * FROM studies WHERE study_instance_uid=?", (study_instance_uid,))
+            .fetchone()
+        )
+        return None if row is None else _study(row)
+
+    def purge_finished(self, finished_before: float) -> int:
+        """Delete the files and rows of studies finished before `finished_before`.
+
+        Finished means done or ignored with every delivery sent: a study with a pending or
+        dead delivery, a failed study (an operator may want to look) and one still in work
+        are kept whatever their age. The PACS holds the originals and now the results, so
+        this loses nothing. Rows go first, in one transaction; a crash before the files are
+        removed leaves only unreferenced files. Returns the number of studies purged.
+        """
+        candidates = [
+            row["study_instance_uid"]
+            for row in self._db().execute(
+                f"SELECT study_instance_uid FROM studies s WHERE {_FINISHED}", (finished_before,)
+            )
+        ]
+        purged = 0
+        for uid in candidates:
+            # Rows and files go under the study's lock: a store into it waits, then re-creates it.
+            with self._study_lock(uid):
+                with self._transaction() as db:
+                    # Checked again under the lock: a late instance may have re-opened the study.
+                    finished = db.execute(
+                        f"SELECT 1 FROM studies s WHERE study_instance_uid=? AND {_FINISHED}",
+                        (uid, finished_before),
+                    ).fetchone()
+                    if finished is not None:
+                        for table in ("outbox", "instances", "studies"):
+                            db.execute(f"DELETE FROM {table} WHERE study_instance_uid=?", (uid,))
+                if finished is not None:
+                    for folder in (self.instances_dir / uid, self.outbox_dir / uid):
+                        shutil.rmtree(folder, ignore_errors=True)
+                    purged += 1
+        return purged
+
+
+def _study(row: sqlite3.Row, state: str | None = None) -> StudyRecord:
+    return StudyRecord(
+        study_instance_uid=row["study_instance_uid"],
+        state=state or row["state"],
+        generation=row["generation"],
+        last_received_at=row["last_received_at"],
+        prompt_set=row["prompt_set"],
+        reason=row["reason"],
+        attempts=row["attempts"],
+    )
