@@ -135,17 +135,44 @@ class NodeConfig(_Strict):
 
 
 class MatchCondition(_Strict):
-    """One attribute condition of a routing rule: a list of values or a regular expression."""
+    """One attribute condition of a routing rule; exactly one of its four kinds is given.
+
+    `values`: any value equals one of these (case-insensitively). `regex`: any value contains a
+    match. `present`: the attribute has a non-empty value (true) or has none (false). `codes`:
+    a code sequence (View Code Sequence, ...) holds an item with one of these code values,
+    given per coding scheme designator, e.g. `{SCT: [399348003]}`.
+    """
 
     values: tuple[str, ...] | None = None
     regex: str | None = None
+    present: Annotated[bool, Field(strict=True)] | None = None
+    codes: dict[str, tuple[str, ...]] | None = None
+
+    @field_validator("codes", mode="before")
+    @classmethod
+    def _code_strings(cls, value: Any) -> Any:
+        """SNOMED CT codes are numbers, so YAML reads them as integers; a code is a string.
+
+        Scheme designators are compared in upper case, as devices write them (SCT, SRT, DCM).
+        """
+        if not isinstance(value, dict):
+            return value
+        return {
+            str(scheme).strip().upper(): [str(v).strip() for v in codes]
+            if isinstance(codes, list)
+            else [str(codes)]
+            for scheme, codes in value.items()
+        }
 
     @model_validator(mode="after")
     def _one_of(self) -> MatchCondition:
-        if (self.values is None) == (self.regex is None):
-            raise ValueError("give either a list of values or {regex: ...}")
+        given = [self.values, self.regex, self.present, self.codes]
+        if sum(kind is not None for kind in given) != 1:
+            raise ValueError("give one of a list of values, {regex: ...}, {present: ...} or {codes: ...}")
         if self.values is not None and not self.values:
             raise ValueError("an empty list of values never matches; give at least one value")
+        if self.codes is not None and not any(self.codes.values()):
+            raise ValueError("no codes given: never matches; give {SCHEME: [code, ...]}")
         if self.regex is not None:
             try:
                 re.compile(self.regex)
@@ -222,14 +249,27 @@ def _parse_yaml(path: Path, raw: bytes) -> dict[str, Any]:
     return content
 
 
-def _explain(path: Path, exc: ValidationError) -> ConfigError:
+def _named(content: Any, loc: tuple[Any, ...]) -> str:
+    """`in 'NAME': ` for the innermost named entry (rule, destination) on the way to `loc`."""
+    name = None
+    for step in loc:
+        if isinstance(content, dict) and isinstance(content.get("name"), str):
+            name = content["name"]
+        try:
+            content = content[step]
+        except (KeyError, IndexError, TypeError):
+            break
+    return "" if name is None else f"in {name!r}: "
+
+
+def _explain(path: Path, exc: ValidationError, content: Any = None) -> ConfigError:
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         given = err.get("input")
         # A whole mapping or list quoted back would bury the message (and is the file itself).
         shown = "" if err["type"] == "missing" or isinstance(given, dict | list) else f" (got {given!r})"
-        lines.append(f"{path}: {key}: {err['msg']}{shown}")
+        lines.append(f"{path}: {key}: {_named(content, err['loc'])}{err['msg']}{shown}")
     return ConfigError("\n".join(lines))
 
 
@@ -275,7 +315,7 @@ def parse_validated(
     except ConfigError as exc:
         raise error(str(exc)) from None
     except ValidationError as exc:
-        raise error(str(_explain(path, exc))) from None
+        raise error(str(_explain(path, exc, content))) from None
 
 
 def load_config(path: Path) -> NodeConfig:
@@ -306,22 +346,61 @@ def load_config(path: Path) -> NodeConfig:
 
 
 def load_routing(path: Path) -> RoutingConfig:
-    """Read and validate routing.yaml; attribute keywords must be DICOM keywords."""
-    from pydicom.datadict import dictionary_VR, tag_for_keyword
+    """Read and validate routing.yaml; attribute keywords must be DICOM keywords.
 
+    UIDs may be given by the keyword of a standard UID (`OphthalmicTomographyImageStorage`);
+    they are turned into the UID here, so routing compares UIDs only.
+    """
     path = Path(path)
     routing = read_validated(path, RoutingConfig, source=path)
-    for index, rule in enumerate(routing.rules):
-        for keyword in rule.match:
-            if keyword == "CallingAETitle":
-                continue
-            tag = tag_for_keyword(keyword)
-            if tag is None:
-                raise ConfigError(f"{path}: rules.{index}.match.{keyword}: not a DICOM attribute keyword")
-            if dictionary_VR(tag) == "SQ":
-                raise ConfigError(f"{path}: rules.{index}.match.{keyword}: sequences cannot be matched")
-            if tag >> 16 == 0x0002:
-                raise ConfigError(
-                    f"{path}: rules.{index}.match.{keyword}: file meta attributes cannot be matched"
-                )
-    return routing
+    rules = tuple(
+        rule.model_copy(
+            update={
+                "match": {
+                    keyword: _checked_condition(
+                        f"{path}: rules.{index}.match.{keyword}: in {rule.name!r}: ", keyword, cond
+                    )
+                    for keyword, cond in rule.match.items()
+                }
+            }
+        )
+        for index, rule in enumerate(routing.rules)
+    )
+    return routing.model_copy(update={"rules": rules})
+
+
+def _checked_condition(where: str, keyword: str, cond: MatchCondition) -> MatchCondition:
+    """The condition, if its kind suits the attribute, with UID keywords turned into UIDs."""
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    if keyword == "CallingAETitle":
+        if cond.codes is not None:
+            raise ConfigError(f"{where}the calling AE title is not a code sequence")
+        return cond
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise ConfigError(f"{where}not a DICOM attribute keyword")
+    if tag >> 16 == 0x0002:
+        raise ConfigError(f"{where}file meta attributes cannot be matched")
+    vr = dictionary_VR(tag)
+    if vr == "SQ" and (cond.values is not None or cond.regex is not None):
+        raise ConfigError(
+            f"{where}sequences cannot be matched by value; use {{codes: ...}} or {{present: ...}}"
+        )
+    if vr != "SQ" and cond.codes is not None:
+        raise ConfigError(f"{where}{{codes: ...}} needs a code sequence (such as ViewCodeSequence), not {vr}")
+    if vr == "UI" and cond.values is not None:
+        return cond.model_copy(update={"values": tuple(_uid(where, v) for v in cond.values)})
+    return cond
+
+
+def _uid(where: str, value: str) -> str:
+    """A UID as given, or the UID a standard keyword names (`CTImageStorage`)."""
+    from pydicom.uid import UID_dictionary
+
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)*", value):
+        return value
+    for uid, entry in UID_dictionary.items():
+        if entry[4] == value:
+            return uid
+    raise ConfigError(f"{where}{value!r} is neither a UID nor the keyword of a standard UID")

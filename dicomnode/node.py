@@ -136,34 +136,48 @@ class StudyWorker(threading.Thread):
             log.info("purged %d finished studies older than %g days", purged, days)
 
     def process(self, study: StudyRecord) -> None:
-        """Route, classify and write results for one study, recording the outcome."""
+        """Route, classify and write results for one study, recording the outcome once.
+
+        A study may go to several prompt sets (a chest radiograph and an OCT in one study).
+        When a set fails for good and another succeeds, the results of the successful ones are
+        still delivered and the study is failed with a reason naming each failed set. A failure
+        that may pass retries the whole study: the results are derived deterministically, so
+        the sets that succeeded write the same objects again.
+        """
         tag = uid_tag(study.study_instance_uid)
-        job = route_study(
+        routed = route_study(
             self.routing, study.study_instance_uid, self.spool.instances(study.study_instance_uid)
         )
-        if isinstance(job, Ignored):
-            self.spool.finish_study(study, state="ignored", reason=job.reason)
-            log.info("study %s ignored: %s", tag, job.reason)
+        if isinstance(routed, Ignored):
+            self.spool.finish_study(study, state="ignored", reason=routed.reason)
+            log.info("study %s ignored: %s", tag, routed.reason)
             return
-        try:
-            paths = self._results_for(job)
-        except PERMANENT_FAILURES as exc:
-            reason = f"{exc.__class__.__name__}: {exc}"
-            self.spool.finish_study(study, state="failed", reason=reason, prompt_set=job.prompt_set)
-            # Our own errors are written to be log-safe; a library's text might quote a value.
-            said = reason if type(exc).__module__.startswith("dicomnode") else type(exc).__name__
-            log.error("study %s failed with prompt set %s: %s", tag, job.prompt_set, said)
-            return
-        except Exception as exc:  # disk, memory, device: may pass, so try again later
-            self._retry(study, exc)
-            return
-        deliveries = [(d.name, p) for d in self.cfg.destinations for p in paths]
-        self.spool.finish_study(study, state="done", prompt_set=job.prompt_set, deliveries=deliveries)
-        log.info(
-            "study %s processed with prompt set %s (%d images)",
-            tag,
-            job.prompt_set,
-            len(job.instances),
+        if routed.left_out is not None:
+            log.info("study %s: instances left out: %s", tag, routed.left_out)
+        paths: list[Path] = []
+        failures: list[str] = []
+        for job in routed.jobs:
+            try:
+                paths += self._results_for(job)
+            except PERMANENT_FAILURES as exc:
+                failures.append(f"prompt set {job.prompt_set} failed: {exc.__class__.__name__}: {exc}")
+                # Our own errors are written to be log-safe; a library's text might quote a value.
+                said = failures[-1] if type(exc).__module__.startswith("dicomnode") else type(exc).__name__
+                log.error("study %s failed with prompt set %s: %s", tag, job.prompt_set, said)
+                continue
+            except Exception as exc:  # disk, memory, device: may pass, so try again later
+                self._retry(study, exc)
+                return
+            log.info(
+                "study %s processed with prompt set %s (%d images)", tag, job.prompt_set, len(job.instances)
+            )
+        reason = "; ".join(failures + ([f"left out: {routed.left_out}"] if routed.left_out else [])) or None
+        self.spool.finish_study(
+            study,
+            state="failed" if failures else "done",
+            reason=reason,
+            prompt_set=",".join(job.prompt_set for job in routed.jobs),
+            deliveries=[(d.name, p) for d in self.cfg.destinations for p in paths],
         )
 
     def _retry(self, study: StudyRecord, exc: Exception) -> None:

@@ -1,9 +1,10 @@
-"""Routing: which prompt set, if any, a study goes to, decided by ordered YAML rules.
+"""Routing: which prompt sets, if any, a study goes to, decided by ordered YAML rules.
 
-Rules match on dataset attributes (any DICOM keyword) and on the calling AE title. Each
-instance is routed on its own; the study goes to the prompt set of its first routed
-instance, with all instances routed to that set. A study nobody routes is recorded as
-ignored with the reasons, never dropped in silence.
+Rules match on dataset attributes (any DICOM keyword: values, a regex, presence or absence,
+codes in a code sequence) and on the calling AE title. Each instance is routed on its own,
+the first matching rule deciding; a study goes to every prompt set one of its instances is
+routed to, one job per set. Instances nobody routes, and a study nobody routes, are recorded
+with the reasons, never dropped in silence.
 """
 
 from __future__ import annotations
@@ -26,6 +27,22 @@ from dicomnode.identity import NODE_MANUFACTURER
 #: only these are quoted in routing reasons, which end up in logs and `dicomnode status`.
 _QUOTABLE_VRS = frozenset({"AE", "CS", "DS", "IS", "SS", "US", "UI"})
 
+#: Code sequences that describe how an image was acquired, not the patient: their codes are
+#: quoted in reasons. Codes of other sequences (admitting diagnoses, ...) are health data.
+_ACQUISITION_CODE_SEQUENCES = frozenset(
+    {
+        "ViewCodeSequence",
+        "ViewModifierCodeSequence",
+        "AnatomicRegionSequence",
+        "AnatomicRegionModifierSequence",
+        "PrimaryAnatomicStructureSequence",
+    }
+)
+
+#: Group of the Patient module attributes (sex, age, size, weight, pregnancy, ...): even when
+#: coded (PatientSex is CS), they describe the patient and are never quoted.
+_PATIENT_GROUP = 0x0010
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -37,6 +54,19 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class Routed:
+    """A study routed to one or more prompt sets: one job per set, in the order first met.
+
+    `left_out` gives the distinct reasons of the instances no job holds, None when every
+    instance is in a job.
+    """
+
+    study_instance_uid: str
+    jobs: tuple[StudyJob, ...]
+    left_out: str | None
+
+
+@dataclass(frozen=True)
 class Ignored:
     """A study that no rule sent to a prompt set."""
 
@@ -44,21 +74,36 @@ class Ignored:
     reason: str
 
 
+def _code(item: pydicom.Dataset) -> str:
+    """`SCHEME:VALUE` of a code sequence item; empty when the item holds no code."""
+    value = item.get("CodeValue") or item.get("LongCodeValue") or item.get("URNCodeValue")
+    scheme = item.get("CodingSchemeDesignator")
+    return f"{str(scheme).strip().upper()}:{str(value).strip()}" if value and scheme else ""
+
+
 def _attribute_values(ds: pydicom.Dataset, keyword: str, calling_ae: str) -> list[str]:
+    """The attribute's values as strings (a sequence's: one code per item); [] when absent or empty."""
     if keyword == "CallingAETitle":
         return [calling_ae.strip()] if calling_ae.strip() else []
     value = ds.get(keyword)
-    if value is None or value == "":
+    if value is None:
         return []
+    if isinstance(value, pydicom.sequence.Sequence):
+        return [_code(item) for item in value]
     if isinstance(value, pydicom.multival.MultiValue):
         return [str(v).strip() for v in value]
-    return [str(value).strip()]
+    return [str(value).strip()] if str(value).strip() else []
 
 
 def _condition_holds(cond: MatchCondition, found: list[str]) -> bool:
+    if cond.present is not None:
+        return bool(found) == cond.present
     if cond.regex is not None:
         pattern = re.compile(cond.regex)
         return any(pattern.search(v) for v in found)
+    if cond.codes is not None:
+        wanted = {f"{scheme}:{code}" for scheme, codes in cond.codes.items() for code in codes}
+        return any(v in wanted for v in found)
     wanted = {v.strip().upper() for v in cond.values or ()}
     return any(v.upper() in wanted for v in found)
 
@@ -67,11 +112,32 @@ def _quotable(keyword: str, found: list[str]) -> bool:
     if keyword == "CallingAETitle":
         return True
     tag = tag_for_keyword(keyword)
-    if tag is None or dictionary_VR(tag) not in _QUOTABLE_VRS:
+    if tag is None or tag >> 16 == _PATIENT_GROUP or keyword.startswith("Patient"):
+        return False
+    vr = dictionary_VR(tag)
+    if vr == "SQ":
+        return keyword in _ACQUISITION_CODE_SEQUENCES
+    if vr not in _QUOTABLE_VRS:
         return False
     # A UID is a code only when the standard defines it (SOP classes, transfer syntaxes);
     # study, series and instance UIDs identify a patient's images and stay out of reasons.
-    return dictionary_VR(tag) != "UI" or all(v in UID_dictionary for v in found)
+    return vr != "UI" or all(v in UID_dictionary for v in found)
+
+
+def _shown(value: str) -> str:
+    """A value as a reason shows it: a standard UID by its keyword, anything else as is."""
+    entry = UID_dictionary.get(value)
+    return entry[4] if entry is not None and entry[4] else (value or "an item without a code")
+
+
+def _wanted(cond: MatchCondition) -> str:
+    if cond.present is not None:
+        return "it present" if cond.present else "it absent"
+    if cond.regex is not None:
+        return f"/{cond.regex}/"
+    if cond.codes is not None:
+        return "|".join(f"{scheme}:{code}" for scheme, codes in cond.codes.items() for code in codes)
+    return "|".join(_shown(v) for v in cond.values or ())
 
 
 def _rule_mismatch(rule: RoutingRule, ds: pydicom.Dataset, calling_ae: str) -> str | None:
@@ -79,14 +145,15 @@ def _rule_mismatch(rule: RoutingRule, ds: pydicom.Dataset, calling_ae: str) -> s
     for keyword, cond in rule.match.items():
         found = _attribute_values(ds, keyword, calling_ae)
         if not _condition_holds(cond, found):
-            expected = f"/{cond.regex}/" if cond.regex is not None else "|".join(cond.values or ())
             if not found:
                 got = "absent"
             elif _quotable(keyword, found):
-                got = "|".join(found)
+                got = "|".join(_shown(v) for v in found)
+            elif cond.present is not None:
+                got = "present"
             else:
                 got = "a value that does not match"
-            return f"{keyword} is {got}, rule wants {expected}"
+            return f"{keyword} is {got}, rule wants {_wanted(cond)}"
     return None
 
 
@@ -113,10 +180,14 @@ def read_header(path: Path) -> pydicom.Dataset:
 
 def route_study(
     routing: RoutingConfig, study_instance_uid: str, instances: Sequence[StoredInstance]
-) -> StudyJob | Ignored:
-    """Route a quiet study: a job for the first prompt set any instance routes to, or Ignored."""
-    chosen: tuple[str, str] | None = None
-    routed: list[StoredInstance] = []
+) -> Routed | Ignored:
+    """Route a quiet study: one job per prompt set its instances route to, or Ignored.
+
+    Each job holds the instances routed to its set, in the study's order, and names the rule
+    of the first of them. Instances routed nowhere are left out with their reasons.
+    """
+    routed: dict[str, list[StoredInstance]] = {}
+    rules: dict[str, str] = {}
     reasons: list[str] = []
     for instance in instances:
         try:
@@ -126,15 +197,19 @@ def route_study(
             continue
         if decision.prompt_set is None:
             reasons.append(decision.reason)
-        elif chosen is None or decision.prompt_set == chosen[0]:
-            chosen = chosen or (decision.prompt_set, decision.rule or "")
-            routed.append(instance)
-    if chosen is None:
-        distinct = list(dict.fromkeys(reasons)) or ["study has no instances"]
-        return Ignored(study_instance_uid, "; ".join(distinct))
-    return StudyJob(
-        study_instance_uid=study_instance_uid,
-        prompt_set=chosen[0],
-        rule=chosen[1],
-        instances=tuple(routed),
+            continue
+        routed.setdefault(decision.prompt_set, []).append(instance)
+        rules.setdefault(decision.prompt_set, decision.rule or "")
+    distinct = "; ".join(dict.fromkeys(reasons))
+    if not routed:
+        return Ignored(study_instance_uid, distinct or "study has no instances")
+    jobs = tuple(
+        StudyJob(
+            study_instance_uid=study_instance_uid,
+            prompt_set=prompt_set,
+            rule=rules[prompt_set],
+            instances=tuple(members),
+        )
+        for prompt_set, members in routed.items()
     )
+    return Routed(study_instance_uid, jobs, distinct or None)

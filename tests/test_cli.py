@@ -248,7 +248,7 @@ def test_config_invalid_routing_exits_2_naming_routing_file_and_rule_key(node_co
     outcome = cli("config", "--config", node_config)
 
     assert outcome.exit_code == 2
-    assert f"{routing}: rules.0.match.BodyPart: not a DICOM attribute keyword" in outcome.stderr
+    assert f"{routing}: rules.0.match.BodyPart: in 'r': not a DICOM attribute keyword" in outcome.stderr
 
 
 def test_config_rule_naming_a_missing_prompt_set_exits_2_naming_its_file(node_config):

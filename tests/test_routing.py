@@ -14,12 +14,24 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    CTImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    ExplicitVRLittleEndian,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    OphthalmicPhotography8BitImageStorage,
+    OphthalmicTomographyImageStorage,
+    SecondaryCaptureImageStorage,
+    VLWholeSlideMicroscopyImageStorage,
+    generate_uid,
+)
 
-from dicomnode.config import RoutingConfig, load_routing
+from dicomnode.config import ConfigError, RoutingConfig, load_routing
 from dicomnode.flow import StoredInstance, StudyJob
 from dicomnode.identity import NODE_MANUFACTURER
-from dicomnode.routing import Decision, Ignored, decide, read_header, route_study
+from dicomnode.routing import Decision, Ignored, Routed, decide, read_header, route_study
 
 CHEST = "RG1_UNCR.dcm"
 EXTREMITY = "RG3_UNCR.dcm"
@@ -210,14 +222,17 @@ def test_no_match_reason_shows_a_regex_as_the_rule_wants_it(tmp_path):
     assert "Modality is CR, rule wants /^(DX|MG)$/" in decide(routing, header(CHEST)).reason
 
 
-def test_standard_sop_class_uid_is_quoted_because_it_is_a_code(tmp_path):
+def test_standard_sop_class_uid_is_quoted_because_it_is_a_code_by_its_keyword(tmp_path):
     routing = routing_from(
         tmp_path, "rules: [{name: dx, match: {SOPClassUID: ['1.2.840.10008.5.1.4.1.1.1.1']}, prompt_set: x}]"
     )
 
     reason = decide(routing, header(CHEST)).reason
 
-    assert "SOPClassUID is 1.2.840.10008.5.1.4.1.1.1, rule wants" in reason
+    assert (
+        "SOPClassUID is ComputedRadiographyImageStorage, rule wants DigitalXRayImageStorageForPresentation"
+        in (reason)
+    )
 
 
 @pytest.mark.parametrize(
@@ -239,7 +254,7 @@ def test_values_that_are_not_codes_are_never_quoted_in_a_reason(tmp_path, keywor
         tmp_path,
         f"""
 rules:
-  - {{name: listed, match: {{{keyword}: ['something else']}}, prompt_set: x}}
+  - {{name: listed, match: {{{keyword}: ['9.9.9']}}, prompt_set: x}}
   - {{name: pattern, match: {{{keyword}: {{regex: '^nothing$'}}}}, prompt_set: y}}
 """,
     )
@@ -303,13 +318,27 @@ def stored(folder: Path, name: str, calling_ae: str = "MODALITY", **changes: str
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 
 
-def test_study_goes_to_the_first_routed_prompt_set_with_only_its_instances(routing, tmp_path):
+def test_study_goes_to_each_routed_prompt_set_with_its_own_instances(routing, tmp_path):
     extremity = stored(tmp_path, EXTREMITY)
     ct_one, chest, ct_two = stored(tmp_path, CT), stored(tmp_path, CHEST), stored(tmp_path, CT)
 
-    job = route_study(routing, STUDY, [extremity, ct_one, chest, ct_two])
+    routed = route_study(routing, STUDY, [extremity, ct_one, chest, ct_two])
 
-    assert job == StudyJob(study_instance_uid=STUDY, prompt_set="ct", rule="ct", instances=(ct_one, ct_two))
+    assert routed == Routed(
+        STUDY,
+        (
+            StudyJob(study_instance_uid=STUDY, prompt_set="ct", rule="ct", instances=(ct_one, ct_two)),
+            StudyJob(study_instance_uid=STUDY, prompt_set="cxr", rule="chest-radiograph", instances=(chest,)),
+        ),
+        left_out="rule 'extremity': extremities have no prompt set yet",
+    )
+
+
+def test_study_whose_every_instance_is_routed_leaves_nothing_out(routing, tmp_path):
+    routed = route_study(routing, STUDY, [stored(tmp_path, CHEST), stored(tmp_path, CHEST)])
+
+    assert isinstance(routed, Routed) and routed.left_out is None
+    assert [len(job.instances) for job in routed.jobs] == [2]
 
 
 def test_study_routed_with_the_rule_of_its_first_routed_instance(tmp_path):
@@ -323,9 +352,8 @@ rules:
     )
     limb, chest = stored(tmp_path, EXTREMITY), stored(tmp_path, CHEST)
 
-    job = route_study(routing, STUDY, [limb, chest])
+    (job,) = route_study(routing, STUDY, [limb, chest]).jobs
 
-    assert isinstance(job, StudyJob)
     assert (job.prompt_set, job.rule, job.instances) == ("cxr", "cr", (limb, chest))
 
 
@@ -333,9 +361,9 @@ def test_study_is_routed_with_each_instances_own_calling_ae(tmp_path):
     routing = routing_from(tmp_path, "rules: [{name: ward, match: {CallingAETitle: WARD}, prompt_set: cxr}]")
     from_er, from_ward = stored(tmp_path, CHEST, calling_ae="ER"), stored(tmp_path, CHEST, calling_ae="WARD")
 
-    job = route_study(routing, STUDY, [from_er, from_ward])
+    (job,) = route_study(routing, STUDY, [from_er, from_ward]).jobs
 
-    assert isinstance(job, StudyJob) and job.instances == (from_ward,)
+    assert job.instances == (from_ward,)
 
 
 def test_study_that_no_rule_routes_is_ignored_with_its_distinct_reasons(routing, tmp_path):
@@ -363,7 +391,9 @@ def test_unreadable_instance_is_a_reason_and_does_not_stop_the_others(routing, t
     unreadable = StoredInstance("1.2.3.4", chest.sop_class_uid, STUDY, "1.2.3.5", garbage, "MODALITY")
     vanished = StoredInstance("1.2.3.6", chest.sop_class_uid, STUDY, "1.2.3.5", tmp_path / "gone.dcm", "M")
 
-    assert route_study(routing, STUDY, [unreadable, vanished, chest]).instances == (chest,)
+    routed = route_study(routing, STUDY, [unreadable, vanished, chest])
+    assert [job.instances for job in routed.jobs] == [(chest,)]
+    assert routed.left_out == "unreadable instance: InvalidDicomError; unreadable instance: FileNotFoundError"
     outcome = route_study(routing, STUDY, [unreadable, vanished])
     assert outcome == Ignored(
         STUDY, "unreadable instance: InvalidDicomError; unreadable instance: FileNotFoundError"
@@ -374,9 +404,9 @@ def test_results_of_dicomnode_in_the_study_are_left_out_of_the_job(routing, tmp_
     chest = stored(tmp_path, CHEST)
     our_result = stored(tmp_path, CHEST, Manufacturer=NODE_MANUFACTURER)
 
-    job = route_study(routing, STUDY, [our_result, chest])
+    (job,) = route_study(routing, STUDY, [our_result, chest]).jobs
 
-    assert isinstance(job, StudyJob) and job.instances == (chest,)
+    assert job.instances == (chest,)
     assert route_study(routing, STUDY, [our_result]) == Ignored(STUDY, "a result dicomnode produced itself")
 
 
@@ -391,3 +421,358 @@ def test_ignore_reasons_never_quote_free_text_of_the_study(tmp_path):
     assert isinstance(outcome, Ignored)
     assert "Jane" not in outcome.reason and "Doe" not in outcome.reason
     assert "SeriesDescription is a value that does not match" in outcome.reason
+
+
+# -- conditions beyond values: presence, codes, SOP classes by keyword ----------------------------
+
+
+def code_item(scheme: str, value: str, meaning: str) -> pydicom.Dataset:
+    """One item of a code sequence, as a modality writes it."""
+    item = pydicom.Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def written(
+    folder: Path, sop_class: str, *, frames: int = 1, calling_ae: str = "MODALITY", **attributes
+) -> StoredInstance:
+    """A small real instance of `sop_class` in STUDY, on disk as the spool holds it.
+
+    8x8 MONOCHROME2 pixels, `frames` of them; `attributes` are set as given (a list of
+    datasets becomes a sequence, a list of strings a multi-valued attribute).
+    """
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = STUDY, generate_uid()
+    ds.PatientName, ds.PatientID = "Doe^Jane", "MRN-884422"
+    ds.Rows = ds.Columns = 8
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.PixelData = bytes(8 * 8 * frames)
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return StoredInstance(ds.SOPInstanceUID, sop_class, STUDY, ds.SeriesInstanceUID, path, calling_ae)
+
+
+def decided(routing: RoutingConfig, instance: StoredInstance) -> Decision:
+    """The decision on the instance's header as the node reads it from disk."""
+    return decide(routing, read_header(instance.path), instance.calling_ae)
+
+
+def test_presence_and_absence_of_an_attribute_are_conditions(tmp_path):
+    routing = routing_from(
+        tmp_path,
+        """
+rules:
+  - {name: unviewed, match: {ViewPosition: {present: false}}, prompt_set: absent}
+  - {name: viewed, match: {ViewPosition: {present: true}}, prompt_set: present}
+""",
+    )
+    pa = written(tmp_path, ComputedRadiographyImageStorage, ViewPosition="PA")
+    empty = written(tmp_path, ComputedRadiographyImageStorage, ViewPosition="")
+    missing = written(tmp_path, ComputedRadiographyImageStorage)
+
+    assert [decided(routing, i).prompt_set for i in (pa, empty, missing)] == ["present", "absent", "absent"]
+
+
+def test_presence_mismatch_says_which_way_it_failed(tmp_path):
+    routing = routing_from(
+        tmp_path, "rules: [{name: bare, match: {ViewPosition: {present: false}}, ignore: x}]"
+    )
+    wanted_present = routing_from(
+        tmp_path, "rules: [{name: coded, match: {ViewCodeSequence: {present: true}}, ignore: x}]"
+    )
+    pa = written(tmp_path, ComputedRadiographyImageStorage, ViewPosition="PA")
+
+    assert decided(routing, pa).reason == "no rule matched (bare: ViewPosition is PA, rule wants it absent)"
+    assert decided(wanted_present, pa).reason == (
+        "no rule matched (coded: ViewCodeSequence is absent, rule wants it present)"
+    )
+
+
+def test_a_code_in_any_item_of_a_code_sequence_matches_by_scheme_and_value(tmp_path):
+    # Unquoted SNOMED CT codes are YAML integers: they must still match the code strings.
+    routing = routing_from(
+        tmp_path,
+        "rules: [{name: pa, match: {ViewCodeSequence: {codes: {SCT: [272479007], srt: [R-10214]}}}, "
+        "prompt_set: cxr}]",
+    )
+    sct = written(
+        tmp_path,
+        DigitalXRayImageStorageForPresentation,
+        ViewCodeSequence=[code_item("SCT", "272479007", "PA")],
+    )
+    legacy = written(
+        tmp_path,
+        DigitalXRayImageStorageForPresentation,
+        ViewCodeSequence=[code_item("99LOCAL", "X", "x"), code_item("SRT", "R-10214", "postero-anterior")],
+    )
+    other_scheme = written(
+        tmp_path,
+        DigitalXRayImageStorageForPresentation,
+        ViewCodeSequence=[code_item("SRT", "272479007", "?")],
+    )
+
+    assert decided(routing, sct).prompt_set == "cxr"
+    assert decided(routing, legacy).prompt_set == "cxr"
+    assert decided(routing, other_scheme).reason == (
+        "no rule matched (pa: ViewCodeSequence is SRT:272479007, rule wants SCT:272479007|SRT:R-10214)"
+    )
+
+
+def test_sop_class_given_by_its_keyword_matches_its_uid(tmp_path):
+    routing = routing_from(
+        tmp_path,
+        "rules: [{name: oct, match: {SOPClassUID: OphthalmicTomographyImageStorage}, prompt_set: oct}]",
+    )
+    volume = written(tmp_path, OphthalmicTomographyImageStorage, frames=3, Modality="OPT")
+    photo = written(tmp_path, OphthalmicPhotography8BitImageStorage, Modality="OP")
+
+    assert routing.rules[0].match["SOPClassUID"].values == (OphthalmicTomographyImageStorage,)
+    assert decided(routing, volume).prompt_set == "oct"
+    assert decided(routing, photo).reason == (
+        "no rule matched (oct: SOPClassUID is OphthalmicPhotography8BitImageStorage, "
+        "rule wants OphthalmicTomographyImageStorage)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("condition", "complaint"),
+    [
+        ("{SOPClassUID: OphthalmicTomography}", "'OphthalmicTomography' is neither a UID nor the keyword"),
+        ("{Modality: {codes: {SCT: [1]}}}", "{codes: ...} needs a code sequence (such as ViewCodeSequence)"),
+        ("{ViewCodeSequence: [PA]}", "sequences cannot be matched by value"),
+        ("{ViewCodeSequence: {codes: {SCT: []}}}", "no codes given"),
+        ("{ViewPosition: {present: 'no'}}", "valid boolean"),
+        ("{ViewPosition: {present: true, values: [PA]}}", "give one of"),
+    ],
+)
+def test_a_condition_that_cannot_work_is_refused_naming_file_rule_and_key(tmp_path, condition, complaint):
+    path = tmp_path / "routing.yaml"
+    path.write_text(
+        f"rules:\n  - {{name: chest, match: {{Modality: CR}}, prompt_set: cxr}}\n"
+        f"  - {{name: broken, match: {condition}, prompt_set: x}}\n"
+    )
+    key = condition[1 : condition.index(":")]
+
+    with pytest.raises(ConfigError) as caught:
+        load_routing(path)
+
+    line = str(caught.value).splitlines()[0]
+    assert line.startswith(f"{path}: rules.1.match.{key}"), line
+    assert "in 'broken': " in line and complaint in line
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [("PatientSex", "F"), ("PatientSize", "1.62"), ("PatientWeight", "58"), ("PregnancyStatus", 4)],
+)
+def test_patient_attributes_are_never_quoted_even_when_coded_or_numeric(tmp_path, keyword, value):
+    routing = routing_from(
+        tmp_path,
+        f"""
+rules:
+  - {{name: listed, match: {{{keyword}: ['9']}}, prompt_set: x}}
+  - {{name: bare, match: {{{keyword}: {{present: false}}}}, prompt_set: y}}
+""",
+    )
+    ds = header(CHEST)
+    setattr(ds, keyword, value)
+
+    assert decide(routing, ds).reason == (
+        f"no rule matched (listed: {keyword} is a value that does not match, rule wants 9; "
+        f"bare: {keyword} is present, rule wants it absent)"
+    )
+
+
+def test_codes_of_a_sequence_about_the_patient_are_not_quoted(tmp_path):
+    routing = routing_from(
+        tmp_path,
+        "rules: [{name: dx, match: {AdmittingDiagnosesCodeSequence: {codes: {SCT: ['1']}}}, ignore: x}]",
+    )
+    ds = header(CHEST)
+    ds.AdmittingDiagnosesCodeSequence = [code_item("SCT", "254637007", "lung cancer")]
+
+    reason = decide(routing, ds).reason
+
+    assert "254637007" not in reason
+    assert "AdmittingDiagnosesCodeSequence is a value that does not match" in reason
+
+
+# -- the shipped rules: what a real PACS sends ------------------------------------------------------
+
+SHIPPED = load_routing(Path(__file__).resolve().parent.parent / "conf" / "routing.yaml")
+FRONTAL = "rule 'chest-frontal' matched"
+LATERAL = "rule 'chest-lateral': lateral chest view; the cxr prompt set is for frontal (PA/AP) views"
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "attributes", "prompt_set", "reason"),
+    [
+        (ComputedRadiographyImageStorage, {"ViewPosition": "PA"}, "cxr", FRONTAL),
+        (DigitalXRayImageStorageForPresentation, {"ViewPosition": "AP"}, "cxr", FRONTAL),
+        (ComputedRadiographyImageStorage, {"ViewPosition": "LL"}, None, LATERAL),
+        (DigitalXRayImageStorageForPresentation, {"ViewPosition": "RL"}, None, LATERAL),
+        (
+            DigitalXRayImageStorageForPresentation,
+            {"ViewCodeSequence": [code_item("SCT", "399348003", "antero-posterior")]},
+            "cxr",
+            "rule 'chest-frontal-coded' matched",
+        ),
+        (
+            DigitalXRayImageStorageForPresentation,
+            {"ViewCodeSequence": [code_item("SRT", "R-10214", "postero-anterior")]},
+            "cxr",
+            "rule 'chest-frontal-coded' matched",
+        ),
+        (
+            DigitalXRayImageStorageForPresentation,
+            {"ViewCodeSequence": [code_item("SCT", "399173006", "left lateral")]},
+            None,
+            "rule 'chest-lateral-coded': lateral chest view; the cxr prompt set is for frontal (PA/AP) views",
+        ),
+        (
+            DigitalXRayImageStorageForPresentation,
+            {"ViewPosition": "LL", "ViewCodeSequence": [code_item("SCT", "272479007", "postero-anterior")]},
+            None,
+            LATERAL,
+        ),
+        (ComputedRadiographyImageStorage, {}, None, "rule 'chest-other-view': chest view neither PA, AP nor"),
+        (ComputedRadiographyImageStorage, {"ViewPosition": "RLD"}, None, "rule 'chest-other-view'"),
+        (
+            DigitalXRayImageStorageForProcessing,
+            {"ViewPosition": "PA", "PresentationIntentType": "FOR PROCESSING"},
+            None,
+            "rule 'for-processing': raw detector image (FOR PROCESSING)",
+        ),
+    ],
+    ids=[
+        "cr-pa",
+        "dx-ap",
+        "cr-left-lateral",
+        "dx-right-lateral",
+        "dx-sct-ap-code",
+        "dx-legacy-pa-code",
+        "dx-lateral-code",
+        "view-position-wins-over-code",
+        "cr-no-view",
+        "cr-decubitus",
+        "dx-for-processing",
+    ],
+)
+def test_shipped_rules_send_only_frontal_chest_radiographs_to_cxr(
+    tmp_path, sop_class, attributes, prompt_set, reason
+):
+    modality = "CR" if sop_class == ComputedRadiographyImageStorage else "DX"
+    instance = written(tmp_path, sop_class, Modality=modality, BodyPartExamined="CHEST", **attributes)
+
+    decision = decided(SHIPPED, instance)
+
+    assert decision.prompt_set == prompt_set
+    assert decision.reason.startswith(reason), decision.reason
+
+
+def test_shipped_rules_accept_thorax_as_the_chest(tmp_path):
+    instance = written(
+        tmp_path, ComputedRadiographyImageStorage, Modality="CR", BodyPartExamined="THORAX", ViewPosition="PA"
+    )
+
+    assert decided(SHIPPED, instance).prompt_set == "cxr"
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "frames", "attributes", "prompt_set", "reason"),
+    [
+        (OphthalmicTomographyImageStorage, 5, {"Modality": "OPT"}, "oct", "rule 'oct-volume' matched"),
+        (SecondaryCaptureImageStorage, 1, {"Modality": "OPT"}, "oct", "rule 'oct-secondary-capture' matched"),
+        (
+            MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+            5,
+            {"Modality": "OPT"},
+            "oct",
+            "rule 'oct-secondary-capture' matched",
+        ),
+        (SecondaryCaptureImageStorage, 1, {"Modality": "OT"}, None, "no rule matched ("),
+        (
+            VLWholeSlideMicroscopyImageStorage,
+            4,
+            {"Modality": "SM", "ImageType": ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]},
+            "pathology",
+            "rule 'whole-slide' matched",
+        ),
+        (
+            VLWholeSlideMicroscopyImageStorage,
+            1,
+            {"Modality": "SM", "ImageType": ["ORIGINAL", "PRIMARY", "LABEL", "NONE"]},
+            None,
+            "rule 'slide-label-or-overview': slide label or overview photograph",
+        ),
+        (
+            VLWholeSlideMicroscopyImageStorage,
+            1,
+            {"Modality": "SM", "ImageType": ["ORIGINAL", "PRIMARY", "OVERVIEW", "NONE"]},
+            None,
+            "rule 'slide-label-or-overview'",
+        ),
+        (CTImageStorage, 1, {"Modality": "CT", "BodyPartExamined": "CHEST"}, None, "no rule matched ("),
+    ],
+    ids=[
+        "opt-volume",
+        "oct-sc",
+        "oct-multiframe-sc",
+        "sc-screenshot",
+        "slide-volume",
+        "slide-label",
+        "slide-overview",
+        "chest-ct",
+    ],
+)
+def test_shipped_rules_send_oct_and_whole_slides_to_their_sets(
+    tmp_path, sop_class, frames, attributes, prompt_set, reason
+):
+    instance = written(tmp_path, sop_class, frames=frames, **attributes)
+
+    decision = decided(SHIPPED, instance)
+
+    assert decision.prompt_set == prompt_set
+    assert decision.reason.startswith(reason), decision.reason
+
+
+def test_shipped_rules_name_every_rule_when_nothing_matches_a_screenshot(tmp_path):
+    screenshot = written(tmp_path, SecondaryCaptureImageStorage, Modality="OT")
+
+    reason = decided(SHIPPED, screenshot).reason
+
+    for rule in SHIPPED.rules:
+        assert f"{rule.name}: " in reason
+    assert "oct-secondary-capture: Modality is OT, rule wants OPT" in reason
+    assert "Doe" not in reason and "MRN" not in reason
+
+
+def test_a_study_with_a_chest_radiograph_and_an_oct_gives_a_job_for_each(tmp_path):
+    pa = written(
+        tmp_path, ComputedRadiographyImageStorage, Modality="CR", BodyPartExamined="CHEST", ViewPosition="PA"
+    )
+    lateral = written(
+        tmp_path, ComputedRadiographyImageStorage, Modality="CR", BodyPartExamined="CHEST", ViewPosition="LL"
+    )
+    volume = written(tmp_path, OphthalmicTomographyImageStorage, frames=3, Modality="OPT")
+
+    routed = route_study(SHIPPED, STUDY, [pa, lateral, volume])
+
+    assert routed == Routed(
+        STUDY,
+        (
+            StudyJob(STUDY, "cxr", "chest-frontal", (pa,)),
+            StudyJob(STUDY, "oct", "oct-volume", (volume,)),
+        ),
+        left_out=LATERAL,
+    )
