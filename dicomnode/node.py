@@ -160,10 +160,14 @@ class StudyWorker(threading.Thread):
             try:
                 paths += self._results_for(job)
             except PERMANENT_FAILURES as exc:
-                failures.append(f"prompt set {job.prompt_set} failed: {exc.__class__.__name__}: {exc}")
+                failure = f"prompt set {job.prompt_set} failed: {exc.__class__.__name__}"
+                failures.append(f"{failure}: {exc}")
                 # Our own errors are written to be log-safe; a library's text might quote a value.
-                said = failures[-1] if type(exc).__module__.startswith("dicomnode") else type(exc).__name__
-                log.error("study %s failed with prompt set %s: %s", tag, job.prompt_set, said)
+                log.error(
+                    "study %s: %s",
+                    tag,
+                    failures[-1] if type(exc).__module__.startswith("dicomnode") else failure,
+                )
                 continue
             except Exception as exc:  # disk, memory, device: may pass, so try again later
                 self._retry(study, exc)

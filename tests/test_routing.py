@@ -8,6 +8,9 @@ and CT_small (CT, no BodyPartExamined); rules are real YAML files read by `load_
 from __future__ import annotations
 
 import copy
+import re
+import threading
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
@@ -28,10 +31,17 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dicomnode.config import ConfigError, RoutingConfig, load_routing
+from dicomnode.config import ConfigError, RoutingConfig, load_config, load_routing
+from dicomnode.engine import Engine
 from dicomnode.flow import StoredInstance, StudyJob
 from dicomnode.identity import NODE_MANUFACTURER
+from dicomnode.model.library import PromptSetLibrary
+from dicomnode.node import StudyWorker
 from dicomnode.routing import Decision, Ignored, Routed, decide, read_header, route_study
+from dicomnode.spool import Spool
+from tests.conftest import free_port, tiny_backbone, write_node_config
+from tests.prompt_sets import spec, write_prompt_set
+from tests.test_end_to_end import _sr_text
 
 CHEST = "RG1_UNCR.dcm"
 EXTREMITY = "RG3_UNCR.dcm"
@@ -776,3 +786,95 @@ def test_a_study_with_a_chest_radiograph_and_an_oct_gives_a_job_for_each(tmp_pat
         ),
         left_out=LATERAL,
     )
+
+
+# -- a study of several prompt sets, processed by the node's study worker ---------------------------
+
+TWO_SETS = """
+rules:
+  - {name: ward, match: {CallingAETitle: WARD}, prompt_set: first}
+  - {name: emergency, match: {CallingAETitle: ER}, prompt_set: second}
+"""
+
+
+@pytest.fixture
+def worker(tmp_path, tiny_architecture) -> Iterator[StudyWorker]:
+    """A study worker on the tiny backbone serving zero-shot sets `first` and `second` by TWO_SETS."""
+    backbone = tiny_backbone(tiny_architecture)
+    for name in ("first", "second"):
+        write_prompt_set(tmp_path / "prompts" / name, spec(name, "zeroshot", backbone), backbone)
+    (tmp_path / "routing.yaml").write_text(TWO_SETS)
+    config = write_node_config(
+        tmp_path,
+        tiny_architecture,
+        scp_port=free_port(),
+        destinations=[{"name": "pacs", "host": "127.0.0.1", "port": free_port(), "ae_title": "PACS"}],
+        prompts_dir=str(tmp_path / "prompts"),
+        routing=str(tmp_path / "routing.yaml"),
+    )
+    cfg = load_config(config)
+    engine = Engine(backbone)
+    spool = Spool(cfg.state_dir)
+    prompt_sets = PromptSetLibrary(cfg.prompts_dir, ["first", "second"], check=engine.prepare)
+    yield StudyWorker(cfg, spool, load_routing(cfg.routing), prompt_sets, engine, threading.Event())
+    engine.stop()
+    spool.close()
+
+
+def receive(spool: Spool, path: Path, calling_ae: str) -> None:
+    """Store a file in the spool as the SCP does for an instance `calling_ae` sent."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    spool.store(
+        path.read_bytes(),
+        sop_instance_uid=ds.SOPInstanceUID,
+        sop_class_uid=ds.SOPClassUID,
+        study_instance_uid=ds.StudyInstanceUID,
+        series_instance_uid=ds.SeriesInstanceUID,
+        calling_ae=calling_ae,
+    )
+
+
+def queued_reports(spool: Spool) -> list[str]:
+    """The prompt set named by each SR queued for delivery to `pacs`, taking them off the queue."""
+    named = []
+    while (delivery := spool.next_delivery("pacs")) is not None:
+        ds = pydicom.dcmread(delivery.path)
+        if ds.Modality == "SR":
+            named += set(re.findall(r"prompt set (\w+) sha256", _sr_text(ds)))
+        spool.delivery_sent(delivery)
+    return sorted(named)
+
+
+def test_a_study_of_two_prompt_sets_gets_the_results_of_each_and_is_done_once(worker, tmp_path):
+    receive(worker.spool, stored(tmp_path / "in", CHEST).path, "WARD")
+    receive(worker.spool, stored(tmp_path / "in", CHEST).path, "ER")
+    receive(worker.spool, stored(tmp_path / "in", CHEST).path, "OTHER")
+    study = worker.spool.claim_quiet_study(0.0, now=float("inf"))
+
+    worker.process(study)
+
+    record = worker.spool.study(study.study_instance_uid)
+    assert (record.state, record.prompt_set) == ("done", "first,second")
+    assert record.reason == (
+        "left out: no rule matched (ward: CallingAETitle is OTHER, rule wants WARD; "
+        "emergency: CallingAETitle is OTHER, rule wants ER)"
+    )
+    assert queued_reports(worker.spool) == ["first", "second"]
+
+
+def test_a_set_that_fails_does_not_hold_back_the_results_of_the_set_that_succeeded(worker, tmp_path):
+    receive(worker.spool, stored(tmp_path / "in", CHEST).path, "WARD")
+    no_pixels = stored(tmp_path / "in", CHEST)
+    ds = pydicom.dcmread(no_pixels.path)
+    del ds.PixelData
+    ds.save_as(no_pixels.path, enforce_file_format=True)
+    receive(worker.spool, no_pixels.path, "ER")
+    study = worker.spool.claim_quiet_study(0.0, now=float("inf"))
+
+    worker.process(study)
+
+    record = worker.spool.study(study.study_instance_uid)
+    assert (record.state, record.prompt_set) == ("failed", "first,second")
+    assert record.reason.startswith("prompt set second failed: StudyFailed: no image could be prepared: ")
+    assert "first" not in record.reason
+    assert queued_reports(worker.spool) == ["first"]
