@@ -39,8 +39,9 @@ from dicomnode.model.library import PromptSetLibrary
 from dicomnode.node import StudyWorker
 from dicomnode.routing import Decision, Ignored, Routed, decide, read_header, route_study
 from dicomnode.spool import Spool
-from tests.conftest import free_port, tiny_backbone, write_node_config
+from tests.conftest import REPO, free_port, tiny_backbone, write_node_config
 from tests.prompt_sets import spec, write_prompt_set
+from tests.test_cli import cli
 from tests.test_end_to_end import _sr_text
 
 CHEST = "RG1_UNCR.dcm"
@@ -619,7 +620,8 @@ def test_codes_of_a_sequence_about_the_patient_are_not_quoted(tmp_path):
 
 # -- the shipped rules: what a real PACS sends ------------------------------------------------------
 
-SHIPPED = load_routing(Path(__file__).resolve().parent.parent / "conf" / "routing.yaml")
+EMBEDDED_CONFIG = REPO / "conf" / "dicomnode.yaml"
+SHIPPED = load_routing(REPO / "conf" / "routing.yaml")
 FRONTAL = "rule 'chest-frontal' matched"
 LATERAL = "rule 'chest-lateral': lateral chest view; the cxr prompt set is for frontal (PA/AP) views"
 
@@ -878,3 +880,29 @@ def test_a_set_that_fails_does_not_hold_back_the_results_of_the_set_that_succeed
     assert record.reason.startswith("prompt set second failed: StudyFailed: no image could be prepared: ")
     assert "first" not in record.reason
     assert queued_reports(worker.spool) == ["first"]
+
+
+def test_dicomnode_route_shows_each_files_decision_under_the_shipped_rules(tmp_path):
+    pa = written(
+        tmp_path, ComputedRadiographyImageStorage, Modality="CR", BodyPartExamined="CHEST", ViewPosition="PA"
+    )
+    lateral = written(
+        tmp_path, ComputedRadiographyImageStorage, Modality="CR", BodyPartExamined="CHEST", ViewPosition="LL"
+    )
+    volume = written(tmp_path, OphthalmicTomographyImageStorage, frames=3, Modality="OPT")
+    slide = written(
+        tmp_path,
+        VLWholeSlideMicroscopyImageStorage,
+        Modality="SM",
+        ImageType=["ORIGINAL", "PRIMARY", "VOLUME"],
+    )
+
+    outcome = cli("route", pa.path, lateral.path, volume.path, slide.path, "--config", EMBEDDED_CONFIG)
+
+    assert outcome.exit_code == 0, outcome.stderr
+    assert outcome.stdout.splitlines() == [
+        f"{pa.path}: cxr: {FRONTAL}",
+        f"{lateral.path}: (ignored): {LATERAL}",
+        f"{volume.path}: oct: rule 'oct-volume' matched",
+        f"{slide.path}: pathology: rule 'whole-slide' matched",
+    ]
