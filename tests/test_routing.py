@@ -35,14 +35,15 @@ from dicomnode.config import ConfigError, RoutingConfig, load_config, load_routi
 from dicomnode.engine import Engine
 from dicomnode.flow import StoredInstance, StudyJob
 from dicomnode.identity import NODE_MANUFACTURER
+from dicomnode.model.backbone import Backbone
 from dicomnode.model.library import PromptSetLibrary
 from dicomnode.node import StudyWorker
 from dicomnode.routing import Decision, Ignored, Routed, decide, read_header, route_study
 from dicomnode.spool import Spool
-from tests.conftest import REPO, free_port, tiny_backbone, write_node_config
+from tests.conftest import REPO, dcmtk, free_port, tiny_backbone, wait_until, write_node_config
 from tests.prompt_sets import spec, write_prompt_set
 from tests.test_cli import cli
-from tests.test_end_to_end import _sr_text
+from tests.test_end_to_end import _results_in, _sr_text
 
 CHEST = "RG1_UNCR.dcm"
 EXTREMITY = "RG3_UNCR.dcm"
@@ -799,20 +800,24 @@ rules:
 """
 
 
+def two_sets(folder: Path, backbone: Backbone) -> dict[str, str]:
+    """Zero-shot sets `first` and `second` and TWO_SETS written into `folder`, as config keys."""
+    for name in ("first", "second"):
+        write_prompt_set(folder / "prompts" / name, spec(name, "zeroshot", backbone), backbone)
+    (folder / "routing.yaml").write_text(TWO_SETS)
+    return {"prompts_dir": str(folder / "prompts"), "routing": str(folder / "routing.yaml")}
+
+
 @pytest.fixture
 def worker(tmp_path, tiny_architecture) -> Iterator[StudyWorker]:
-    """A study worker on the tiny backbone serving zero-shot sets `first` and `second` by TWO_SETS."""
+    """A study worker on the tiny backbone serving the two sets of `two_sets`."""
     backbone = tiny_backbone(tiny_architecture)
-    for name in ("first", "second"):
-        write_prompt_set(tmp_path / "prompts" / name, spec(name, "zeroshot", backbone), backbone)
-    (tmp_path / "routing.yaml").write_text(TWO_SETS)
     config = write_node_config(
         tmp_path,
         tiny_architecture,
         scp_port=free_port(),
         destinations=[{"name": "pacs", "host": "127.0.0.1", "port": free_port(), "ae_title": "PACS"}],
-        prompts_dir=str(tmp_path / "prompts"),
-        routing=str(tmp_path / "routing.yaml"),
+        **two_sets(tmp_path, backbone),
     )
     cfg = load_config(config)
     engine = Engine(backbone)
@@ -906,3 +911,25 @@ def test_dicomnode_route_shows_each_files_decision_under_the_shipped_rules(tmp_p
         f"{volume.path}: oct: rule 'oct-volume' matched",
         f"{slide.path}: pathology: rule 'whole-slide' matched",
     ]
+
+
+def test_a_study_sent_by_storescu_from_two_senders_comes_back_with_a_report_per_prompt_set(
+    tmp_path, orthanc, node_factory, tiny_architecture
+):
+    node = node_factory(
+        destinations=[orthanc.destination(backoff_s=0.5)],
+        **two_sets(tmp_path, tiny_backbone(tiny_architecture)),
+    )
+    for sender in ("WARD", "ER"):
+        path = stored(tmp_path / sender, CHEST).path
+        sent = dcmtk("storescu", "-aet", sender, "-aec", "DICOMNODE", "127.0.0.1", str(node.port), str(path))
+        assert sent.returncode == 0, sent.stderr
+
+    results = _results_in(orthanc, count=4)
+
+    reports = [ds for ds in results if ds.Modality == "SR"]
+    named = sorted(tuple(sorted(set(re.findall(r"prompt set (\w+) sha256", _sr_text(ds))))) for ds in reports)
+    assert named == [("first",), ("second",)]
+    assert {ds.StudyInstanceUID for ds in results} == {header(CHEST).StudyInstanceUID}
+    status = wait_until(lambda: "done=1" in (out := node.cli("status").stdout) and out, 60, what="done")
+    assert "failed" not in status
