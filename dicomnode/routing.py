@@ -90,9 +90,8 @@ def _attribute_values(ds: pydicom.Dataset, keyword: str, calling_ae: str) -> lis
         return []
     if isinstance(value, pydicom.sequence.Sequence):
         return [_code(item) for item in value]
-    if isinstance(value, pydicom.multival.MultiValue):
-        return [str(v).strip() for v in value]
-    return [str(value).strip()] if str(value).strip() else []
+    values = value if isinstance(value, pydicom.multival.MultiValue) else [value]
+    return [text for v in values if (text := str(v).strip())]
 
 
 def _condition_holds(cond: MatchCondition, found: list[str]) -> bool:
