@@ -204,7 +204,7 @@ class _DeviceWorker(threading.Thread):
             values = rows.cpu().tolist()
             request.future.set_result(
                 [
-                    Prediction(sample.sop_instance_uid, tuple(float(p) for p in row))
+                    Prediction(sample.sop_instance_uid, tuple(float(p) for p in row), sample.frame)
                     for sample, row in zip(request.samples, values, strict=True)
                 ]
             )
