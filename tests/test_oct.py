@@ -199,17 +199,23 @@ def test_the_capture_shows_the_driving_b_scans_side_by_side(tmp_path):
     assert capture.Rows < capture.Columns / 3
 
 
-def test_classify_runs_every_b_scan_through_the_engine(tmp_path, tiny_architecture):
-    engine = Engine(tiny_backbone(tiny_architecture))
-    try:
-        prompt_set = load_prompt_set(REPO / "prompts" / "oct")
-        volume = _saved(oct_volume(4, lesion_frames=[2]), tmp_path, "volume.dcm")
-        classified = classify(engine, prompt_set, [volume])
-    finally:
-        engine.stop()
-    assert [p.frame for p in classified.predictions] == [1, 2, 3, 4]
-    assert len({p.probabilities for p in classified.predictions}) > 1
-    assert all(sum(p.probabilities) == pytest.approx(1.0, abs=1e-4) for p in classified.predictions)
+def test_classify_runs_every_b_scan_through_the_engine_a_batch_at_a_time(tmp_path, tiny_architecture):
+    prompt_set = load_prompt_set(REPO / "prompts" / "oct")
+    volume = _saved(oct_volume(7, lesion_frames=[2]), tmp_path, "volume.dcm")
+    outcomes = {}
+    for max_batch in (3, 16):
+        engine = Engine(tiny_backbone(tiny_architecture), max_batch=max_batch)
+        try:
+            outcomes[max_batch] = classify(engine, prompt_set, [volume]).predictions
+            largest = max(images for _, images, _ in engine.recent_batches)
+        finally:
+            engine.stop()
+        assert largest <= max_batch
+    assert [p.frame for p in outcomes[3]] == [1, 2, 3, 4, 5, 6, 7]
+    assert len({p.probabilities for p in outcomes[3]}) > 1
+    assert all(sum(p.probabilities) == pytest.approx(1.0, abs=1e-4) for p in outcomes[3])
+    for small, whole in zip(outcomes[3], outcomes[16], strict=True):
+        assert small.probabilities == pytest.approx(whole.probabilities, abs=1e-5)
 
 
 def test_an_oct_volume_sent_by_storescu_is_answered_in_orthanc_with_frames_named(
