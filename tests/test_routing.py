@@ -24,6 +24,7 @@ from pydicom.uid import (
     DigitalXRayImageStorageForProcessing,
     ExplicitVRLittleEndian,
     MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameTrueColorSecondaryCaptureImageStorage,
     OphthalmicPhotography8BitImageStorage,
     OphthalmicTomographyImageStorage,
     SecondaryCaptureImageStorage,
@@ -42,6 +43,7 @@ from dicomnode.routing import Decision, Ignored, Routed, decide, read_header, ro
 from dicomnode.spool import Spool
 from tests.conftest import REPO, dcmtk, free_port, tiny_backbone, wait_until, write_node_config
 from tests.prompt_sets import spec, write_prompt_set
+from tests.synthetic import oct_volume
 from tests.test_cli import cli
 from tests.test_end_to_end import _results_in, _sr_text
 
@@ -468,10 +470,17 @@ def written(
     ds.PixelData = bytes(8 * 8 * frames)
     for keyword, value in attributes.items():
         setattr(ds, keyword, value)
+    return on_disk(ds, folder, calling_ae)
+
+
+def on_disk(ds: pydicom.Dataset, folder: Path, calling_ae: str = "MODALITY") -> StoredInstance:
+    """`ds` saved into `folder` as a file, and the spool's record of it."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{ds.SOPInstanceUID}.dcm"
     ds.save_as(path, enforce_file_format=True)
-    return StoredInstance(ds.SOPInstanceUID, sop_class, STUDY, ds.SeriesInstanceUID, path, calling_ae)
+    return StoredInstance(
+        ds.SOPInstanceUID, ds.SOPClassUID, ds.StudyInstanceUID, ds.SeriesInstanceUID, path, calling_ae
+    )
 
 
 def decided(routing: RoutingConfig, instance: StoredInstance) -> Decision:
@@ -702,17 +711,26 @@ def test_shipped_rules_accept_thorax_as_the_chest(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("sop_class", "frames", "colour", "rule"),
+    [
+        (OphthalmicTomographyImageStorage, 5, False, "oct-volume"),
+        (SecondaryCaptureImageStorage, 1, False, "oct-secondary-capture"),
+        (MultiFrameGrayscaleByteSecondaryCaptureImageStorage, 5, False, "oct-secondary-capture"),
+        (MultiFrameTrueColorSecondaryCaptureImageStorage, 3, True, "oct-secondary-capture"),
+    ],
+    ids=["opt-volume", "sc-export", "multi-frame-sc-export", "colour-sc-export"],
+)
+def test_shipped_rules_send_oct_volumes_and_their_secondary_capture_exports_to_oct(
+    tmp_path, sop_class, frames, colour, rule
+):
+    volume = on_disk(oct_volume(frames, sop_class=sop_class, colour=colour), tmp_path)
+
+    assert decided(SHIPPED, volume) == Decision("oct", rule, f"rule {rule!r} matched")
+
+
+@pytest.mark.parametrize(
     ("sop_class", "frames", "attributes", "prompt_set", "reason"),
     [
-        (OphthalmicTomographyImageStorage, 5, {"Modality": "OPT"}, "oct", "rule 'oct-volume' matched"),
-        (SecondaryCaptureImageStorage, 1, {"Modality": "OPT"}, "oct", "rule 'oct-secondary-capture' matched"),
-        (
-            MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
-            5,
-            {"Modality": "OPT"},
-            "oct",
-            "rule 'oct-secondary-capture' matched",
-        ),
         (SecondaryCaptureImageStorage, 1, {"Modality": "OT"}, None, "no rule matched ("),
         (
             VLWholeSlideMicroscopyImageStorage,
@@ -738,9 +756,6 @@ def test_shipped_rules_accept_thorax_as_the_chest(tmp_path):
         (CTImageStorage, 1, {"Modality": "CT", "BodyPartExamined": "CHEST"}, None, "no rule matched ("),
     ],
     ids=[
-        "opt-volume",
-        "oct-sc",
-        "oct-multiframe-sc",
         "sc-screenshot",
         "slide-volume",
         "slide-label",
@@ -748,7 +763,7 @@ def test_shipped_rules_accept_thorax_as_the_chest(tmp_path):
         "chest-ct",
     ],
 )
-def test_shipped_rules_send_oct_and_whole_slides_to_their_sets(
+def test_shipped_rules_send_whole_slides_to_pathology_and_leave_other_images_out(
     tmp_path, sop_class, frames, attributes, prompt_set, reason
 ):
     instance = written(tmp_path, sop_class, frames=frames, **attributes)
@@ -777,7 +792,7 @@ def test_a_study_with_a_chest_radiograph_and_an_oct_gives_a_job_for_each(tmp_pat
     lateral = written(
         tmp_path, ComputedRadiographyImageStorage, Modality="CR", BodyPartExamined="CHEST", ViewPosition="LL"
     )
-    volume = written(tmp_path, OphthalmicTomographyImageStorage, frames=3, Modality="OPT")
+    volume = on_disk(oct_volume(3, study_uid=STUDY), tmp_path)
 
     routed = route_study(SHIPPED, STUDY, [pa, lateral, volume])
 
