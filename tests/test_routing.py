@@ -948,3 +948,34 @@ def test_a_study_sent_by_storescu_from_two_senders_comes_back_with_a_report_per_
     assert {ds.StudyInstanceUID for ds in results} == {header(CHEST).StudyInstanceUID}
     status = wait_until(lambda: "done=1" in (out := node.cli("status").stdout) and out, 60, what="done")
     assert "failed" not in status
+
+
+def test_a_chest_radiograph_and_an_oct_of_one_study_come_back_with_a_report_from_each_shipped_set(
+    tmp_path, orthanc, node_factory
+):
+    node = node_factory(destinations=[orthanc.destination(backoff_s=0.5)])
+    pa, lateral = stored(tmp_path / "in", CHEST), stored(tmp_path / "in", CHEST, ViewPosition="LL")
+    volume = on_disk(oct_volume(6, lesion_frames=[2], study_uid=pa.study_instance_uid), tmp_path / "in")
+
+    sent = dcmtk(
+        "storescu",
+        "-aec",
+        "DICOMNODE",
+        "127.0.0.1",
+        str(node.port),
+        str(pa.path),
+        str(lateral.path),
+        str(volume.path),
+    )
+    assert sent.returncode == 0, sent.stderr
+
+    results = _results_in(orthanc, count=4)
+    reports = [ds for ds in results if ds.Modality == "SR"]
+    named = sorted(tuple(sorted(set(re.findall(r"prompt set (\w+) sha256", _sr_text(ds))))) for ds in reports)
+    assert named == [("cxr",), ("oct",)]
+    assert {ds.StudyInstanceUID for ds in results} == {pa.study_instance_uid}
+    wait_until(lambda: "done=1" in node.cli("status").stdout, 60, what="study done")
+    spool = Spool(node.config.parent / "var")
+    record = spool.study(pa.study_instance_uid)
+    spool.close()
+    assert (record.prompt_set, record.reason) == ("cxr,oct", f"left out: {LATERAL}")
