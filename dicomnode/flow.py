@@ -156,3 +156,4 @@ class Delivery:
     destination: str
     path: Path
     attempts: int
+    first_failed_at: float | None = None
