@@ -708,3 +708,58 @@ def test_requeue_failed_puts_only_failed_studies_back(spool):
         "receiving",
     ]
     assert spool.requeue_failed() == []
+
+
+def _two_workers_on_one_study(spool: Spool) -> tuple[StudyRecord, StudyRecord]:
+    """v1 recorded; then worker A holds the study, a late instance re-opens it, B holds it too."""
+    _store(spool, "1.2.3.1")
+    assert spool.finish_study(_claim(spool), state="done", report=_version(1))
+    _store(spool, "1.2.3.2")
+    first = _claim(spool)
+    _store(spool, "1.2.3.3")
+    second = _claim(spool)
+    assert second.generation == first.generation + 1
+    return first, second
+
+
+def _versions_from(number: int, kind: str) -> ReportVersion:
+    """Version `number` replacing v1, from worker `kind`: other UIDs for each worker."""
+    base = _version(number, replaces=_version(1))
+    tagged = ObjectReference(
+        base.sr.series_instance_uid, f"{base.sr.sop_instance_uid}{kind}", base.sr.sop_class_uid
+    )
+    return ReportVersion(
+        base.study_instance_uid, number, f"{base.content_key}{kind}", tagged, base.sc, base.replaces
+    )
+
+
+def test_of_two_workers_on_one_study_the_stale_one_finishing_last_is_dropped(spool):
+    stale, fresh = _two_workers_on_one_study(spool)
+    fresh_report, stale_report = _versions_from(2, "7"), _versions_from(2, "8")
+
+    assert spool.finish_study(fresh, state="done", report=fresh_report, deliveries=[("pacs", Path("/v2b"))])
+    assert (
+        spool.finish_study(stale, state="done", report=stale_report, deliveries=[("pacs", Path("/v2a"))])
+        is False
+    )
+
+    assert spool.latest_report(STUDY) == fresh_report
+    assert spool.study(STUDY).state == "done"
+    assert spool.next_delivery("pacs").path == Path("/v2b")
+    assert spool.counts()["outbox"] == {"pacs:pending": 1}
+
+
+def test_of_two_workers_on_one_study_the_fresh_one_finishing_last_is_written_again_as_the_next(spool):
+    stale, fresh = _two_workers_on_one_study(spool)
+    stale_report, fresh_report = _versions_from(2, "8"), _versions_from(2, "7")
+
+    assert spool.finish_study(stale, state="done", report=stale_report) is False  # late instance
+    assert spool.finish_study(fresh, state="done", report=fresh_report) is False
+
+    assert spool.latest_report(STUDY) == stale_report, "it went out: the next version replaces it"
+    assert spool.study(STUDY).state == "receiving"
+    again = _claim(spool)
+    assert again.generation == fresh.generation
+    next_version = _version(3, replaces=stale_report)
+    assert spool.finish_study(again, state="done", report=next_version)
+    assert spool.latest_report(STUDY) == next_version

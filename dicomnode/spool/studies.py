@@ -88,9 +88,22 @@ class StudyState(Journal):
         the deliveries are still queued (they are correct for what was processed) and the
         version is remembered, but the study stays in `receiving` so the new content is
         processed too, as the next version. Returns whether the study reached `state`.
+
+        A report version is only recorded, and its deliveries only queued, if it builds on
+        the study's latest version: two workers can hold one study at once (a late instance
+        re-opens it while the first still works), and both would write a "v2" replacing v1.
+        The second to finish drops its objects instead; if its content is the newest, the
+        study goes back to the queue to be written as the next version.
         """
         now = time.time()
         with self._transaction() as db:
+            if report is not None and not _builds_on_latest(db, report):
+                db.execute(
+                    "UPDATE studies SET state='receiving', updated_at=? "
+                    "WHERE study_instance_uid=? AND generation=? AND state='processing'",
+                    (now, study.study_instance_uid, study.generation),
+                )
+                return False
             if report is not None:
                 _remember(db, report, now)
             for destination, path in deliveries:
@@ -243,6 +256,18 @@ def _study(row: sqlite3.Row, state: str | None = None) -> StudyRecord:
         reason=row["reason"],
         attempts=row["attempts"],
     )
+
+
+def _builds_on_latest(db: sqlite3.Connection, report: ReportVersion) -> bool:
+    """True when `report` is the study's latest version again, or the one that follows it."""
+    row = db.execute(
+        "SELECT sr_sop_instance_uid FROM reports WHERE study_instance_uid=? "
+        "ORDER BY number DESC, written_at DESC LIMIT 1",
+        (report.study_instance_uid,),
+    ).fetchone()
+    latest = None if row is None else row["sr_sop_instance_uid"]
+    builds_on = None if report.replaces is None else report.replaces.sop_instance_uid
+    return latest in (report.sr.sop_instance_uid, builds_on)
 
 
 def _remember(db: sqlite3.Connection, report: ReportVersion, now: float) -> None:
