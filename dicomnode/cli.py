@@ -257,12 +257,23 @@ def status(
 def requeue(
     config: ConfigOption = DEFAULT_CONFIG,
     destination: Annotated[str | None, typer.Option(help="Only deliveries to this destination.")] = None,
+    studies: Annotated[
+        bool, typer.Option("--studies", help="Requeue failed studies instead of dead deliveries.")
+    ] = False,
 ) -> None:
-    """Put dead-letter deliveries back in the queue, e.g. after fixing a destination."""
+    """Put dead-letter deliveries back in the queue, e.g. after fixing a destination.
+
+    With --studies, put failed studies back instead, e.g. after fixing what made them fail:
+    the running node processes them again.
+    """
+    from dicomnode.privacy import uid_tag
     from dicomnode.spool import Spool
 
     cfg = _config(config)
     known = {d.name for d in cfg.destinations}
+    if studies and destination is not None:
+        typer.echo("--studies requeues studies, --destination deliveries: give one of them", err=True)
+        raise typer.Exit(2)
     if destination is not None and destination not in known:
         typer.echo(
             f"no destination {destination!r} in {config} (known: {', '.join(sorted(known))})", err=True
@@ -271,8 +282,52 @@ def requeue(
     if not (cfg.state_dir / "journal.sqlite").exists():
         typer.echo(f"no journal in {cfg.state_dir}: the node has not run yet")
         raise typer.Exit(0)
-    count = Spool(cfg.state_dir).requeue_dead(destination)
-    typer.echo(f"{count} dead deliveries requeued")
+    spool = Spool(cfg.state_dir)
+    if not studies:
+        count = spool.requeue_dead(destination)
+        typer.echo(f"{count} dead deliveries requeued")
+        return
+    requeued = spool.requeue_failed()
+    typer.echo(f"{len(requeued)} failed studies requeued")
+    for study in requeued:
+        typer.echo(f"  study {uid_tag(study)}")
+
+
+@app.command()
+def reprocess(
+    study_instance_uids: Annotated[list[str], typer.Argument(help="Study Instance UIDs to process again.")],
+    config: ConfigOption = DEFAULT_CONFIG,
+) -> None:
+    """Process studies again with the prompt sets served now (the node may be running).
+
+    For a study that finished, failed or was ignored: after a prompt-set upgrade, or once the
+    cause of a failure is fixed. Results from other inputs or another model supersede the
+    report the PACS holds; the same inputs and model send the same report again. Studies are
+    named in the output by hashed UID only. Exits 1 if a study is not in the journal.
+    """
+    from dicomnode.privacy import uid_tag
+    from dicomnode.spool import Spool, is_valid_uid
+
+    for index, uid in enumerate(study_instance_uids, start=1):
+        if not is_valid_uid(uid):
+            typer.echo(f"argument {index} is not a valid Study Instance UID (digits and dots)", err=True)
+            raise typer.Exit(2)
+    cfg = _config(config)
+    if not (cfg.state_dir / "journal.sqlite").exists():
+        typer.echo(f"no journal in {cfg.state_dir}: the node has not run yet", err=True)
+        raise typer.Exit(1)
+    spool = Spool(cfg.state_dir)
+    missing = False
+    for uid in study_instance_uids:
+        previous = spool.reprocess(uid)
+        if previous is None:
+            missing = True
+            typer.echo(f"study {uid_tag(uid)}: not in the journal (never received, or purged)", err=True)
+        elif previous == "receiving":
+            typer.echo(f"study {uid_tag(uid)}: already waiting to be processed")
+        else:
+            typer.echo(f"study {uid_tag(uid)}: was {previous}, queued to be processed again")
+    raise typer.Exit(1 if missing else 0)
 
 
 @app.command("config")

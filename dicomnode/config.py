@@ -94,13 +94,21 @@ class ModelConfig(_Strict):
 
 
 class DestinationConfig(_Strict):
-    """A DICOM node that receives the results by C-STORE."""
+    """A DICOM node that receives the results by C-STORE.
+
+    A destination that cannot be reached (or is out of resources) is retried, backing off from
+    `backoff_s` to `max_backoff_s`, for `retry_for_hours` after the first failure (three days by
+    default: a PACS down over a weekend gets its results on Monday), and also at most
+    `max_attempts` times when that is set. An object the destination refuses goes to the dead
+    letter at once.
+    """
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     host: str = Field(min_length=1)
     port: Port
     ae_title: AETitle
-    max_attempts: int = Field(default=10, ge=1)
+    retry_for_hours: float = Field(default=72.0, gt=0)
+    max_attempts: int | None = Field(default=None, ge=1)
     backoff_s: float = Field(default=5.0, gt=0)
     max_backoff_s: float = Field(default=600.0, gt=0)
     timeout_s: float = Field(default=30.0, gt=0)

@@ -282,6 +282,7 @@ class Engine:
             backbone=self.backbone.architecture,
             backbone_sha256=self.backbone.sha256,
             demo=demo,
+            backbone_seed=None if self.backbone.sha256 else self.backbone.seed,
         )
 
     def _check_compatible(self, prompt_set: PromptSet) -> None:

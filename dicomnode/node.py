@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dicomnode.config import ConfigError, NodeConfig, RoutingConfig, load_routing
 from dicomnode.engine import Engine, EngineError
-from dicomnode.flow import StudyJob
+from dicomnode.flow import ResultSet, StudyJob
 from dicomnode.model.backbone import BackboneError
 from dicomnode.model.library import PromptSetLibrary
 from dicomnode.model.promptset import PromptSet, PromptSetError
@@ -146,7 +146,7 @@ class StudyWorker(threading.Thread):
             log.info("study %s ignored: %s", tag, job.reason)
             return
         try:
-            paths = self._results_for(job)
+            result = self._results_for(job)
         except PERMANENT_FAILURES as exc:
             reason = f"{exc.__class__.__name__}: {exc}"
             self.spool.finish_study(study, state="failed", reason=reason, prompt_set=job.prompt_set)
@@ -157,8 +157,10 @@ class StudyWorker(threading.Thread):
         except Exception as exc:  # disk, memory, device: may pass, so try again later
             self._retry(study, exc)
             return
-        deliveries = [(d.name, p) for d in self.cfg.destinations for p in paths]
-        self.spool.finish_study(study, state="done", prompt_set=job.prompt_set, deliveries=deliveries)
+        deliveries = [(d.name, p) for d in self.cfg.destinations for p in result.paths]
+        self.spool.finish_study(
+            study, state="done", prompt_set=job.prompt_set, deliveries=deliveries, report=result.version
+        )
         log.info(
             "study %s processed with prompt set %s (%d images)",
             tag,
@@ -177,13 +179,13 @@ class StudyWorker(threading.Thread):
         else:
             log.error("study %s failed after %d attempts: %s", tag, study.attempts + 1, type(exc).__name__)
 
-    def _results_for(self, job: StudyJob) -> tuple[Path, ...]:
+    def _results_for(self, job: StudyJob) -> ResultSet:
         # The version taken here serves the whole study, even if a reload swaps it meanwhile.
         prompt_set = self.prompt_sets.get(job.prompt_set)
         with self.engine.using(prompt_set):
             return self._results_with(job, prompt_set)
 
-    def _results_with(self, job: StudyJob, prompt_set: PromptSet) -> tuple[Path, ...]:
+    def _results_with(self, job: StudyJob, prompt_set: PromptSet) -> ResultSet:
         classified = classify(self.engine, prompt_set, [i.path for i in job.instances], self.pool)
         for instance in job.instances:
             if instance.path in classified.problems:
@@ -194,7 +196,7 @@ class StudyWorker(threading.Thread):
                 )
         if not classified.samples:
             raise StudyFailed("no image could be prepared: " + "; ".join(classified.problems.values()))
-        result = write_results(
+        return write_results(
             out_dir=self.spool.outbox_dir / job.study_instance_uid,
             sources=classified.sources,
             samples=classified.samples,
@@ -203,8 +205,8 @@ class StudyWorker(threading.Thread):
             procedure=prompt_set.procedure,
             model=self.engine.identity(prompt_set),
             aggregation=prompt_set.aggregation,
+            latest=self.spool.latest_report(job.study_instance_uid),
         )
-        return result.paths
 
 
 class Node:

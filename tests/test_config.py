@@ -159,6 +159,19 @@ def test_destination_port_out_of_range_is_rejected_naming_its_index(tmp_path):
     assert_names(config_error(path), path, "destinations.1.port")
 
 
+def test_a_retry_window_that_is_not_positive_is_rejected_naming_the_key(tmp_path):
+    destination = {
+        "name": "pacs",
+        "host": "pacs.example",
+        "port": 104,
+        "ae_title": "PACS",
+        "retry_for_hours": 0,
+    }
+    path = write(tmp_path / "dicomnode.yaml", {"destinations": [destination]})
+
+    assert_names(config_error(path), path, "destinations.0.retry_for_hours")
+
+
 @pytest.mark.parametrize(
     "ae_title",
     [
