@@ -277,15 +277,18 @@ def requeue(
 def check_config(config: ConfigOption = DEFAULT_CONFIG) -> None:
     """Validate dicomnode.yaml, routing.yaml and the prompt sets the rules name, on the backbone.
 
-    Prints each served prompt set with its method and how many parameters it learned.
+    Prints each served prompt set with its method and how many parameters it learned, and
+    each side that speaks DICOM TLS once its certificates and keys were loaded.
     """
     from dicomnode.engine import Engine, EngineError
     from dicomnode.model.backbone import BackboneError, load_backbone
     from dicomnode.model.classifier import describe
     from dicomnode.model.promptset import PromptSetError, load_prompt_set
+    from dicomnode.net.tls import check_tls
 
     cfg = _config(config)
     try:
+        tls = check_tls(cfg)
         routing = load_routing(cfg.routing)
         names = dict.fromkeys(rule.prompt_set for rule in routing.rules if rule.prompt_set is not None)
         prompt_sets = [load_prompt_set(cfg.prompts_dir / name) for name in names]
@@ -299,6 +302,8 @@ def check_config(config: ConfigOption = DEFAULT_CONFIG) -> None:
     typer.echo(f"{config}: valid; {len(routing.rules)} routing rules; model {cfg.model.architecture}{demo}")
     for line in describe(classifiers):
         typer.echo(f"  prompt set {line}")
+    for line in tls:
+        typer.echo(f"  {line}")
 
 
 @app.command("train")

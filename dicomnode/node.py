@@ -24,6 +24,7 @@ from dicomnode.model.backbone import BackboneError
 from dicomnode.model.library import PromptSetLibrary
 from dicomnode.model.promptset import PromptSet, PromptSetError
 from dicomnode.net.scp import start_scp
+from dicomnode.net.tls import check_tls, scp_context
 from dicomnode.outbox import DestinationWorker
 from dicomnode.pipeline import classify, imaging_pool
 from dicomnode.privacy import uid_tag, withhold_warning_texts
@@ -232,7 +233,8 @@ class Node:
         recovered = self.spool.recover()
         if recovered:
             log.info("resumed %d studies interrupted by the last stop", recovered)
-        self.server = start_scp(self.spool, self.cfg.scp)
+        check_tls(self.cfg)  # a destination's bad certificate fails start-up, not its first delivery
+        self.server = start_scp(self.spool, self.cfg.scp, scp_context(self.cfg))
         self.prompt_sets.watch()
         self.pool = imaging_pool(self.cfg.studies.imaging_processes)
         self.threads = [

@@ -1,0 +1,331 @@
+"""Who may associate with the SCP, over what, and what the audit log says when someone may not.
+
+Real peers: DCMTK's echoscu and storescu (with +tls and certificates the tests make with
+openssl) call dicomnode's SCP, and dicomnode's SCU sends to DCMTK's storescp +tls. Every refused
+association must leave exactly one audit line, and it must state the true reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from dicomnode.config import DestinationConfig, DestinationTlsConfig, ScpConfig, ScpTlsConfig
+from dicomnode.net.access import AccessPolicy
+from dicomnode.net.scp import start_scp
+from dicomnode.net.scu import AssociationFailed, Peer, store
+from dicomnode.net.tls import ClientTls, server_context
+from dicomnode.spool import Spool
+from tests.conftest import dcmtk, free_port, stop_process, wait_for_port, wait_until
+from tests.pki import Pki, make_pki
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def audit(caplog) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.INFO, logger="dicomnode.audit")
+    return caplog
+
+
+def audit_lines(caplog: pytest.LogCaptureFixture, kind: str) -> list[str]:
+    """The audit messages that start with `kind` ("association rejected", "TLS handshake failed")."""
+    messages = [r.getMessage() for r in caplog.records if r.name == "dicomnode.audit"]
+    return [message for message in messages if message.startswith(kind)]
+
+
+def rejection_reasons(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [line.split(": ", 1)[1] for line in audit_lines(caplog, "association rejected")]
+
+
+@contextmanager
+def scp(tmp_path: Path, tls: ScpTlsConfig | None = None, **settings) -> Iterator[int]:
+    """dicomnode's SCP with its spool, in this process, on a free port; yields the port."""
+    port = free_port()
+    config = ScpConfig(host="127.0.0.1", port=port, min_free_mb=0, tls=tls, **settings)
+    spool = Spool(tmp_path / "node", min_free_bytes=0)
+    server = start_scp(spool, config, server_context(tls, "scp.tls") if tls else None)
+    try:  # listening already: a probe connection now would hold an association slot
+        yield port
+    finally:
+        server.shutdown()
+        spool.close()
+
+
+def echoscu(port: int, calling: str = "PACS", called: str = "DICOMNODE") -> subprocess.CompletedProcess:
+    return dcmtk("echoscu", "-aet", calling, "-aec", called, "127.0.0.1", str(port), timeout=60)
+
+
+def stored_files(tmp_path: Path) -> list[Path]:
+    return list((tmp_path / "node" / "spool").rglob("*.dcm"))
+
+
+# --- the access policy, without a network -------------------------------------------------
+
+
+def test_policy_checks_the_address_of_an_ipv4_peer_seen_through_a_dual_stack_socket():
+    policy = AccessPolicy(ScpConfig(allowed_peers={"PACS": ["10.1.2.0/24"]}))
+
+    assert policy.check("PACS", "DICOMNODE", "::ffff:10.1.2.7") is None
+    refused = policy.check("PACS", "DICOMNODE", "::ffff:10.1.3.7")
+    assert refused is not None and "not allowed from 10.1.3.7" in refused.reason
+
+
+def test_policy_without_lists_accepts_any_calling_ae_from_anywhere_but_not_another_called_ae():
+    policy = AccessPolicy(ScpConfig())
+
+    assert policy.check("ANYONE", "DICOMNODE", "192.0.2.1") is None
+    refused = policy.check("ANYONE", "OTHER", "192.0.2.1")
+    assert refused is not None and refused.diagnostic == 0x07  # called AE title not recognised
+
+
+# --- allowlist with addresses: DCMTK's echoscu from 127.0.0.1 -------------------------------
+
+
+def test_listed_ae_from_its_network_is_accepted_and_audited_as_plain_tcp(tmp_path, audit):
+    with scp(tmp_path, allowed_peers={"PACS": ["127.0.0.0/8"]}) as port:
+        done = echoscu(port, "PACS")
+
+    assert done.returncode == 0, done.stderr
+    accepted = wait_until(lambda: audit_lines(audit, "association accepted"), 10, what="audit line")
+    assert "calling=PACS called=DICOMNODE tls=no" in accepted[0]
+    assert rejection_reasons(audit) == []
+
+
+def test_listed_ae_from_another_address_is_rejected_and_audited_as_a_wrong_address(tmp_path, audit):
+    with scp(tmp_path, allowed_peers={"PACS": ["10.1.2.0/24", "192.0.2.9"]}) as port:
+        done = echoscu(port, "PACS")
+
+    assert done.returncode != 0
+    assert "Association Rejected" in done.stderr and "Calling AE Title Not Recognized" in done.stderr
+    assert rejection_reasons(audit) == [
+        "calling AE title 'PACS' is not allowed from 127.0.0.1"
+        " (scp.allowed_peers lists 10.1.2.0/24, 192.0.2.9/32)"
+    ]
+
+
+def test_unknown_ae_is_rejected_and_audited_as_not_listed(tmp_path, audit):
+    with scp(tmp_path, allowed_peers={"PACS": ["127.0.0.1"]}, allowed_calling_aes=["CT1"]) as port:
+        refused = echoscu(port, "INTRUDER")
+        allowed_anywhere = echoscu(port, "CT1")
+
+    assert refused.returncode != 0 and "Calling AE Title Not Recognized" in refused.stderr
+    assert allowed_anywhere.returncode == 0, allowed_anywhere.stderr
+    assert rejection_reasons(audit) == [
+        "calling AE title 'INTRUDER' is not in scp.allowed_calling_aes or scp.allowed_peers"
+    ]
+
+
+def test_wrong_called_ae_is_rejected_and_audited_as_such_even_with_an_allowlist(tmp_path, audit):
+    with scp(tmp_path, allowed_calling_aes=["PACS"]) as port:
+        done = echoscu(port, "PACS", called="NOT_US")
+
+    assert "Called AE Title Not Recognized" in done.stderr
+    assert rejection_reasons(audit) == ["called AE title 'NOT_US' is not ours ('DICOMNODE')"]
+
+
+def test_association_limit_is_audited_only_when_actually_reached(tmp_path, audit):
+    with scp(tmp_path, max_associations=1, allowed_calling_aes=["PACS"]) as port:
+        client = AE(ae_title="PACS")
+        client.add_requested_context(Verification)
+        held = client.associate("127.0.0.1", port, ae_title="DICOMNODE")
+        assert held.is_established
+        try:
+            refused = echoscu(port, "PACS")
+        finally:
+            held.release()
+        wait_until(lambda: len(audit_lines(audit, "association released")) == 1, 10, what="release")
+        again = echoscu(port, "PACS")
+
+    assert "Local Limit Exceeded" in refused.stderr
+    assert again.returncode == 0, again.stderr
+    assert rejection_reasons(audit) == ["association limit of 1 reached"]
+
+
+# --- DICOM TLS on the SCP: DCMTK's storescu +tls ------------------------------------------------
+
+
+def storescu_tls(port: int, *tls: str, calling: str = "PACS") -> subprocess.CompletedProcess:
+    from pydicom.data import get_testdata_file
+
+    sample = get_testdata_file("CT_small.dcm")
+    return dcmtk(
+        "storescu", "-aet", calling, "-aec", "DICOMNODE", *tls, "127.0.0.1", str(port), sample, timeout=60
+    )
+
+
+def require_clients(pki: Pki) -> ScpTlsConfig:
+    return ScpTlsConfig(
+        certificate=pki.server.certificate,
+        private_key=pki.server.private_key,
+        ca_certificates=pki.ca.certificate,
+    )
+
+
+def test_storescu_with_a_client_certificate_of_our_ca_stores_over_tls(tmp_path, pki, audit):
+    client = pki.client
+    with scp(tmp_path, tls=require_clients(pki), allowed_peers={"PACS": ["127.0.0.1"]}) as port:
+        done = storescu_tls(
+            port, "+tls", str(client.private_key), str(client.certificate), "+cf", str(pki.ca.certificate)
+        )
+
+    assert done.returncode == 0, done.stderr
+    assert len(stored_files(tmp_path)) == 1
+    accepted = wait_until(lambda: audit_lines(audit, "association accepted"), 10, what="audit line")
+    assert re.search(
+        r"calling=PACS called=DICOMNODE tls=TLSv1\.[23] client_certificate=pacs-client$", accepted[0]
+    )
+
+
+def test_storescu_without_a_client_certificate_is_refused_and_the_handshake_audited(tmp_path, pki, audit):
+    with scp(tmp_path, tls=require_clients(pki)) as port:
+        done = storescu_tls(port, "+tla", "+cf", str(pki.ca.certificate))
+        failed = wait_until(lambda: audit_lines(audit, "TLS handshake failed"), 10, what="audit line")
+
+    assert done.returncode != 0
+    assert not stored_files(tmp_path)
+    assert failed[0].endswith(
+        "peer sent no client certificate, and one is required (PEER_DID_NOT_RETURN_A_CERTIFICATE)"
+    ), failed
+    assert audit_lines(audit, "association accepted") == []
+
+
+def test_storescu_with_a_certificate_of_another_ca_is_refused_as_not_trusted(tmp_path, pki, audit):
+    outsider = pki.outsider
+    with scp(tmp_path, tls=require_clients(pki)) as port:
+        done = storescu_tls(
+            port, "+tls", str(outsider.private_key), str(outsider.certificate), "+cf", str(pki.ca.certificate)
+        )
+        failed = wait_until(lambda: audit_lines(audit, "TLS handshake failed"), 10, what="audit line")
+
+    assert done.returncode != 0
+    assert not stored_files(tmp_path)
+    assert "certificate not trusted: unable to get local issuer certificate" in failed[0], failed
+
+
+def test_storescu_that_does_not_trust_our_server_certificate_is_refused(tmp_path, pki, audit):
+    client = pki.client
+    with scp(tmp_path, tls=require_clients(pki)) as port:
+        done = storescu_tls(
+            port,
+            "+tls",
+            str(client.private_key),
+            str(client.certificate),
+            "+cf",
+            str(pki.other_ca.certificate),
+        )
+        failed = wait_until(lambda: audit_lines(audit, "TLS handshake failed"), 10, what="audit line")
+
+    assert done.returncode != 0
+    assert failed[0].endswith("peer does not trust our certificate (unknown CA) (TLSV1_ALERT_UNKNOWN_CA)")
+
+
+def test_plain_dicom_on_the_tls_port_is_refused_saying_the_peer_does_not_speak_tls(tmp_path, pki, audit):
+    with scp(tmp_path, tls=require_clients(pki)) as port:
+        done = echoscu(port, "PACS")
+        failed = wait_until(lambda: audit_lines(audit, "TLS handshake failed"), 10, what="audit line")
+
+    assert done.returncode != 0
+    assert "peer does not speak TLS" in failed[0], failed
+
+
+def test_tls_without_client_verification_accepts_storescu_without_a_certificate(tmp_path, pki, audit):
+    tls = ScpTlsConfig(certificate=pki.server.certificate, private_key=pki.server.private_key)
+    with scp(tmp_path, tls=tls) as port:
+        done = storescu_tls(port, "+tla", "+cf", str(pki.ca.certificate))
+
+    assert done.returncode == 0, done.stderr
+    accepted = wait_until(lambda: audit_lines(audit, "association accepted"), 10, what="audit line")
+    assert accepted[0].endswith("client_certificate=none")
+
+
+# --- DICOM TLS on the SCU: dicomnode sends to DCMTK's storescp +tls ------------------------------
+
+
+@contextmanager
+def storescp_tls(folder: Path, pki: Pki) -> Iterator[int]:
+    """DCMTK's storescp speaking only TLS, requiring a client certificate of the hospital CA."""
+    import shutil
+
+    port = free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    server = pki.server
+    process = subprocess.Popen(
+        [shutil.which("storescp"), "-aet", "STORESCP", "-od", str(folder), "+tls", str(server.private_key),
+         str(server.certificate), "+cf", str(pki.ca.certificate), "-rc", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for_port(port, process=process)
+        yield port
+    finally:
+        stop_process(process)
+
+
+def destination(port: int, **tls) -> DestinationConfig:
+    return DestinationConfig(
+        name="archive", host="127.0.0.1", port=port, ae_title="STORESCP", tls=DestinationTlsConfig(**tls)
+    )
+
+
+def test_destination_over_tls_with_our_client_certificate_receives_the_file(tmp_path, pki, chest_cr):
+    with storescp_tls(tmp_path / "received", pki) as port:
+        peer = Peer.of(
+            destination(
+                port,
+                ca_certificates=pki.ca.certificate,
+                certificate=pki.client.certificate,
+                private_key=pki.client.private_key,
+            )
+        )
+        outcomes = store(peer, [chest_cr])
+
+    assert [o.status for o in outcomes] == [0]
+    assert len(list((tmp_path / "received").iterdir())) == 1
+
+
+def test_destination_whose_certificate_we_do_not_trust_fails_naming_the_tls_reason(tmp_path, pki, chest_cr):
+    with storescp_tls(tmp_path / "received", pki) as port:
+        peer = Peer.of(
+            destination(
+                port,
+                ca_certificates=pki.other_ca.certificate,
+                certificate=pki.client.certificate,
+                private_key=pki.client.private_key,
+            )
+        )
+        with pytest.raises(AssociationFailed) as failed:
+            store(peer, [chest_cr])
+
+    assert str(failed.value) == (
+        f"STORESCP@127.0.0.1:{port}: TLS handshake failed: certificate not trusted:"
+        " self-signed certificate in certificate chain (CERTIFICATE_VERIFY_FAILED)"
+    )
+    assert not list((tmp_path / "received").iterdir())
+
+
+def test_destination_reached_under_a_name_its_certificate_lacks_fails_on_the_host_name(
+    tmp_path, pki, chest_cr
+):
+    with storescp_tls(tmp_path / "received", pki) as port:
+        settings = DestinationTlsConfig(
+            ca_certificates=pki.ca.certificate,
+            certificate=pki.client.certificate,
+            private_key=pki.client.private_key,
+        )
+        named = Peer("127.0.0.2", port, "STORESCP", 30.0, ClientTls(settings, "destinations[x].tls"))
+        with pytest.raises(
+            AssociationFailed, match="TLS handshake failed: certificate not trusted: IP address"
+        ):
+            store(named, [chest_cr])
