@@ -212,6 +212,9 @@ class Node:
 
     def __init__(self, cfg: NodeConfig) -> None:
         self.cfg = cfg
+        # First, before the model loads: a bad certificate or key fails start-up in a second,
+        # and a destination's fails it too rather than its first delivery.
+        check_tls(cfg)
         self.stop_event = threading.Event()
         self.spool = Spool(cfg.state_dir, min_free_bytes=cfg.scp.min_free_mb << 20)
         self.routing = load_routing(cfg.routing)
@@ -233,7 +236,6 @@ class Node:
         recovered = self.spool.recover()
         if recovered:
             log.info("resumed %d studies interrupted by the last stop", recovered)
-        check_tls(self.cfg)  # a destination's bad certificate fails start-up, not its first delivery
         self.server = start_scp(self.spool, self.cfg.scp, scp_context(self.cfg))
         self.prompt_sets.watch()
         self.pool = imaging_pool(self.cfg.studies.imaging_processes)

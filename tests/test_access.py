@@ -18,13 +18,21 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from dicomnode.config import DestinationConfig, DestinationTlsConfig, ScpConfig, ScpTlsConfig
+from dicomnode.config import ConfigError, DestinationConfig, DestinationTlsConfig, ScpConfig, ScpTlsConfig
 from dicomnode.net.access import AccessPolicy
 from dicomnode.net.scp import start_scp
 from dicomnode.net.scu import AssociationFailed, Peer, store
 from dicomnode.net.tls import ClientTls, server_context
 from dicomnode.spool import Spool
-from tests.conftest import dcmtk, free_port, stop_process, wait_for_port, wait_until
+from tests.conftest import (
+    dcmtk,
+    free_port,
+    run_cli,
+    stop_process,
+    wait_for_port,
+    wait_until,
+    write_node_config,
+)
 from tests.pki import Pki, make_pki
 
 
@@ -329,3 +337,97 @@ def test_destination_reached_under_a_name_its_certificate_lacks_fails_on_the_hos
             AssociationFailed, match="TLS handshake failed: certificate not trusted: IP address"
         ):
             store(named, [chest_cr])
+
+
+# --- certificates and keys checked at start-up, named by file and key ------------------------------
+
+
+def tls_error(tls: ScpTlsConfig) -> str:
+    with pytest.raises(ConfigError) as caught:
+        server_context(tls, "dicomnode.yaml: scp.tls")
+    return str(caught.value)
+
+
+def assert_no_key_material(message: str, *keys: Path) -> None:
+    for key in keys:
+        body = [line for line in key.read_text().splitlines() if line and not line.startswith("-----")]
+        assert not any(line in message for line in body), "key material in the message"
+    assert "PRIVATE KEY-----" not in message
+
+
+def test_key_of_another_certificate_is_refused_naming_both_files(pki):
+    message = tls_error(ScpTlsConfig(certificate=pki.server.certificate, private_key=pki.client.private_key))
+
+    assert message == (
+        f"dicomnode.yaml: scp.tls.private_key: {pki.client.private_key} is not the key of"
+        f" the certificate {pki.server.certificate}"
+    )
+    assert_no_key_material(message, pki.client.private_key, pki.server.private_key)
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o604, 0o620])
+def test_private_key_others_may_access_is_refused_with_its_mode(tmp_path, pki, mode):
+    key = tmp_path / "node.key"
+    key.write_bytes(pki.server.private_key.read_bytes())
+    key.chmod(mode)
+
+    message = tls_error(ScpTlsConfig(certificate=pki.server.certificate, private_key=key))
+
+    expected = f"dicomnode.yaml: scp.tls.private_key: others may access {key} (mode {mode:04o})"
+    assert message.startswith(expected)
+
+
+def test_private_key_under_a_passphrase_is_refused_without_prompting(tmp_path, pki):
+    key = tmp_path / "locked.key"
+    subprocess.run(
+        ["openssl", "pkey", "-in", str(pki.server.private_key), "-aes256", "-passout", "pass:secret",
+         "-out", str(key)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    key.chmod(0o600)
+
+    message = tls_error(ScpTlsConfig(certificate=pki.server.certificate, private_key=key))
+
+    assert message.startswith(f"dicomnode.yaml: scp.tls.private_key: {key} is protected by a passphrase")
+
+
+@pytest.mark.parametrize("key", ["certificate", "private_key", "ca_certificates"])
+def test_missing_tls_file_is_refused_naming_the_key_and_the_path(tmp_path, pki, key):
+    files = {
+        "certificate": pki.server.certificate,
+        "private_key": pki.server.private_key,
+        "ca_certificates": pki.ca.certificate,
+    }
+    files[key] = tmp_path / "absent.pem"
+
+    message = tls_error(ScpTlsConfig(**files))
+
+    assert message.startswith(f"dicomnode.yaml: scp.tls.{key}: ")
+    assert str(tmp_path / "absent.pem") in message and "No such file or directory" in message
+
+
+def test_certificate_file_that_is_not_pem_is_refused_naming_it(tmp_path, pki):
+    certificate = tmp_path / "node.crt"
+    certificate.write_text("not a certificate\n")
+
+    message = tls_error(ScpTlsConfig(certificate=certificate, private_key=pki.server.private_key))
+
+    assert message == f"dicomnode.yaml: scp.tls.certificate: {certificate} holds no PEM certificate"
+
+
+def test_dicomnode_config_reports_the_tls_problem_with_file_and_key(tmp_path, pki, tiny_architecture):
+    config = write_node_config(
+        tmp_path,
+        tiny_architecture,
+        scp_port=free_port(),
+        scp={"tls": {"certificate": str(pki.server.certificate), "private_key": str(pki.client.private_key)}},
+    )
+
+    done = run_cli("config", "--config", str(config))
+
+    assert done.returncode == 2
+    assert (
+        f"{config}: scp.tls.private_key: {pki.client.private_key} is not the key of"
+        f" the certificate {pki.server.certificate}"
+    ) in done.stderr
+    assert "Traceback" not in done.stderr

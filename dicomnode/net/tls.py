@@ -27,7 +27,6 @@ from dicomnode.config import (
     NodeConfig,
     ScpTlsConfig,
     TlsVersion,
-    read_bytes,
 )
 
 audit = logging.getLogger("dicomnode.audit")
@@ -84,6 +83,13 @@ class ClientContext(ssl.SSLContext):
     handshake_error: str | None = None
 
 
+def _read(path: Path, key: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from exc
+
+
 def _check_private(path: Path, where: str) -> None:
     try:
         info = path.stat()
@@ -92,7 +98,7 @@ def _check_private(path: Path, where: str) -> None:
     allowed = stat.S_IRWXU | (stat.S_IRGRP if info.st_uid == 0 else 0)
     if stat.S_IMODE(info.st_mode) & ~allowed & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(
-            f"{where}: {path} may be read by others (mode {stat.S_IMODE(info.st_mode):04o}): a private"
+            f"{where}: others may access {path} (mode {stat.S_IMODE(info.st_mode):04o}): a private"
             f" key must be 0600, owned by the service user (or 0640 owned by root, group of the service)"
         )
     if not os.access(path, os.R_OK):
@@ -101,10 +107,10 @@ def _check_private(path: Path, where: str) -> None:
 
 def _load_chain(context: ssl.SSLContext, certificate: Path, private_key: Path, where: str) -> None:
     """Our certificate and its key into `context`; each problem named by the key that has it."""
-    if b"-----BEGIN CERTIFICATE-----" not in read_bytes(certificate, f"{where}.certificate"):
+    if b"-----BEGIN CERTIFICATE-----" not in _read(certificate, f"{where}.certificate"):
         raise ConfigError(f"{where}.certificate: {certificate} holds no PEM certificate")
     _check_private(private_key, f"{where}.private_key")
-    key = read_bytes(private_key, f"{where}.private_key")
+    key = _read(private_key, f"{where}.private_key")
     if b"ENCRYPTED" in key:
         raise ConfigError(
             f"{where}.private_key: {private_key} is protected by a passphrase, which an unattended"
@@ -121,7 +127,7 @@ def _load_chain(context: ssl.SSLContext, certificate: Path, private_key: Path, w
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
             raise ConfigError(
-                f"{where}.private_key: {private_key} is not the key of {where}.certificate {certificate}"
+                f"{where}.private_key: {private_key} is not the key of the certificate {certificate}"
             ) from None
         raise ConfigError(
             f"{where}: {certificate} with {private_key} cannot be used ({exc.reason or exc})"
@@ -129,7 +135,7 @@ def _load_chain(context: ssl.SSLContext, certificate: Path, private_key: Path, w
 
 
 def _load_authorities(context: ssl.SSLContext, ca_certificates: Path, where: str) -> None:
-    if b"-----BEGIN CERTIFICATE-----" not in read_bytes(ca_certificates, f"{where}.ca_certificates"):
+    if b"-----BEGIN CERTIFICATE-----" not in _read(ca_certificates, f"{where}.ca_certificates"):
         raise ConfigError(f"{where}.ca_certificates: {ca_certificates} holds no PEM certificate")
     try:
         context.load_verify_locations(cafile=ca_certificates)
