@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -431,3 +432,50 @@ def test_dicomnode_config_reports_the_tls_problem_with_file_and_key(tmp_path, pk
         f" the certificate {pki.server.certificate}"
     ) in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_peer_silent_in_the_tls_handshake_holds_up_no_other_peer(tmp_path, pki, audit):
+    """pynetdicom handshakes in its accept loop: one silent connection would stall every peer."""
+    client = pki.client
+    with scp(tmp_path, tls=require_clients(pki), acse_timeout_s=20) as port:
+        with socket.create_connection(("127.0.0.1", port)):
+            done = storescu_tls(
+                port, "+tls", str(client.private_key), str(client.certificate), "+cf", str(pki.ca.certificate)
+            )
+        failed = wait_until(lambda: audit_lines(audit, "TLS handshake failed"), 10, what="audit line")
+
+    assert done.returncode == 0, done.stderr
+    assert failed[0].endswith("closed the connection during the TLS handshake (UNEXPECTED_EOF_WHILE_READING)")
+
+
+def test_node_receives_over_tls_from_an_allowed_peer_and_delivers_its_results_over_tls(
+    tmp_path, pki, node_factory, chest_cr
+):
+    """`dicomnode serve` end to end: storescu +tls in, SR and SC out to storescp +tls."""
+    received = tmp_path / "received"
+    with storescp_tls(received, pki) as archive:
+        tls_out = {
+            "ca_certificates": str(pki.ca.certificate),
+            "certificate": str(pki.server.certificate),
+            "private_key": str(pki.server.private_key),
+        }
+        node = node_factory(
+            destinations=[
+                {"name": "archive", "host": "127.0.0.1", "port": archive, "ae_title": "STORESCP",
+                 "backoff_s": 0.5, "tls": tls_out}
+            ],
+            scp={"tls": tls_out, "allowed_peers": {"MODALITY": ["127.0.0.1/32"]}},
+        )  # fmt: skip
+        client = pki.client
+        sent = dcmtk(
+            "storescu", "-aet", "MODALITY", "-aec", "DICOMNODE", "+tls", str(client.private_key),
+            str(client.certificate), "+cf", str(pki.ca.certificate),
+            "127.0.0.1", str(node.port), str(chest_cr),
+        )  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
+        results = wait_until(lambda: len(list(received.iterdir())) >= 2 and list(received.iterdir()), 90)
+
+    assert sorted(path.name[:2] for path in results) == ["SC", "SR"]
+    audit_log = (node.config.parent / "var" / "logs" / "audit.log").read_text()
+    accepted = r"calling=MODALITY called=DICOMNODE tls=TLSv1\.[23] client_certificate=pacs-client"
+    assert re.search(accepted, audit_log)

@@ -47,6 +47,7 @@ _REASONS = {
     "UNSUPPORTED_PROTOCOL": "no TLS version in common (see min_version)",
     "TLSV1_ALERT_PROTOCOL_VERSION": "no TLS version in common (see min_version)",
     "NO_SHARED_CIPHER": "no cipher suite in common",
+    "UNEXPECTED_EOF_WHILE_READING": "peer closed the connection during the TLS handshake",
 }
 
 
@@ -56,7 +57,7 @@ def handshake_failure(exc: BaseException) -> str:
         return f"certificate not trusted: {exc.verify_message} (CERTIFICATE_VERIFY_FAILED)"
     if isinstance(exc, ssl.SSLError) and exc.reason:
         explained = _REASONS.get(exc.reason)
-        return f"{explained} ({exc.reason})" if explained else exc.reason
+        return f"{explained} ({exc.reason})" if explained else f"TLS error {exc.reason}"
     if isinstance(exc, TimeoutError):
         return "no TLS handshake within the ACSE timeout"
     if isinstance(exc, ssl.SSLEOFError | ConnectionError):
