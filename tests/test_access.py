@@ -20,7 +20,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from dicomnode.config import ConfigError, DestinationConfig, DestinationTlsConfig, ScpConfig, ScpTlsConfig
-from dicomnode.net.access import AccessPolicy
+from dicomnode.net.access import AccessPolicy, describe_rejection
 from dicomnode.net.scp import start_scp
 from dicomnode.net.scu import AssociationFailed, Peer, store
 from dicomnode.net.tls import ClientTls, server_context
@@ -160,6 +160,26 @@ def test_association_limit_is_audited_only_when_actually_reached(tmp_path, audit
     assert "Local Limit Exceeded" in refused.stderr
     assert again.returncode == 0, again.stderr
     assert rejection_reasons(audit) == ["association limit of 1 reached"]
+
+
+def test_an_access_check_that_fails_refuses_the_association_instead_of_letting_it_in(
+    tmp_path, audit, monkeypatch
+):
+    def broken(*args):
+        raise RuntimeError("policy bug")
+
+    monkeypatch.setattr(AccessPolicy, "check", broken)
+    with scp(tmp_path) as port:
+        done = echoscu(port, "PACS")
+
+    assert done.returncode != 0 and "Association Rejected" in done.stderr
+    assert rejection_reasons(audit) == ["access check failed (RuntimeError); refused to be safe"]
+
+
+def test_rejection_codes_pynetdicom_sends_are_put_in_words():
+    protocol = describe_rejection(0x01, 0x02, 0x02)
+    assert protocol == "protocol version not supported (permanent, source 2, diagnostic 2)"
+    assert describe_rejection(0x02, 0x03, 0x01) == "temporary congestion (transient, source 3, diagnostic 1)"
 
 
 # --- DICOM TLS on the SCP: DCMTK's storescu +tls ------------------------------------------------

@@ -23,7 +23,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.config import ScpConfig
-from dicomnode.net.access import SERVICE_PROVIDER_PRESENTATION, AccessPolicy, describe_rejection
+from dicomnode.net.access import SERVICE_PROVIDER_PRESENTATION, AccessPolicy, Rejection, describe_rejection
 from dicomnode.net.tls import HandshakingServer
 from dicomnode.privacy import uid_tag
 from dicomnode.spool import Spool, SpoolFull, is_valid_uid
@@ -129,9 +129,13 @@ class StorageHandlers:
         """
         assoc = event.assoc
         request = assoc.requestor.primitive
-        rejection = self.policy.check(
-            request.calling_ae_title.strip(), request.called_ae_title.strip(), assoc.requestor.address
-        )
+        try:
+            rejection = self.policy.check(
+                request.calling_ae_title.strip(), request.called_ae_title.strip(), assoc.requestor.address
+            )
+        except Exception as exc:  # pynetdicom swallows a handler's exception and would accept: fail closed
+            log.exception("access check failed")
+            rejection = Rejection(f"access check failed ({exc.__class__.__name__}); refused to be safe")
         if rejection is None:
             return
         with self._lock:
