@@ -499,3 +499,21 @@ def test_node_receives_over_tls_from_an_allowed_peer_and_delivers_its_results_ov
     audit_log = (node.config.parent / "var" / "logs" / "audit.log").read_text()
     accepted = r"calling=MODALITY called=DICOMNODE tls=TLSv1\.[23] client_certificate=pacs-client"
     assert re.search(accepted, audit_log)
+
+
+def test_dicomnode_config_lists_each_side_that_speaks_tls(tmp_path, pki, tiny_architecture):
+    tls = {"certificate": str(pki.server.certificate), "private_key": str(pki.server.private_key)}
+    archive = {"name": "archive", "host": "127.0.0.1", "port": 2762, "ae_title": "ARCHIVE"}
+    config = write_node_config(
+        tmp_path,
+        tiny_architecture,
+        scp_port=free_port(),
+        scp={"tls": {**tls, "ca_certificates": str(pki.ca.certificate), "min_version": "TLSv1.3"}},
+        destinations=[{**archive, "tls": {"ca_certificates": str(pki.ca.certificate), **tls}}],
+    )
+
+    done = run_cli("config", "--config", str(config))
+
+    assert done.returncode == 0, done.stderr
+    assert "  scp: DICOM TLS, TLSv1.3 or newer, client certificates required\n" in done.stdout
+    assert "  destination archive: DICOM TLS, TLSv1.2 or newer\n" in done.stdout
