@@ -517,3 +517,23 @@ def test_dicomnode_config_lists_each_side_that_speaks_tls(tmp_path, pki, tiny_ar
     assert done.returncode == 0, done.stderr
     assert "  scp: DICOM TLS, TLSv1.3 or newer, client certificates required\n" in done.stdout
     assert "  destination archive: DICOM TLS, TLSv1.2 or newer\n" in done.stdout
+
+
+def test_dicomnode_echo_and_send_speak_tls_with_the_options_an_administrator_gives(tmp_path, pki, chest_cr):
+    client = ["--tls-cert", str(pki.client.certificate), "--tls-key", str(pki.client.private_key)]
+    with storescp_tls(tmp_path / "received", pki) as port:
+        peer = ["127.0.0.1", str(port)]
+        echoed = run_cli("echo", *peer, "--aec", "STORESCP", "--tls-ca", str(pki.ca.certificate), *client)
+        other_ca = ["--tls-ca", str(pki.other_ca.certificate)]
+        untrusted = run_cli("send", *peer, str(chest_cr), "--aec", "STORESCP", *other_ca, *client)
+        half = run_cli("echo", *peer, "--aec", "STORESCP", *client)
+
+    assert echoed.returncode == 0, echoed.stderr
+    assert echoed.stdout == f"C-ECHO STORESCP@127.0.0.1:{port}: status 0x0000\n"
+    assert untrusted.returncode == 1
+    assert untrusted.stderr == (
+        f"send failed: STORESCP@127.0.0.1:{port}: TLS handshake failed: certificate not trusted:"
+        " self-signed certificate in certificate chain (CERTIFICATE_VERIFY_FAILED)\n"
+    )
+    assert not list((tmp_path / "received").iterdir())
+    assert (half.returncode, half.stderr) == (2, "--tls-cert and --tls-key need --tls-ca\n")
