@@ -23,6 +23,37 @@ CalledAE = Annotated[str, typer.Option("--aec", help="The peer's (called) AE tit
 Timeout = Annotated[float, typer.Option("--timeout", help="Network timeout in seconds.")]
 # Checked here: pynetdicom reports an out-of-range port as a traceback in its own thread.
 PeerPort = Annotated[int, typer.Argument(min=1, max=65535, help="The peer's TCP port.")]
+TlsCa = Annotated[
+    Path | None, typer.Option("--tls-ca", help="Speak DICOM TLS; trust these CAs (PEM) for the peer.")
+]
+TlsCertificate = Annotated[Path | None, typer.Option("--tls-cert", help="Our client certificate (PEM).")]
+TlsKey = Annotated[Path | None, typer.Option("--tls-key", help="The key of --tls-cert (PEM, 0600).")]
+
+
+def _peer(host: str, port: int, aec: str, timeout: float, ca: Path | None, certificate, key):
+    """The peer to echo or send to, over DICOM TLS when --tls-ca is given; exit 2 on a bad option."""
+    from pydantic import ValidationError
+
+    from dicomnode.config import DestinationTlsConfig
+    from dicomnode.net.scu import Peer
+    from dicomnode.net.tls import ClientTls
+
+    if ca is None:
+        if certificate is not None or key is not None:
+            typer.echo("--tls-cert and --tls-key need --tls-ca", err=True)
+            raise typer.Exit(2)
+        return Peer(host, port, aec, timeout)
+    try:
+        settings = DestinationTlsConfig(ca_certificates=ca, certificate=certificate, private_key=key)
+        tls = ClientTls(settings, "tls")
+        tls.check()
+    except ValidationError:
+        typer.echo("give both --tls-cert and --tls-key, or neither", err=True)
+        raise typer.Exit(2) from None
+    except ConfigError as exc:
+        typer.echo(f"cannot use TLS: {exc}", err=True)
+        raise typer.Exit(2) from None
+    return Peer(host, port, aec, timeout, tls)
 
 
 def _config(path: Path):
@@ -58,13 +89,17 @@ def echo(
     aet: CallingAE = "DICOMNODE",
     aec: CalledAE = "ANY-SCP",
     timeout: Timeout = 30.0,
+    tls_ca: TlsCa = None,
+    tls_cert: TlsCertificate = None,
+    tls_key: TlsKey = None,
 ) -> None:
     """C-ECHO a DICOM node: exit 0 when it answers success."""
-    from dicomnode.net.scu import AssociationFailed, Peer
+    from dicomnode.net.scu import AssociationFailed
     from dicomnode.net.scu import echo as c_echo
 
+    peer = _peer(host, port, aec, timeout, tls_ca, tls_cert, tls_key)
     try:
-        status = c_echo(Peer(host, port, aec, timeout), calling_ae=aet)
+        status = c_echo(peer, calling_ae=aet)
     except AssociationFailed as exc:
         typer.echo(f"echo failed: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -83,11 +118,16 @@ def send(
     aet: CallingAE = "DICOMNODE",
     aec: CalledAE = "ANY-SCP",
     timeout: Timeout = 30.0,
+    tls_ca: TlsCa = None,
+    tls_cert: TlsCertificate = None,
+    tls_key: TlsKey = None,
 ) -> None:
     """C-STORE files (folders are walked) to a DICOM node; exit 1 if any was refused."""
     from pydicom.errors import InvalidDicomError
 
-    from dicomnode.net.scu import AssociationFailed, Peer, store
+    from dicomnode.net.scu import AssociationFailed, store
+
+    peer = _peer(host, port, aec, timeout, tls_ca, tls_cert, tls_key)
 
     paths = [
         p for f in files for p in (sorted(x for x in f.rglob("*") if x.is_file()) if f.is_dir() else [f])
@@ -96,7 +136,7 @@ def send(
         typer.echo("no files to send", err=True)
         raise typer.Exit(2)
     try:
-        outcomes = store(Peer(host, port, aec, timeout), paths, calling_ae=aet)
+        outcomes = store(peer, paths, calling_ae=aet)
     except AssociationFailed as exc:  # first: it is a ConnectionError, hence an OSError
         typer.echo(f"send failed: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -334,15 +374,18 @@ def reprocess(
 def check_config(config: ConfigOption = DEFAULT_CONFIG) -> None:
     """Validate dicomnode.yaml, routing.yaml and the prompt sets the rules name, on the backbone.
 
-    Prints each served prompt set with its method and how many parameters it learned.
+    Prints each served prompt set with its method and how many parameters it learned, and
+    each side that speaks DICOM TLS once its certificates and keys were loaded.
     """
     from dicomnode.engine import Engine, EngineError
     from dicomnode.model.backbone import BackboneError, load_backbone
     from dicomnode.model.classifier import describe
     from dicomnode.model.promptset import PromptSetError, load_prompt_set
+    from dicomnode.net.tls import check_tls
 
     cfg = _config(config)
     try:
+        tls = check_tls(cfg)
         routing = load_routing(cfg.routing)
         names = dict.fromkeys(rule.prompt_set for rule in routing.rules if rule.prompt_set is not None)
         prompt_sets = [load_prompt_set(cfg.prompts_dir / name) for name in names]
@@ -356,6 +399,8 @@ def check_config(config: ConfigOption = DEFAULT_CONFIG) -> None:
     typer.echo(f"{config}: valid; {len(routing.rules)} routing rules; model {cfg.model.architecture}{demo}")
     for line in describe(classifiers):
         typer.echo(f"  prompt set {line}")
+    for line in tls:
+        typer.echo(f"  {line}")
 
 
 @app.command("train")

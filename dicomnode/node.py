@@ -24,6 +24,7 @@ from dicomnode.model.backbone import BackboneError
 from dicomnode.model.library import PromptSetLibrary
 from dicomnode.model.promptset import PromptSet, PromptSetError
 from dicomnode.net.scp import start_scp
+from dicomnode.net.tls import check_tls, scp_context
 from dicomnode.outbox import DestinationWorker
 from dicomnode.pipeline import classify, imaging_pool
 from dicomnode.privacy import uid_tag, withhold_warning_texts
@@ -214,6 +215,9 @@ class Node:
 
     def __init__(self, cfg: NodeConfig) -> None:
         self.cfg = cfg
+        # First, before the model loads: a bad certificate or key fails start-up in a second,
+        # and a destination's fails it too rather than its first delivery.
+        check_tls(cfg)
         self.stop_event = threading.Event()
         self.spool = Spool(cfg.state_dir, min_free_bytes=cfg.scp.min_free_mb << 20)
         self.routing = load_routing(cfg.routing)
@@ -235,7 +239,7 @@ class Node:
         recovered = self.spool.recover()
         if recovered:
             log.info("resumed %d studies interrupted by the last stop", recovered)
-        self.server = start_scp(self.spool, self.cfg.scp)
+        self.server = start_scp(self.spool, self.cfg.scp, scp_context(self.cfg))
         self.prompt_sets.watch()
         self.pool = imaging_pool(self.cfg.studies.imaging_processes)
         self.threads = [

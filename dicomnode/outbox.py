@@ -49,7 +49,7 @@ class DestinationWorker(threading.Thread):
         self.destination = destination
         self.calling_ae = calling_ae
         self.stop_event = stop
-        self.peer = Peer(destination.host, destination.port, destination.ae_title, destination.timeout_s)
+        self.peer = Peer.of(destination)
 
     def run(self) -> None:
         while not self.stop_event.is_set():

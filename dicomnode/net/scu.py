@@ -16,6 +16,9 @@ from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ
 from pynetdicom.sop_class import Verification
 
+from dicomnode.config import DestinationConfig
+from dicomnode.net.tls import ClientTls, destination_tls
+
 # Send files as stored, without decoding and re-encoding them (pynetdicom's documented switch).
 _config.STORE_SEND_CHUNKED_DATASET = True
 
@@ -36,6 +39,18 @@ class Peer:
     port: int
     ae_title: str
     timeout_s: float = 30.0
+    tls: ClientTls | None = None
+
+    @classmethod
+    def of(cls, destination: DestinationConfig) -> Peer:
+        """The peer a destination describes, with its TLS settings."""
+        return cls(
+            destination.host,
+            destination.port,
+            destination.ae_title,
+            destination.timeout_s,
+            destination_tls(destination),
+        )
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
@@ -100,16 +115,21 @@ def _associate(ae: AE, peer: Peer, contexts: list | None = None):
         elif isinstance(event.pdu, A_ASSOCIATE_AC):
             acceptances.append(event.pdu)
 
+    # A fresh context per association: certificates renewed on disk are used without a restart.
+    context = peer.tls.context() if peer.tls is not None else None
     assoc = ae.associate(
         peer.host,
         peer.port,
         contexts=contexts,
         ae_title=peer.ae_title,
         evt_handlers=[(evt.EVT_PDU_RECV, received)],
+        tls_args=(context, peer.host) if context is not None else None,
     )
     if not assoc.is_established:
         if assoc.is_rejected or rejections:
             raise AssociationFailed(f"{peer} rejected the association")
+        if context is not None and context.handshake_error:
+            raise AssociationFailed(f"{peer}: TLS handshake failed: {context.handshake_error}")
         if acceptances:  # accepted, then aborted by pynetdicom: no presentation context was
             offered = ", ".join(sorted({str(c.abstract_syntax.name) for c in contexts or []}))
             raise ContextsRejected(f"{peer} accepted none of the SOP classes offered ({offered})")
