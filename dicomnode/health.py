@@ -150,15 +150,15 @@ class Unreachable:
 
     def record(self, destination: str, state: str | None) -> None:
         """A delivery attempt ended with the outbox row in `state` (sent, pending: retry, dead)."""
+        if state is None:  # the row is gone (purged): the attempt says nothing of the destination
+            return
         now = self._clock()
         with self._lock:
             if state == "sent":
                 since = self._failing_since.pop(destination, None)
                 if destination in self._alerted:
                     self._alerted.discard(destination)
-                    log.warning(
-                        "destination %s reachable again after %.0f s", destination, now - (since or now)
-                    )
+                    log.info("destination %s reachable again after %.0f s", destination, now - (since or now))
             else:
                 self._failing_since.setdefault(destination, now)
 
