@@ -218,20 +218,23 @@ class Watchdog(threading.Thread):
                 return
 
     def tick(self) -> None:
-        """One look: ping or withhold the ping, log changes, raise the destination alerts."""
+        """One look: ping or withhold the ping, log each stage that sticks or moves again, alert."""
         stuck = self.liveness.stuck()
+        for name in sorted(set(stuck) - self._stuck):
+            log.error(
+                "ALERT stage stuck: %s for %.0f s in one step (alerts.stuck_after_s %g); "
+                "systemd watchdog pings withheld",
+                name,
+                stuck[name],
+                self.liveness.stuck_after_s,
+            )
+        for name in sorted(self._stuck - set(stuck)):
+            log.warning("stage %s moving again", name)
         if stuck:
-            if set(stuck) != self._stuck:
-                said = ", ".join(f"{name} for {busy:.0f} s" for name, busy in sorted(stuck.items()))
-                log.error(
-                    "ALERT stage stuck: %s (alerts.stuck_after_s %g); systemd watchdog pings withheld",
-                    said,
-                    self.liveness.stuck_after_s,
-                )
-                self.notifier.status(f"stuck: {said}")
+            said = ", ".join(f"{name} for {busy:.0f} s" for name, busy in sorted(stuck.items()))
+            self.notifier.status(f"stuck: {said}")
         else:
             if self._stuck:
-                log.warning("stages moving again: %s", ", ".join(sorted(self._stuck)))
                 self.notifier.status("serving")
             self.notifier.watchdog()
         self._stuck = set(stuck)

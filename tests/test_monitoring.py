@@ -21,7 +21,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from dicomnode.health import Heartbeat, Liveness, Unreachable
+from dicomnode.health import Heartbeat, Liveness, Unreachable, Watchdog
 from dicomnode.notify import SystemdNotifier
 from tests.conftest import (
     REPO,
@@ -229,6 +229,47 @@ def test_a_notify_socket_that_went_away_is_logged_once(notify, caplog):
     notifier.close()
 
 
+def test_the_watchdog_pings_only_while_nothing_is_stuck_and_logs_each_stuck_stage_once(notify, caplog):
+    clock = FakeClock()
+    outbox, studies = Heartbeat("outbox-pacs", clock=clock), Heartbeat("studies-0", clock=clock)
+    liveness = Liveness(stuck_after_s=10)
+    liveness.track([outbox, studies])
+    notifier = SystemdNotifier.from_environment({"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "2000000"})
+    watchdog = Watchdog(liveness, Unreachable([], 60, clock=clock), notifier, threading.Event())
+    assert watchdog.interval_s == 1.0
+
+    def messages_after_tick() -> list[dict[str, str]]:
+        count = len(notify.messages)
+        watchdog.tick()
+        marker = {"STATUS": f"tick {count}"}  # every message of this tick has arrived before it
+        notifier.send(**marker)
+        wait_until(lambda: notify.messages[-1:] and notify.messages[-1][1] == marker, 10)
+        return [fields for _, fields in notify.messages[count:-1]]
+
+    assert messages_after_tick() == [{"WATCHDOG": "1"}]
+    with outbox.step():
+        clock.now += 11
+        assert messages_after_tick() == [{"STATUS": "stuck: outbox-pacs for 11 s"}]
+        with studies.step():
+            clock.now += 11
+            assert messages_after_tick() == [{"STATUS": "stuck: outbox-pacs for 22 s, studies-0 for 11 s"}]
+        assert messages_after_tick() == [{"STATUS": "stuck: outbox-pacs for 22 s"}]
+    assert messages_after_tick() == [{"STATUS": "serving"}, {"WATCHDOG": "1"}]
+
+    lines = [
+        (r.levelname, r.getMessage().split(" for ")[0])
+        for r in caplog.records
+        if r.name == "dicomnode.health"
+    ]
+    assert lines == [
+        ("ERROR", "ALERT stage stuck: outbox-pacs"),
+        ("ERROR", "ALERT stage stuck: studies-0"),
+        ("WARNING", "stage studies-0 moving again"),
+        ("WARNING", "stage outbox-pacs moving again"),
+    ]
+    notifier.close()
+
+
 # -- the node, as a process ---------------------------------------------------------------------
 
 
@@ -373,7 +414,7 @@ def test_readiness_then_pings_and_a_stuck_delivery_withholds_them_and_fails_heal
         assert "serving" in notify.statuses()
         log = node.log.read_text()
         assert log.count("ERROR dicomnode.health: ALERT stage stuck: outbox-blackhole") == 1, log
-        assert "stages moving again: outbox-blackhole" in log
+        assert "WARNING dicomnode.health: stage outbox-blackhole moving again" in log
     finally:
         stop_process(node.process)
         blackhole.close()
