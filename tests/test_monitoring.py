@@ -27,6 +27,7 @@ from tests.conftest import (
     REPO,
     dcmtk,
     free_port,
+    run_cli,
     start_node,
     stop_process,
     wait_until,
@@ -419,6 +420,19 @@ def test_readiness_then_pings_and_a_stuck_delivery_withholds_them_and_fails_heal
         stop_process(node.process)
         blackhole.close()
     assert notify.received("STOPPING", "1"), "SIGTERM is announced"
+
+
+def test_a_metrics_port_in_use_stops_the_start_naming_the_key_and_address(tmp_path, tiny_architecture):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        metrics_port = taken.getsockname()[1]
+        config = write_node_config(
+            tmp_path, tiny_architecture, scp_port=free_port(), metrics={"port": metrics_port}
+        )
+        run = run_cli("serve", "--config", str(config))
+    assert run.returncode == 2
+    assert f"cannot start: metrics endpoint cannot listen on 127.0.0.1:{metrics_port}: " in run.stderr
 
 
 # -- the systemd units --------------------------------------------------------------------------
