@@ -184,6 +184,30 @@ class DestinationConfig(_Strict):
     tls: DestinationTlsConfig | None = None
 
 
+class MetricsConfig(_Strict):
+    """The Prometheus endpoint: /metrics for the scraper, /healthz for probes and load balancers.
+
+    Loopback by default: the counters describe the node's work, and only the local Prometheus
+    (or an SSH tunnel) should read them.
+    """
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = 9464
+
+
+class AlertsConfig(_Strict):
+    """When a condition raises its metric and a WARNING or ERROR log line.
+
+    A destination that accepted no delivery for `unreachable_after_s`, and a stage whose current
+    step has lasted `stuck_after_s` (an idle stage is never stuck): the latter also fails
+    /healthz and withholds the systemd watchdog's pings, so systemd restarts the node.
+    """
+
+    unreachable_after_s: float = Field(default=600.0, gt=0)
+    stuck_after_s: float = Field(default=900.0, gt=0)
+
+
 class NodeConfig(_Strict):
     """The whole node, as read from dicomnode.yaml."""
 
@@ -196,6 +220,8 @@ class NodeConfig(_Strict):
     studies: StudiesConfig = StudiesConfig()
     model: ModelConfig = ModelConfig()
     destinations: tuple[DestinationConfig, ...] = ()
+    metrics: MetricsConfig = MetricsConfig()
+    alerts: AlertsConfig = AlertsConfig()
     # A prompt set serves its newest valid learned version (prompts/<name>/<version>/) unless
     # pinned here to one version folder, e.g. {cxr: 20261125-101500}.
     prompt_set_versions: dict[str, Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")]] = Field(

@@ -14,17 +14,21 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 from pathlib import Path
 
 from dicomnode.config import ConfigError, NodeConfig, RoutingConfig, load_routing
 from dicomnode.engine import Engine, EngineError
 from dicomnode.flow import ResultSet, StudyJob
+from dicomnode.health import Heartbeat
 from dicomnode.model.backbone import BackboneError
 from dicomnode.model.library import PromptSetLibrary
 from dicomnode.model.promptset import PromptSet, PromptSetError
+from dicomnode.monitor import Monitor
 from dicomnode.net.scp import start_scp
 from dicomnode.net.tls import check_tls, scp_context
+from dicomnode.notify import SystemdNotifier
 from dicomnode.outbox import DestinationWorker
 from dicomnode.pipeline import classify, imaging_pool
 from dicomnode.privacy import uid_tag, withhold_warning_texts
@@ -109,19 +113,25 @@ class StudyWorker(threading.Thread):
         self.prompt_sets = prompt_sets
         self.engine = engine
         self.stop_event = stop
+        #: Liveness, and who learns each study's outcome and time (the node's metrics).
+        self.heartbeat = Heartbeat(self.name)
+        self.observe: Callable[[str, float], None] = lambda study_instance_uid, seconds: None
 
     def run(self) -> None:
         next_purge = 0.0
         while not self.stop_event.is_set():
             try:
-                if self.purges and time.monotonic() >= next_purge:
-                    self.purge()
-                    next_purge = time.monotonic() + PURGE_INTERVAL_S
-                study = self.spool.claim_quiet_study(self.cfg.studies.quiet_period_s)
+                with self.heartbeat.step():
+                    if self.purges and time.monotonic() >= next_purge:
+                        self.purge()
+                        next_purge = time.monotonic() + PURGE_INTERVAL_S
+                    study = self.spool.claim_quiet_study(self.cfg.studies.quiet_period_s)
+                    if study is not None:
+                        started = time.perf_counter()
+                        self.process(study)
+                        self.observe(study.study_instance_uid, time.perf_counter() - started)
                 if study is None:
                     self.stop_event.wait(self.cfg.studies.poll_interval_s)
-                    continue
-                self.process(study)
             except Exception:  # the loop must outlive any single failure
                 log.exception("study worker: unexpected error")
                 self.stop_event.wait(1.0)
@@ -213,7 +223,7 @@ class StudyWorker(threading.Thread):
 class Node:
     """The running node: SCP, study worker and outbox workers, stopped together."""
 
-    def __init__(self, cfg: NodeConfig) -> None:
+    def __init__(self, cfg: NodeConfig, notifier: SystemdNotifier | None = None) -> None:
         self.cfg = cfg
         # First, before the model loads: a bad certificate or key fails start-up in a second,
         # and a destination's fails it too rather than its first delivery.
@@ -230,6 +240,7 @@ class Node:
             swapped=self.engine.serve_only,
             pins=cfg.prompt_set_versions,
         )
+        self.monitor = Monitor(cfg, self.spool, notifier)
         self.pool: Executor | None = None
         self.threads: list[threading.Thread] = []
         self.server = None
@@ -239,6 +250,7 @@ class Node:
         recovered = self.spool.recover()
         if recovered:
             log.info("resumed %d studies interrupted by the last stop", recovered)
+        self.monitor.listen()
         self.server = start_scp(self.spool, self.cfg.scp, scp_context(self.cfg))
         self.prompt_sets.watch()
         self.pool = imaging_pool(self.cfg.studies.imaging_processes)
@@ -259,6 +271,7 @@ class Node:
             DestinationWorker(self.spool, d, self.cfg.scp.ae_title, self.stop_event)
             for d in self.cfg.destinations
         ]
+        self.monitor.start(self.server, self.engine, self.threads)
         for thread in self.threads:
             thread.start()
 
@@ -271,6 +284,7 @@ class Node:
         for thread in self.threads:
             thread.join(timeout=60)
         self.engine.stop()
+        self.monitor.stop()
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
         log.info("dicomnode stopped")
@@ -280,8 +294,9 @@ def serve(cfg: NodeConfig) -> None:
     """Run the node until SIGTERM or SIGINT."""
     os.umask(0o077)  # state, spool and logs are private to the service user
     configure_logging(cfg.state_dir, cfg.log_level)
+    notifier = SystemdNotifier.from_environment()
     try:
-        node = Node(cfg)
+        node = Node(cfg, notifier)
         node.start()
     except (ConfigError, PromptSetError, BackboneError, EngineError, OSError) as exc:
         log.error("cannot start: %s", exc)
@@ -290,6 +305,9 @@ def serve(cfg: NodeConfig) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
     log.info("dicomnode ready: state in %s", cfg.state_dir)
+    # Ready for systemd only now: the SCP listens and every served prompt set is warm.
+    notifier.ready(f"serving: Storage SCP {cfg.scp.ae_title} on port {cfg.scp.port}")
     stopping.wait()
     log.info("stopping")
+    notifier.stopping()
     node.stop()

@@ -19,11 +19,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from pydicom.errors import InvalidDicomError
 
 from dicomnode.config import DestinationConfig
 from dicomnode.flow import Delivery
+from dicomnode.health import Heartbeat
 from dicomnode.net.scu import AssociationFailed, ContextsRejected, Peer, store
 from dicomnode.privacy import uid_tag
 from dicomnode.spool import Spool
@@ -50,15 +52,20 @@ class DestinationWorker(threading.Thread):
         self.calling_ae = calling_ae
         self.stop_event = stop
         self.peer = Peer.of(destination)
+        #: Liveness, and who learns the outbox state each attempt left (the node's metrics).
+        self.heartbeat = Heartbeat(self.name)
+        self.observe: Callable[[str, str | None], None] = lambda destination, state: None
 
     def run(self) -> None:
         while not self.stop_event.is_set():
             try:
-                delivery = self.spool.next_delivery(self.destination.name)
+                with self.heartbeat.step():
+                    delivery = self.spool.next_delivery(self.destination.name)
+                    if delivery is not None:
+                        self.deliver(delivery)
+                        self.observe(self.destination.name, self.spool.delivery_state(delivery.id))
                 if delivery is None:
                     self.stop_event.wait(0.5)
-                    continue
-                self.deliver(delivery)
             except Exception:  # the loop must outlive any single failure
                 log.exception("outbox %s: unexpected error", self.destination.name)
                 self.stop_event.wait(1.0)

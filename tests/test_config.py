@@ -557,3 +557,21 @@ def test_routing_missing_file_is_reported_naming_it(tmp_path):
     path = tmp_path / "routing.yaml"
 
     assert config_error(path, load_routing).startswith(f"{path}: cannot read configuration")
+
+
+def test_metrics_and_alerts_default_to_a_loopback_endpoint_on_9464_and_generous_limits(tmp_path):
+    cfg = load_config(write(tmp_path / "dicomnode.yaml", ""))
+
+    assert (cfg.metrics.enabled, cfg.metrics.host, cfg.metrics.port) == (True, "127.0.0.1", 9464)
+    assert (cfg.alerts.unreachable_after_s, cfg.alerts.stuck_after_s) == (600.0, 900.0)
+    shipped = load_config(EMBEDDED_CONFIG)
+    assert shipped.metrics == cfg.metrics and shipped.alerts == cfg.alerts, "the file states the defaults"
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "given"),
+    [("metrics", "port", 0), ("metrics", "enabled", "sometimes"), ("alerts", "stuck_after_s", 0)],
+)
+def test_bad_metrics_or_alerts_value_is_rejected_naming_the_key(tmp_path, section, key, given):
+    path = write(tmp_path / "dicomnode.yaml", {section: {key: given}})
+    assert_names(config_error(path), path, f"{section}.{key}")

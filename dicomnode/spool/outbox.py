@@ -68,6 +68,11 @@ class OutboxQueue(Journal):
                 ),
             )
 
+    def delivery_state(self, delivery_id: int) -> str | None:
+        """The state of a delivery (pending, sent, dead), or None once purged."""
+        row = self._db().execute("SELECT state FROM outbox WHERE id=?", (delivery_id,)).fetchone()
+        return None if row is None else row["state"]
+
     def requeue_dead(self, destination: str | None = None) -> int:
         """Give dead deliveries (to one destination, or all) a fresh set of attempts, now.
 
