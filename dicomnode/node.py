@@ -14,16 +14,21 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 from pathlib import Path
 
 from dicomnode.config import ConfigError, NodeConfig, RoutingConfig, load_routing
 from dicomnode.engine import Engine, EngineError
-from dicomnode.flow import StudyJob
+from dicomnode.flow import ResultSet, StudyJob
+from dicomnode.health import Heartbeat
 from dicomnode.model.backbone import BackboneError
 from dicomnode.model.library import PromptSetLibrary
 from dicomnode.model.promptset import PromptSet, PromptSetError
+from dicomnode.monitor import Monitor
 from dicomnode.net.scp import start_scp
+from dicomnode.net.tls import check_tls, scp_context
+from dicomnode.notify import SystemdNotifier
 from dicomnode.outbox import DestinationWorker
 from dicomnode.pipeline import classify, imaging_pool
 from dicomnode.privacy import uid_tag, withhold_warning_texts
@@ -108,19 +113,25 @@ class StudyWorker(threading.Thread):
         self.prompt_sets = prompt_sets
         self.engine = engine
         self.stop_event = stop
+        #: Liveness, and who learns each study's outcome and time (the node's metrics).
+        self.heartbeat = Heartbeat(self.name)
+        self.observe: Callable[[str, float], None] = lambda study_instance_uid, seconds: None
 
     def run(self) -> None:
         next_purge = 0.0
         while not self.stop_event.is_set():
             try:
-                if self.purges and time.monotonic() >= next_purge:
-                    self.purge()
-                    next_purge = time.monotonic() + PURGE_INTERVAL_S
-                study = self.spool.claim_quiet_study(self.cfg.studies.quiet_period_s)
+                with self.heartbeat.step():
+                    if self.purges and time.monotonic() >= next_purge:
+                        self.purge()
+                        next_purge = time.monotonic() + PURGE_INTERVAL_S
+                    study = self.spool.claim_quiet_study(self.cfg.studies.quiet_period_s)
+                    if study is not None:
+                        started = time.perf_counter()
+                        self.process(study)
+                        self.observe(study.study_instance_uid, time.perf_counter() - started)
                 if study is None:
                     self.stop_event.wait(self.cfg.studies.poll_interval_s)
-                    continue
-                self.process(study)
             except Exception:  # the loop must outlive any single failure
                 log.exception("study worker: unexpected error")
                 self.stop_event.wait(1.0)
@@ -138,11 +149,11 @@ class StudyWorker(threading.Thread):
     def process(self, study: StudyRecord) -> None:
         """Route, classify and write results for one study, recording the outcome once.
 
-        A study may go to several prompt sets (a chest radiograph and an OCT in one study).
-        When a set fails for good and another succeeds, the results of the successful ones are
-        still delivered and the study is failed with a reason naming each failed set. A failure
-        that may pass retries the whole study: the results are derived deterministically, so
-        the sets that succeeded write the same objects again.
+        A study may go to several prompt sets (a chest radiograph and an OCT in one study),
+        each with its own chain of report versions. When a set fails for good and another
+        succeeds, the results of the successful ones are still delivered and the study is
+        failed with a reason naming each failed set. A failure that may pass retries the whole
+        study: the sets that succeeded then write the same objects again.
         """
         tag = uid_tag(study.study_instance_uid)
         routed = route_study(
@@ -154,11 +165,11 @@ class StudyWorker(threading.Thread):
             return
         if routed.left_out is not None:
             log.info("study %s: instances left out: %s", tag, routed.left_out)
-        paths: list[Path] = []
+        results: list[ResultSet] = []
         failures: list[str] = []
         for job in routed.jobs:
             try:
-                paths += self._results_for(job)
+                results.append(self._results_for(job))
             except PERMANENT_FAILURES as exc:
                 failure = f"prompt set {job.prompt_set} failed: {exc.__class__.__name__}"
                 failures.append(f"{failure}: {exc}")
@@ -181,7 +192,8 @@ class StudyWorker(threading.Thread):
             state="failed" if failures else "done",
             reason=reason,
             prompt_set=",".join(job.prompt_set for job in routed.jobs),
-            deliveries=[(d.name, p) for d in self.cfg.destinations for p in paths],
+            deliveries=[(d.name, p) for d in self.cfg.destinations for r in results for p in r.paths],
+            reports=[r.version for r in results if r.version is not None],
         )
 
     def _retry(self, study: StudyRecord, exc: Exception) -> None:
@@ -195,13 +207,13 @@ class StudyWorker(threading.Thread):
         else:
             log.error("study %s failed after %d attempts: %s", tag, study.attempts + 1, type(exc).__name__)
 
-    def _results_for(self, job: StudyJob) -> tuple[Path, ...]:
+    def _results_for(self, job: StudyJob) -> ResultSet:
         # The version taken here serves the whole study, even if a reload swaps it meanwhile.
         prompt_set = self.prompt_sets.get(job.prompt_set)
         with self.engine.using(prompt_set):
             return self._results_with(job, prompt_set)
 
-    def _results_with(self, job: StudyJob, prompt_set: PromptSet) -> tuple[Path, ...]:
+    def _results_with(self, job: StudyJob, prompt_set: PromptSet) -> ResultSet:
         classified = classify(self.engine, prompt_set, [i.path for i in job.instances], self.pool)
         for instance in job.instances:
             if instance.path in classified.problems:
@@ -212,7 +224,7 @@ class StudyWorker(threading.Thread):
                 )
         if not classified.samples:
             raise StudyFailed("no image could be prepared: " + "; ".join(classified.problems.values()))
-        result = write_results(
+        return write_results(
             out_dir=self.spool.outbox_dir / job.study_instance_uid,
             sources=classified.sources,
             samples=classified.samples,
@@ -221,15 +233,18 @@ class StudyWorker(threading.Thread):
             procedure=prompt_set.procedure,
             model=self.engine.identity(prompt_set),
             aggregation=prompt_set.aggregation,
+            latest=self.spool.latest_report(job.study_instance_uid, prompt_set.name),
         )
-        return result.paths
 
 
 class Node:
     """The running node: SCP, study worker and outbox workers, stopped together."""
 
-    def __init__(self, cfg: NodeConfig) -> None:
+    def __init__(self, cfg: NodeConfig, notifier: SystemdNotifier | None = None) -> None:
         self.cfg = cfg
+        # First, before the model loads: a bad certificate or key fails start-up in a second,
+        # and a destination's fails it too rather than its first delivery.
+        check_tls(cfg)
         self.stop_event = threading.Event()
         self.spool = Spool(cfg.state_dir, min_free_bytes=cfg.scp.min_free_mb << 20)
         self.routing = load_routing(cfg.routing)
@@ -242,6 +257,7 @@ class Node:
             swapped=self.engine.serve_only,
             pins=cfg.prompt_set_versions,
         )
+        self.monitor = Monitor(cfg, self.spool, notifier)
         self.pool: Executor | None = None
         self.threads: list[threading.Thread] = []
         self.server = None
@@ -251,7 +267,8 @@ class Node:
         recovered = self.spool.recover()
         if recovered:
             log.info("resumed %d studies interrupted by the last stop", recovered)
-        self.server = start_scp(self.spool, self.cfg.scp)
+        self.monitor.listen()
+        self.server = start_scp(self.spool, self.cfg.scp, scp_context(self.cfg))
         self.prompt_sets.watch()
         self.pool = imaging_pool(self.cfg.studies.imaging_processes)
         self.threads = [
@@ -271,6 +288,7 @@ class Node:
             DestinationWorker(self.spool, d, self.cfg.scp.ae_title, self.stop_event)
             for d in self.cfg.destinations
         ]
+        self.monitor.start(self.server, self.engine, self.threads)
         for thread in self.threads:
             thread.start()
 
@@ -283,6 +301,7 @@ class Node:
         for thread in self.threads:
             thread.join(timeout=60)
         self.engine.stop()
+        self.monitor.stop()
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
         log.info("dicomnode stopped")
@@ -292,8 +311,9 @@ def serve(cfg: NodeConfig) -> None:
     """Run the node until SIGTERM or SIGINT."""
     os.umask(0o077)  # state, spool and logs are private to the service user
     configure_logging(cfg.state_dir, cfg.log_level)
+    notifier = SystemdNotifier.from_environment()
     try:
-        node = Node(cfg)
+        node = Node(cfg, notifier)
         node.start()
     except (ConfigError, PromptSetError, BackboneError, EngineError, OSError) as exc:
         log.error("cannot start: %s", exc)
@@ -302,6 +322,9 @@ def serve(cfg: NodeConfig) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
     log.info("dicomnode ready: state in %s", cfg.state_dir)
+    # Ready for systemd only now: the SCP listens and every served prompt set is warm.
+    notifier.ready(f"serving: Storage SCP {cfg.scp.ae_title} on port {cfg.scp.port}")
     stopping.wait()
     log.info("stopping")
+    notifier.stopping()
     node.stop()

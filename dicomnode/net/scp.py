@@ -3,13 +3,15 @@
 Handlers only translate. C-STORE answers success (0x0000) only after the spool made the
 instance durable; anything else gets the DICOM status that tells the sender what to do
 (0xA700 retry later, 0xC000 do not resend as is), with an Error Comment that says why.
-Association outcomes go to the audit log, without patient data.
+Association outcomes go to the audit log, without patient data: who is refused is decided
+by the access policy at the association request, and the audit states that decision's reason.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import ssl
 import threading
 from collections import Counter
 from dataclasses import dataclass
@@ -21,6 +23,8 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.config import ScpConfig
+from dicomnode.net.access import SERVICE_PROVIDER_PRESENTATION, AccessPolicy, Rejection, describe_rejection
+from dicomnode.net.tls import HandshakingServer
 from dicomnode.privacy import uid_tag
 from dicomnode.spool import Spool, SpoolFull, is_valid_uid
 
@@ -69,7 +73,9 @@ class StorageHandlers:
     def __init__(self, spool: Spool, scp: ScpConfig) -> None:
         self.spool = spool
         self.scp = scp
+        self.policy = AccessPolicy(scp)
         self._counts: dict[int, Counter[str]] = {}
+        self._refusals: dict[int, str] = {}
         self._lock = threading.Lock()
 
     def _count(self, event: evt.Event, outcome: str) -> None:
@@ -115,33 +121,65 @@ class StorageHandlers:
         self._count(event, "stored")
         return SUCCESS
 
+    def on_requested(self, event: evt.Event) -> None:
+        """Decide, before pynetdicom negotiates, whether this peer may associate; refuse if not.
+
+        pynetdicom's own checks know AE titles only and leave no reason behind; the policy also
+        knows addresses, and the reason it gives is kept for the audit line of on_rejected.
+        """
+        assoc = event.assoc
+        request = assoc.requestor.primitive
+        try:
+            rejection = self.policy.check(
+                request.calling_ae_title.strip(), request.called_ae_title.strip(), assoc.requestor.address
+            )
+        except Exception as exc:  # pynetdicom swallows a handler's exception and would accept: fail closed
+            log.exception("access check failed")
+            rejection = Rejection(f"access check failed ({exc.__class__.__name__}); refused to be safe")
+        if rejection is None:
+            return
+        with self._lock:
+            self._refusals[id(assoc)] = rejection.reason
+        # As pynetdicom does when it refuses: reject, tell the handlers, end the association.
+        assoc.acse.send_reject(rejection.result, rejection.source, rejection.diagnostic)
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()
+
     def on_accepted(self, event: evt.Event) -> None:
-        """Audit the peer of every accepted association."""
+        """Audit the peer of every accepted association, and how it is secured."""
         requestor = event.assoc.requestor
         audit.info(
-            "association accepted peer=%s:%s calling=%s called=%s",
+            "association accepted peer=%s:%s calling=%s called=%s %s",
             requestor.address,
             requestor.port,
             requestor.ae_title,
             event.assoc.acceptor.ae_title,
+            _transport(event.assoc),
         )
 
     def on_rejected(self, event: evt.Event) -> None:
-        """Audit why an association was refused: such refusals look like timeouts to the peer."""
-        request = event.assoc.requestor.primitive
-        calling, called = request.calling_ae_title.strip(), request.called_ae_title.strip()
-        if self.scp.require_called_ae and called != self.scp.ae_title:
-            reason = f"called AE title {called!r} is not ours ({self.scp.ae_title!r})"
-        elif self.scp.allowed_calling_aes and calling not in self.scp.allowed_calling_aes:
-            reason = f"calling AE title {calling!r} is not in scp.allowed_calling_aes"
-        else:
-            reason = f"association limit of {self.scp.max_associations} reached"
+        """Audit why an association was refused: such refusals look like timeouts to the peer.
+
+        The reason is the policy's, recorded when it decided; failing that, pynetdicom decided,
+        and the codes of the A-ASSOCIATE-RJ it sent say why.
+        """
+        assoc = event.assoc
+        with self._lock:
+            reason = self._refusals.pop(id(assoc), None)
+        if reason is None:
+            sent = assoc.acceptor.primitive
+            source, diagnostic = sent.result_source, sent.diagnostic
+            if (source, diagnostic) == (SERVICE_PROVIDER_PRESENTATION, 0x02):
+                reason = f"association limit of {self.scp.max_associations} reached"
+            else:
+                reason = f"refused by pynetdicom: {describe_rejection(sent.result, source, diagnostic)}"
+        request = assoc.requestor.primitive
         audit.warning(
             "association rejected peer=%s:%s calling=%s called=%s: %s",
-            event.assoc.requestor.address,
-            event.assoc.requestor.port,
-            calling,
-            called,
+            assoc.requestor.address,
+            assoc.requestor.port,
+            request.calling_ae_title.strip(),
+            request.called_ae_title.strip(),
             reason,
         )
 
@@ -164,6 +202,7 @@ class StorageHandlers:
         return [
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_REQUESTED, self.on_requested),
             (evt.EVT_ACCEPTED, self.on_accepted),
             (evt.EVT_REJECTED, self.on_rejected),
             (evt.EVT_RELEASED, self.on_ended),
@@ -171,22 +210,48 @@ class StorageHandlers:
         ]
 
 
-def start_scp(spool: Spool, scp: ScpConfig) -> ThreadedAssociationServer:
-    """Start listening in the background; every storage SOP class, every transfer syntax."""
+def _transport(assoc) -> str:
+    """How the association is carried, for the audit: TLS version and client certificate."""
+    connection = getattr(assoc.dul.socket, "socket", None)
+    if not isinstance(connection, ssl.SSLSocket):
+        return "tls=no"
+    certificate = connection.getpeercert() or {}
+    subject = dict(pair for rdn in certificate.get("subject", ()) for pair in rdn)
+    return f"tls={connection.version()} client_certificate={subject.get('commonName', 'none')}"
+
+
+def start_scp(
+    spool: Spool, scp: ScpConfig, ssl_context: ssl.SSLContext | None = None
+) -> ThreadedAssociationServer:
+    """Start listening in the background; every storage SOP class, every transfer syntax.
+
+    With `ssl_context` (net.tls.scp_context) only DICOM TLS is spoken on the port.
+    """
     ae = AE(ae_title=scp.ae_title)
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.maximum_associations = scp.max_associations
-    ae.require_called_aet = scp.require_called_ae
-    ae.require_calling_aet = list(scp.allowed_calling_aes)
+    # AE titles and addresses are the access policy's to decide (StorageHandlers.on_requested).
+    ae.require_called_aet = False
+    ae.require_calling_aet = []
     ae.acse_timeout = scp.acse_timeout_s
     ae.dimse_timeout = scp.dimse_timeout_s
     ae.network_timeout = scp.network_timeout_s
     handlers = StorageHandlers(spool, scp)
     try:
-        server = ae.start_server((scp.host, scp.port), block=False, evt_handlers=handlers.bindings())
+        server = ae.make_server(
+            (scp.host, scp.port),
+            ssl_context=ssl_context,
+            evt_handlers=handlers.bindings(),
+            server_class=HandshakingServer,
+        )
     except OSError as exc:
         raise OSError(f"Storage SCP cannot listen on {scp.host}:{scp.port}: {exc.strerror}") from exc
-    log.info("Storage SCP %s listening on %s:%d", scp.ae_title, scp.host, scp.port)
+    # What ae.start_server(block=False) does with its server: serve from a daemon thread, and
+    # keep it in the AE's list that server.shutdown() removes it from.
+    threading.Thread(target=server.serve_forever, name=f"scp-{scp.port}", daemon=True).start()
+    ae._servers.append(server)
+    security = "DICOM TLS" if ssl_context else "plain TCP"
+    log.info("Storage SCP %s listening on %s:%d (%s)", scp.ae_title, scp.host, scp.port, security)
     return server

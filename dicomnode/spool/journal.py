@@ -45,15 +45,43 @@ CREATE TABLE IF NOT EXISTS outbox (
     next_attempt_at REAL NOT NULL,
     last_error TEXT,
     updated_at REAL NOT NULL,
+    first_failed_at REAL,
     UNIQUE (destination, path)
 );
+CREATE TABLE IF NOT EXISTS reports (
+    sr_sop_instance_uid TEXT PRIMARY KEY,
+    study_instance_uid TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    content_key TEXT NOT NULL,
+    sr_series_instance_uid TEXT NOT NULL,
+    sr_sop_class_uid TEXT NOT NULL,
+    sc_series_instance_uid TEXT NOT NULL,
+    sc_sop_instance_uid TEXT NOT NULL,
+    sc_sop_class_uid TEXT NOT NULL,
+    replaces_series_instance_uid TEXT,
+    replaces_sop_instance_uid TEXT,
+    replaces_sop_class_uid TEXT,
+    written_at REAL NOT NULL,
+    prompt_set TEXT
+);
+CREATE INDEX IF NOT EXISTS reports_by_study ON reports(study_instance_uid, number);
 """
 
 #: Version 1: retry bookkeeping (attempts, not_before) on studies.
-SCHEMA_VERSION = 1
-_ADDED_STUDY_COLUMNS = {
-    "attempts": "INTEGER NOT NULL DEFAULT 0",
-    "not_before": "REAL NOT NULL DEFAULT 0",
+#: Version 2: the report versions written per study (table `reports`, created above when
+#: missing) and when a delivery first failed (`outbox.first_failed_at`, for `retry_for_hours`).
+#: Version 3: the prompt set of each report version (`reports.prompt_set`): a study routed to
+#: several sets has a chain of versions per set.
+SCHEMA_VERSION = 3
+_ADDED_COLUMNS = {
+    "studies": {
+        "attempts": "INTEGER NOT NULL DEFAULT 0",
+        "not_before": "REAL NOT NULL DEFAULT 0",
+    },
+    # NULL for deliveries queued before version 2: their retry window starts at their next failure.
+    "outbox": {"first_failed_at": "REAL"},
+    # Filled in from the study's one prompt set when added: before version 3 a study had one.
+    "reports": {"prompt_set": "TEXT"},
 }
 
 _UID_CHARS = frozenset("0123456789.")
@@ -108,10 +136,16 @@ class Journal:
     def _migrate(self) -> None:
         """Bring a journal written by an earlier version up to this schema, in place."""
         db = self._db()
-        columns = {row["name"] for row in db.execute("PRAGMA table_info(studies)")}
-        for column, definition in _ADDED_STUDY_COLUMNS.items():
-            if column not in columns:
-                db.execute(f"ALTER TABLE studies ADD COLUMN {column} {definition}")
+        for table, added in _ADDED_COLUMNS.items():
+            columns = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
+            for column, definition in added.items():
+                if column not in columns:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                    if (table, column) == ("reports", "prompt_set"):
+                        db.execute(
+                            "UPDATE reports SET prompt_set=(SELECT s.prompt_set FROM studies s "
+                            "WHERE s.study_instance_uid=reports.study_instance_uid)"
+                        )
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _db(self) -> sqlite3.Connection:
