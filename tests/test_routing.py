@@ -856,15 +856,16 @@ def receive(spool: Spool, path: Path, calling_ae: str) -> None:
     )
 
 
-def queued_reports(spool: Spool) -> list[str]:
-    """The prompt set named by each SR queued for delivery to `pacs`, taking them off the queue."""
-    named = []
+def queued_reports(spool: Spool) -> dict[str, pydicom.Dataset]:
+    """Each SR queued for delivery to `pacs`, by the prompt set it names; taken off the queue."""
+    reports = {}
     while (delivery := spool.next_delivery("pacs")) is not None:
         ds = pydicom.dcmread(delivery.path)
         if ds.Modality == "SR":
-            named += set(re.findall(r"prompt set (\w+) sha256", _sr_text(ds)))
+            (name,) = set(re.findall(r"prompt set (\w+) sha256", _sr_text(ds)))
+            reports[name] = ds
         spool.delivery_sent(delivery)
-    return sorted(named)
+    return reports
 
 
 def test_a_study_of_two_prompt_sets_gets_the_results_of_each_and_is_done_once(worker, tmp_path):
@@ -881,7 +882,23 @@ def test_a_study_of_two_prompt_sets_gets_the_results_of_each_and_is_done_once(wo
         "left out: no rule matched (ward: CallingAETitle is OTHER, rule wants WARD; "
         "emergency: CallingAETitle is OTHER, rule wants ER)"
     )
-    assert queued_reports(worker.spool) == ["first", "second"]
+    assert sorted(queued_reports(worker.spool)) == ["first", "second"]
+
+
+def test_a_late_instance_supersedes_only_the_report_of_the_prompt_set_it_went_to(worker, tmp_path):
+    receive(worker.spool, stored(tmp_path / "in", CHEST).path, "WARD")
+    receive(worker.spool, stored(tmp_path / "in", CHEST).path, "ER")
+    worker.process(worker.spool.claim_quiet_study(0.0, now=float("inf")))
+    first = queued_reports(worker.spool)
+    receive(worker.spool, stored(tmp_path / "in", CHEST).path, "WARD")
+
+    worker.process(worker.spool.claim_quiet_study(0.0, now=float("inf")))
+
+    again = queued_reports(worker.spool)
+    (predecessor,) = again["first"].PredecessorDocumentsSequence[0].ReferencedSeriesSequence
+    assert predecessor.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first["first"].SOPInstanceUID
+    assert "PredecessorDocumentsSequence" not in again["second"]
+    assert again["second"].SOPInstanceUID == first["second"].SOPInstanceUID, "same content, same report"
 
 
 def test_a_set_that_fails_does_not_hold_back_the_results_of_the_set_that_succeeded(worker, tmp_path):
@@ -899,7 +916,7 @@ def test_a_set_that_fails_does_not_hold_back_the_results_of_the_set_that_succeed
     assert (record.state, record.prompt_set) == ("failed", "first,second")
     assert record.reason.startswith("prompt set second failed: StudyFailed: no image could be prepared: ")
     assert "first" not in record.reason
-    assert queued_reports(worker.spool) == ["first"]
+    assert sorted(queued_reports(worker.spool)) == ["first"]
 
 
 def test_dicomnode_route_shows_each_files_decision_under_the_shipped_rules(tmp_path):
