@@ -22,6 +22,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    """Put the data of a file that someone else wrote on disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_durably(path: Path, write: Callable[[BinaryIO], object]) -> Path:
     """Atomically replace `path` with what `write` puts into the open file it is given."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

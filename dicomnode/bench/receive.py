@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
+import struct
 import subprocess
 import tempfile
 import time
@@ -18,9 +19,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicomnode.bench import BenchError, free_port, wait_for_port
 from dicomnode.config import ScpConfig
@@ -59,6 +61,40 @@ def make_instances(source: Path, count: int, folder: Path) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+#: Multi-frame Grayscale Word Secondary Capture Image Storage: frames of any size and number.
+_MULTIFRAME_WORD_SC = "1.2.840.10008.5.1.4.1.1.7.3"
+_FRAME_SIDE = 1024
+
+
+def write_large_instance(path: Path, megabytes: int) -> Path:
+    """A multi-frame 16-bit instance of about `megabytes` MB (at least one frame of 2 MiB).
+
+    Written a frame at a time after its header, so that a gigabyte never sits in memory; the
+    frames differ from one another so that nothing along the way can compress them away.
+    """
+    frame_bytes = _FRAME_SIDE * _FRAME_SIDE * 2
+    frames = max(1, megabytes * 10**6 // frame_bytes)
+    ds = pydicom.Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = _MULTIFRAME_WORD_SC, generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.ConversionType = "OT", "WSD"
+    ds.PatientName, ds.PatientID, ds.StudyDate, ds.StudyTime = "", "", "", ""
+    ds.Rows = ds.Columns = _FRAME_SIDE
+    ds.NumberOfFrames = frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    ramp = np.arange(_FRAME_SIDE * _FRAME_SIDE, dtype=np.uint16)
+    with path.open("ab") as handle:
+        # (7FE0,0010) Pixel Data, explicit VR little endian: tag, "OW", 2 reserved, 4-byte length.
+        handle.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, frames * frame_bytes))
+        for frame in range(frames):
+            handle.write((ramp + frame).tobytes())
+    return path
 
 
 def _send(port: int, ae_title: str, paths: list[Path]) -> float:

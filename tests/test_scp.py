@@ -1,0 +1,173 @@
+"""The Storage SCP in-process, sent to by DCMTK's storescu: received to disk, stored by a rename.
+
+A real SCP on a loopback port with a real spool; the peers are storescu and the node's own
+SCU (which sends a file byte for byte, as a broken modality would).
+"""
+
+from __future__ import annotations
+
+import logging
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+
+from dicomnode.bench.receive import write_large_instance
+from dicomnode.config import ScpConfig
+from dicomnode.identity import NODE_MANUFACTURER
+from dicomnode.net.scp import start_scp
+from dicomnode.net.scu import Peer, store
+from dicomnode.spool import Spool
+from tests.conftest import dcmtk, free_port, wait_for_port, wait_until
+
+
+class RecordingSpool(Spool):
+    """A spool that notes what the SCP hands it: the received file, its folder and inode."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.handed: list[tuple[Path, int]] = []
+
+    def store(self, content, **kwargs):
+        assert isinstance(content, Path), "the SCP hands the spool a received file, not bytes"
+        self.handed.append((content, content.stat().st_ino))
+        return super().store(content, **kwargs)
+
+
+@pytest.fixture
+def scp(tmp_path) -> Iterator[tuple[RecordingSpool, int]]:
+    spool = RecordingSpool(tmp_path / "var")
+    port = free_port()
+    server = start_scp(spool, ScpConfig(host="127.0.0.1", port=port, ae_title="DICOMNODE", min_free_mb=0))
+    wait_for_port(port)
+    yield spool, port
+    server.shutdown()
+    spool.close()
+
+
+def _storescu(port: int, *paths: Path):
+    return dcmtk("storescu", "-aec", "DICOMNODE", "127.0.0.1", str(port), *map(str, paths))
+
+
+def _stored_files(spool: Spool) -> list[Path]:
+    return sorted(spool.instances_dir.rglob("*.dcm"))
+
+
+def test_a_large_instance_is_received_into_incoming_and_moved_into_the_spool_not_copied(tmp_path, scp):
+    spool, port = scp
+    sent = write_large_instance(tmp_path / "large.dcm", megabytes=24)
+
+    done = _storescu(port, sent)
+
+    assert done.returncode == 0, done.stderr
+    (received, inode), *others = spool.handed
+    assert not others
+    assert received.parent == spool.incoming_dir
+    (stored,) = _stored_files(spool)
+    assert stored.stat().st_ino == inode, "stored by a rename of the received file"
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+    assert pydicom.dcmread(stored) == pydicom.dcmread(sent)
+    assert not list(spool.incoming_dir.iterdir())
+
+
+def test_a_dataset_cut_short_inside_its_pixel_data_is_refused_and_nothing_is_kept(tmp_path, scp):
+    spool, port = scp
+    whole = write_large_instance(tmp_path / "whole.dcm", megabytes=4)
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(whole.read_bytes()[:-1000])
+
+    (outcome,) = store(Peer("127.0.0.1", port, "DICOMNODE"), [cut], calling_ae="BROKEN")
+
+    assert (outcome.status, outcome.comment) == (0xC000, "dataset cannot be parsed")
+    assert not _stored_files(spool)
+    assert not list(spool.incoming_dir.iterdir())
+
+
+def test_an_identical_resend_of_a_large_instance_keeps_the_first_file(tmp_path, scp):
+    spool, port = scp
+    sent = write_large_instance(tmp_path / "large.dcm", megabytes=8)
+    assert _storescu(port, sent).returncode == 0
+    (stored,) = _stored_files(spool)
+    first = stored.stat().st_ino
+
+    assert _storescu(port, sent).returncode == 0
+
+    assert _stored_files(spool) == [stored]
+    assert stored.stat().st_ino == first, "a byte-identical resend changes nothing"
+    assert not list(spool.incoming_dir.iterdir())
+
+
+def _result_like(source: Path, folder: Path, **changes) -> Path:
+    ds = pydicom.dcmread(source)
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    path = folder / "result.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_an_instance_signed_by_the_node_is_acknowledged_but_not_stored_and_audited(
+    tmp_path, scp, chest_cr, caplog
+):
+    spool, port = scp
+    ours = _result_like(chest_cr, tmp_path, Manufacturer=NODE_MANUFACTURER)
+
+    with caplog.at_level(logging.INFO, logger="dicomnode.audit"):
+        done = _storescu(port, ours)
+
+    assert done.returncode == 0 and "Failed" not in done.stderr, done.stderr
+    assert not _stored_files(spool)
+    assert spool.study(str(pydicom.dcmread(ours).StudyInstanceUID)) is None
+    (line,) = [r.getMessage() for r in caplog.records if "own result" in r.getMessage()]
+    assert "calling=STORESCU" in line
+    assert str(pydicom.dcmread(ours).StudyInstanceUID) not in line
+
+
+def test_a_result_whose_manufacturer_a_pacs_rewrote_is_still_recognised_by_its_uid(tmp_path, scp, chest_cr):
+    spool, port = scp
+    coerced = _result_like(chest_cr, tmp_path, Manufacturer="PACS VENDOR")
+    ds = pydicom.dcmread(coerced, stop_before_pixels=True)
+    outbox = spool.outbox_dir / ds.StudyInstanceUID
+    outbox.mkdir()
+    (outbox / f"sr-{ds.SOPInstanceUID}.dcm").write_bytes(b"the node's own result")
+
+    assert _storescu(port, coerced).returncode == 0
+
+    assert not _stored_files(spool)
+    assert spool.study(ds.StudyInstanceUID) is None
+
+
+def test_a_leftover_of_a_previous_run_in_incoming_is_deleted_when_the_scp_starts(tmp_path):
+    spool = Spool(tmp_path / "var")
+    leftover = spool.incoming_dir / ".received-half.dcm"
+    leftover.write_bytes(b"half an instance")
+
+    server = start_scp(spool, ScpConfig(host="127.0.0.1", port=free_port(), ae_title="DICOMNODE"))
+    server.shutdown()
+
+    assert not leftover.exists()
+
+
+# The sender's own pynetdicom threads complain of being aborted while they send: that is the test.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_an_association_aborted_in_the_middle_of_an_instance_leaves_nothing_behind(tmp_path, scp):
+    spool, port = scp
+    sent = write_large_instance(tmp_path / "large.dcm", megabytes=100)
+    ae = AE(ae_title="MODALITY")
+    sop_class = pydicom.dcmread(sent, stop_before_pixels=True).SOPClassUID
+    ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    sender = threading.Thread(target=assoc.send_c_store, args=(sent,), daemon=True)
+    sender.start()
+    wait_until(lambda: any(spool.incoming_dir.iterdir()), 30, interval=0.01, what="receipt under way")
+
+    assoc.abort()
+
+    wait_until(lambda: not any(spool.incoming_dir.iterdir()), 30, what="half-received file deleted")
+    assert not _stored_files(spool)
