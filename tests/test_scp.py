@@ -7,13 +7,16 @@ SCU (which sends a file byte for byte, as a broken modality would).
 from __future__ import annotations
 
 import logging
+import sqlite3
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
+import requests
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
@@ -23,7 +26,7 @@ from dicomnode.identity import NODE_MANUFACTURER
 from dicomnode.net.scp import start_scp
 from dicomnode.net.scu import Peer, store
 from dicomnode.spool import Spool
-from tests.conftest import dcmtk, free_port, wait_for_port, wait_until
+from tests.conftest import dcmtk, free_port, start_orthanc, stop_process, wait_for_port, wait_until
 
 
 class RecordingSpool(Spool):
@@ -171,3 +174,49 @@ def test_an_association_aborted_in_the_middle_of_an_instance_leaves_nothing_behi
 
     wait_until(lambda: not any(spool.incoming_dir.iterdir()), 30, what="half-received file deleted")
     assert not _stored_files(spool)
+
+
+#: Orthanc's Lua hook: every instance it stores, whoever sent it, goes on to the node.
+_FORWARD_EVERYTHING = """
+function OnStoredInstance(instanceId, tags, metadata, origin)
+   SendToModality(instanceId, 'dicomnode')
+end
+"""
+
+
+def test_an_orthanc_that_forwards_everything_gets_results_once_and_the_study_is_never_rerun(
+    tmp_path, node_factory, chest_cr
+):
+    """The feedback loop: Orthanc sends the node's SR and SC straight back to the node."""
+    node_port = free_port()
+    script = tmp_path / "forward.lua"
+    script.write_text(_FORWARD_EVERYTHING)
+    pacs = start_orthanc(
+        tmp_path / "pacs",
+        modalities={"dicomnode": ["DICOMNODE", "127.0.0.1", node_port]},
+        LuaScripts=[str(script)],
+    )
+    try:
+        node = node_factory(destinations=[pacs.destination(backoff_s=0.5)], port=node_port)
+        logs = node.config.parent / "var" / "logs"
+        uploaded = requests.post(f"{pacs.url}/instances", data=chest_cr.read_bytes(), timeout=30).json()
+        study = uploaded["ParentStudy"]
+        wait_until(
+            lambda: len(pacs.get(f"/studies/{study}/instances").json()) == 3, 90, what="results in study"
+        )
+        # Orthanc forwards the results as it stores them: time for that, and for three quiet
+        # periods in which a re-opened study would be run again.
+        time.sleep(4)
+
+        assert (logs / "dicomnode.log").read_text().count("processed with prompt set") == 1
+        study_uid = str(pydicom.dcmread(chest_cr, stop_before_pixels=True).StudyInstanceUID)
+        with sqlite3.connect(f"file:{logs.parent / 'journal.sqlite'}?mode=ro", uri=True) as journal:
+            row = journal.execute(
+                "SELECT state, generation FROM studies WHERE study_instance_uid=?", (study_uid,)
+            ).fetchone()
+            instances = journal.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
+        assert row == ("done", 0), "never re-opened"
+        assert instances == 1, "only the source instance is in the spool"
+        assert (logs / "audit.log").read_text().count("own result not stored") == 2, "the loop happened"
+    finally:
+        stop_process(pacs.process)
