@@ -21,6 +21,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.sr.codedict import codes
 from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
+import dicomnode.durable as durable
 from dicomnode.config import load_routing
 from dicomnode.flow import Code, Finding, ModelIdentity, Prediction, Sample
 from dicomnode.results import ResultsError, write_results
@@ -363,3 +364,12 @@ def test_mismatched_inputs_are_refused_naming_the_fault(study, tmp_path):
 def test_results_room_does_not_import_torch():
     code = "import sys, dicomnode.results; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_the_new_outbox_folder_of_a_study_is_synced_to_its_parent(study, tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(durable, "fsync_dir", synced.append)
+
+    _write(study, tmp_path / "outbox" / "1.2.3")
+
+    assert tmp_path / "outbox" in synced, "the study folder's entry in outbox/"

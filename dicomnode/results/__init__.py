@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from dicomnode.durable import write_durably
+from dicomnode.durable import make_folder_durably, write_durably
 from dicomnode.flow import Code, Finding, ModelIdentity, Prediction, ResultSet, Sample
 from dicomnode.results.sc import build_secondary_capture
 from dicomnode.results.sr import StudyFinding, build_report
@@ -90,7 +90,7 @@ def write_results(
         series_description=f"{description} (image)",
     )
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder_durably(out_dir)  # synced to its parent: journal rows will point into it
     sr_path = _save(report, out_dir / f"sr-{report.SOPInstanceUID}.dcm")
     sc_path = _save(capture, out_dir / f"sc-{capture.SOPInstanceUID}.dcm")
     return ResultSet(study_instance_uid=str(sources[0].StudyInstanceUID), paths=(sr_path, sc_path))

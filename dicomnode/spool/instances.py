@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from dicomnode.durable import fsync_dir, fsync_file, write_durably
+from dicomnode.durable import fsync_dir, fsync_file, make_folder_durably, write_durably
 from dicomnode.flow import StoredInstance
 from dicomnode.spool.journal import Journal, SpoolError, SpoolFull, is_valid_uid
 
@@ -81,13 +81,10 @@ class InstanceStore(Journal):
             ):
                 return stored
             try:
-                new_folder = not path.parent.exists()
                 if isinstance(content, Path):
                     _move_durably(content, path)
                 else:
                     write_durably(path, lambda handle: handle.write(content))
-                if new_folder:
-                    fsync_dir(self.instances_dir)
             except OSError as exc:
                 raise SpoolError(f"cannot write instance file: {exc.strerror}") from exc
             now = time.time()
@@ -192,7 +189,7 @@ def _holds(path: Path, content: bytes | Path, size: int) -> bool:
 
 def _move_durably(received: Path, path: Path) -> None:
     """Move a received file into place: its data on disk first, then its new name."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_folder_durably(path.parent)
     try:
         fsync_file(received)
         os.replace(received, path)
