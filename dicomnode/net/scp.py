@@ -39,6 +39,11 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 
+#: Largest PDU the SCP receives. pynetdicom's default (16 KiB) makes a 7 MB radiograph 440
+#: PDUs, each a trip through its state machine; at DCMTK's largest (128 KiB) the radiographs
+#: of `dicomnode bench receive` arrive about a third faster. A PDU is held in memory whole.
+MAX_PDU_BYTES = 128 << 10
+
 
 @dataclass(frozen=True)
 class Refusal:
@@ -71,7 +76,7 @@ def _read_header(path: Path) -> Dataset:
     """
     ds = pydicom.dcmread(path, defer_size=_HEADER_VALUE_BYTES)
     if len(ds):
-        last = ds.get_item(max(ds.keys()), keep_deferred=True)
+        last = ds.get_item(next(reversed(ds.keys())), keep_deferred=True)  # the last in the file
         if isinstance(last, RawDataElement) and last.length != 0xFFFFFFFF:
             size = path.stat().st_size
             if last.value_tell + last.length != size:
@@ -277,6 +282,7 @@ def start_scp(spool: Spool, scp: ScpConfig) -> ThreadedAssociationServer:
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.maximum_associations = scp.max_associations
+    ae.maximum_pdu_size = MAX_PDU_BYTES
     ae.require_called_aet = scp.require_called_ae
     ae.require_calling_aet = list(scp.allowed_calling_aes)
     ae.acse_timeout = scp.acse_timeout_s
