@@ -7,8 +7,10 @@ SCU (which sends a file byte for byte, as a broken modality would).
 from __future__ import annotations
 
 import logging
+import shutil
 import sqlite3
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -171,6 +173,23 @@ def test_an_association_aborted_in_the_middle_of_an_instance_leaves_nothing_behi
     wait_until(lambda: any(spool.incoming_dir.iterdir()), 30, interval=0.01, what="receipt under way")
 
     assoc.abort()
+
+    wait_until(lambda: not any(spool.incoming_dir.iterdir()), 30, what="half-received file deleted")
+    assert not _stored_files(spool)
+
+
+def test_a_sender_killed_in_the_middle_of_an_instance_leaves_nothing_behind(tmp_path, scp):
+    spool, port = scp
+    sent = write_large_instance(tmp_path / "large.dcm", megabytes=100)
+    sender = subprocess.Popen(
+        [shutil.which("storescu"), "-aec", "DICOMNODE", "127.0.0.1", str(port), str(sent)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_until(lambda: any(spool.incoming_dir.iterdir()), 30, interval=0.005, what="receipt under way")
+
+    sender.kill()
+    sender.wait()
 
     wait_until(lambda: not any(spool.incoming_dir.iterdir()), 30, what="half-received file deleted")
     assert not _stored_files(spool)
