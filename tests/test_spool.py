@@ -598,6 +598,17 @@ def test_a_received_file_is_moved_into_the_spool_by_a_rename(spool):
     assert not received.exists()
 
 
+def test_a_received_file_is_synced_before_it_takes_its_name_in_the_spool(spool, monkeypatch):
+    events = []
+    monkeypatch.setattr(instances, "fsync_file", lambda path: events.append(("fsync", path)))
+    monkeypatch.setattr(instances, "fsync_dir", lambda path: events.append(("fsync_dir", path)))
+    received = _received(spool, b"instance bytes")
+
+    stored = _store(spool, "1.2.3.4.5", content=received)
+
+    assert events == [("fsync", received), ("fsync_dir", stored.path.parent)]
+
+
 def test_a_received_resend_is_compared_chunk_by_chunk_same_size_different_bytes_replaces(spool, monkeypatch):
     monkeypatch.setattr(instances, "_COMPARE_CHUNK", 7)  # many chunks, the difference in the last
     first = bytes(100)

@@ -62,6 +62,13 @@ class InstanceStore(Journal):
             path=path,
             calling_ae=calling_ae,
         )
+        if isinstance(content, Path):
+            # Its data on disk before the study's lock is taken, so that the associations
+            # sending one study sync their files side by side, not one after another.
+            try:
+                fsync_file(content)
+            except OSError as exc:
+                raise SpoolError(f"cannot sync received file: {exc.strerror}") from exc
         # Per-study lock: a purge of this study must not interleave with a store into it.
         with self._study_lock(study_instance_uid):
             previous = (
@@ -188,10 +195,9 @@ def _holds(path: Path, content: bytes | Path, size: int) -> bool:
 
 
 def _move_durably(received: Path, path: Path) -> None:
-    """Move a received file into place: its data on disk first, then its new name."""
+    """Move a received file, its data already synced, into place and make its new name durable."""
     make_folder_durably(path.parent)
     try:
-        fsync_file(received)
         os.replace(received, path)
     except OSError as exc:
         if exc.errno != errno.EXDEV:
