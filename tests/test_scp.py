@@ -19,6 +19,7 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
+from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
@@ -239,3 +240,26 @@ def test_an_orthanc_that_forwards_everything_gets_results_once_and_the_study_is_
         assert (logs / "audit.log").read_text().count("own result not stored") == 2, "the loop happened"
     finally:
         stop_process(pacs.process)
+
+
+def test_a_deflated_dataset_is_stored_as_received(scp):
+    spool, port = scp
+    deflated = Path(get_testdata_file("image_dfl.dcm"))
+
+    (outcome,) = store(Peer("127.0.0.1", port, "DICOMNODE"), [deflated], calling_ae="MODALITY")
+
+    assert outcome.status == 0x0000, outcome.comment
+    (stored,) = _stored_files(spool)
+    assert pydicom.dcmread(stored).file_meta.TransferSyntaxUID.is_deflated
+    assert pydicom.dcmread(stored) == pydicom.dcmread(deflated)
+
+
+def test_a_deflated_dataset_cut_short_is_refused(tmp_path, scp):
+    spool, port = scp
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(Path(get_testdata_file("image_dfl.dcm")).read_bytes()[:-500])
+
+    (outcome,) = store(Peer("127.0.0.1", port, "DICOMNODE"), [cut], calling_ae="BROKEN")
+
+    assert (outcome.status, outcome.comment) == (0xC000, "dataset cannot be parsed")
+    assert not _stored_files(spool)

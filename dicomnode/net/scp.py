@@ -72,10 +72,12 @@ def _read_header(path: Path) -> Dataset:
 
     The parse walks every top-level element, seeking past long values: a malformed stream
     fails here, an element cut short is detected by where the last one ends, and a missing
-    delimiter of encapsulated pixel data by pydicom. Raises on either.
+    delimiter of encapsulated pixel data by pydicom. Raises on either. A deflated dataset is
+    inflated by pydicom (in memory: deflate is for small objects such as SR), whose zlib
+    refuses a stream cut short; its element positions are not file positions.
     """
     ds = pydicom.dcmread(path, defer_size=_HEADER_VALUE_BYTES)
-    if len(ds):
+    if len(ds) and not ds.file_meta.TransferSyntaxUID.is_deflated:
         last = ds.get_item(next(reversed(ds.keys())), keep_deferred=True)  # the last in the file
         if isinstance(last, RawDataElement) and last.length != 0xFFFFFFFF:
             size = path.stat().st_size
