@@ -263,3 +263,22 @@ def test_a_deflated_dataset_cut_short_is_refused(tmp_path, scp):
 
     assert (outcome.status, outcome.comment) == (0xC000, "dataset cannot be parsed")
     assert not _stored_files(spool)
+
+
+@pytest.mark.parametrize(
+    ("name", "cut"),
+    [("RG1_J2KR.dcm", 8), ("RG1_J2KR.dcm", 2000), ("test-SR.dcm", 8)],
+    ids=["encapsulated-without-delimiter", "encapsulated-in-a-fragment", "sr-in-its-content-sequence"],
+)
+def test_a_dataset_whose_last_element_has_undefined_length_cut_short_is_refused(tmp_path, scp, name, cut):
+    spool, port = scp
+    whole = Path(get_testdata_file(name)).read_bytes()
+    sent = tmp_path / name
+    sent.write_bytes(whole[:-cut])
+
+    (outcome,) = store(Peer("127.0.0.1", port, "DICOMNODE"), [sent], calling_ae="BROKEN")
+
+    assert (outcome.status, outcome.comment) == (0xC000, "dataset cannot be parsed")
+    assert not _stored_files(spool)
+    sent.write_bytes(whole)
+    assert store(Peer("127.0.0.1", port, "DICOMNODE"), [sent], calling_ae="MODALITY")[0].status == 0

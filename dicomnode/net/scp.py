@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom import Dataset
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, dimse_messages, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
@@ -70,22 +70,43 @@ class TruncatedDataset(ValueError):
 def _read_header(path: Path) -> Dataset:
     """Parse the received file's elements, leaving long values (pixel data) on disk.
 
-    The parse walks every top-level element, seeking past long values: a malformed stream
-    fails here, an element cut short is detected by where the last one ends, and a missing
-    delimiter of encapsulated pixel data by pydicom. Raises on either. A deflated dataset is
-    inflated by pydicom (in memory: deflate is for small objects such as SR), whose zlib
-    refuses a stream cut short; its element positions are not file positions.
+    The parse walks every top-level element, seeking past long values, so a malformed stream
+    fails here. A stream cut short is found at its end: the last element must end where the
+    file does, or, of undefined length (encapsulated pixel data, a sequence), the file must
+    end with its sequence delimiter (pydicom only warns when that is missing). A deflated
+    dataset is inflated by pydicom (in memory: deflate is for small objects such as SR),
+    whose zlib refuses a stream cut short. Raises on any of these.
     """
     ds = pydicom.dcmread(path, defer_size=_HEADER_VALUE_BYTES)
-    if len(ds) and not ds.file_meta.TransferSyntaxUID.is_deflated:
-        last = ds.get_item(next(reversed(ds.keys())), keep_deferred=True)  # the last in the file
-        if isinstance(last, RawDataElement) and last.length != 0xFFFFFFFF:
-            size = path.stat().st_size
-            if last.value_tell + last.length != size:
-                raise TruncatedDataset(
-                    f"last element {last.tag} ends at byte {last.value_tell + last.length}, file has {size}"
-                )
+    if not len(ds):  # also what pydicom returns when it reached the end before a delimiter
+        raise TruncatedDataset("no element could be read")
+    syntax = ds.file_meta.TransferSyntaxUID
+    if not syntax.is_deflated:
+        _check_complete(
+            path, ds.get_item(next(reversed(ds.keys())), keep_deferred=True), syntax.is_little_endian
+        )
     return ds
+
+
+#: Sequence Delimitation Item (FFFE,E0DD) with its zero length, by byte order.
+_SEQUENCE_DELIMITER = {True: bytes.fromhex("feffdde000000000"), False: bytes.fromhex("fffee0dd00000000")}
+
+
+def _check_complete(path: Path, last: RawDataElement | DataElement, little_endian: bool) -> None:
+    """Raise TruncatedDataset unless the file ends where its last element says it does."""
+    size = path.stat().st_size
+    if isinstance(last, RawDataElement) and last.length != 0xFFFFFFFF:
+        if last.value_tell + last.length != size:
+            raise TruncatedDataset(
+                f"last element {last.tag} ends at byte {last.value_tell + last.length}, file has {size}"
+            )
+        return
+    with path.open("rb") as handle:
+        handle.seek(max(size - 8, 0))
+        if handle.read(8) != _SEQUENCE_DELIMITER[little_endian]:
+            raise TruncatedDataset(
+                f"last element {last.tag} has undefined length and the file no delimiter at its end"
+            )
 
 
 def _is_own_result(ds: Dataset, spool: Spool) -> bool:
