@@ -7,6 +7,7 @@ SCU (which sends a file byte for byte, as a broken modality would).
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sqlite3
 import stat
@@ -282,3 +283,17 @@ def test_a_dataset_whose_last_element_has_undefined_length_cut_short_is_refused(
     assert not _stored_files(spool)
     sent.write_bytes(whole)
     assert store(Peer("127.0.0.1", port, "DICOMNODE"), [sent], calling_ae="MODALITY")[0].status == 0
+
+
+def test_a_half_received_file_untouched_for_twice_the_network_timeout_goes_when_an_association_ends(scp):
+    spool, port = scp
+    abandoned, recent = spool.incoming_dir / ".received-old.dcm", spool.incoming_dir / ".received-new.dcm"
+    for leftover in (abandoned, recent):
+        leftover.write_bytes(b"half an instance")
+    two_timeouts_ago = time.time() - 2 * ScpConfig().network_timeout_s - 1
+    os.utime(abandoned, (two_timeouts_ago, two_timeouts_ago))
+
+    assert dcmtk("echoscu", "-aec", "DICOMNODE", "127.0.0.1", str(port)).returncode == 0
+
+    wait_until(lambda: not abandoned.exists(), 10, what="abandoned file deleted")
+    assert recent.exists(), "may still be being received"

@@ -277,6 +277,10 @@ class StorageHandlers:
         how = "released" if event.event is evt.EVT_RELEASED else "aborted"
         if how == "aborted":
             _discard_partial(event.assoc)
+        # An association that broke down without an abort leaves its file behind; pynetdicom
+        # gives up on a peer silent for network_timeout_s, so one untouched for twice that
+        # belongs to no association.
+        self.spool.clear_incoming(untouched_for_s=2 * self.scp.network_timeout_s)
         audit.info(
             "association %s peer=%s calling=%s stored=%d refused=%d",
             how,

@@ -136,14 +136,21 @@ class InstanceStore(Journal):
         folder = self.outbox_dir / study_instance_uid
         return folder.is_dir() and any(folder.rglob(f"*-{sop_instance_uid}.dcm"))
 
-    def clear_incoming(self) -> int:
-        """Delete what a previous run left half-received (never acknowledged); returns the count.
+    def clear_incoming(self, untouched_for_s: float = 0.0) -> int:
+        """Delete half-received files (never acknowledged) not written to for `untouched_for_s`.
 
-        Only for the SCP at start-up: while it runs, files there are being received.
+        All of them (0) only when the SCP starts: while it runs, files there are being
+        received, and only one whose association is long gone may go. Returns the count.
         """
         cleared = 0
+        before = time.time() - untouched_for_s
         for leftover in self.incoming_dir.iterdir():
-            leftover.unlink(missing_ok=True)
+            try:
+                if untouched_for_s and leftover.stat().st_mtime > before:
+                    continue
+                leftover.unlink()
+            except FileNotFoundError:  # its association finished with it meanwhile
+                continue
             cleared += 1
         return cleared
 
