@@ -26,6 +26,7 @@ from dicomnode.config import load_routing
 from dicomnode.flow import Code, Finding, ModelIdentity, Prediction, Sample
 from dicomnode.results import ResultsError, write_results
 from dicomnode.routing import Decision, decide, read_header
+from dicomnode.spool import Spool
 from tests.conftest import dciodvfy_errors
 
 SOURCE_FILES = ("RG1_UNCR.dcm", "RG1_UNCI.dcm")
@@ -373,3 +374,16 @@ def test_the_new_outbox_folder_of_a_study_is_synced_to_its_parent(study, tmp_pat
     _write(study, tmp_path / "outbox" / "1.2.3")
 
     assert tmp_path / "outbox" in synced, "the study folder's entry in outbox/"
+
+
+def test_the_spool_knows_results_written_into_its_outbox_by_their_uid(study, tmp_path):
+    # What the SCP checks when a PACS forwards a result back with its Manufacturer rewritten.
+    spool = Spool(tmp_path / "var")
+    sources, _, _ = study
+    study_uid = str(sources[0].StudyInstanceUID)
+    result = _write(study, spool.outbox_dir / study_uid)
+
+    for path in result.paths:
+        assert spool.wrote_result(study_uid, str(pydicom.dcmread(path).SOPInstanceUID)), path.name
+    assert not spool.wrote_result(study_uid, str(sources[0].SOPInstanceUID))
+    spool.close()
