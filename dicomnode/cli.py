@@ -582,25 +582,31 @@ app.add_typer(bench_app, name="bench")
 @bench_app.command("receive")
 def bench_receive(
     file: Annotated[
-        Path | None, typer.Option(help="Instance to send (default: pydicom-data's chest CR RG1_UNCR.dcm).")
+        Path | None,
+        typer.Option(help="Instance to send (default: CT slices, radiographs, 4 associations at once)."),
     ] = None,
-    count: Annotated[int, typer.Option(min=1, help="Instances per run.")] = 50,
+    count: Annotated[int | None, typer.Option(min=1, help="Instances per run (default: 500 and 40).")] = None,
+    associations: Annotated[int, typer.Option(min=1, help="With --file: associations at once.")] = 1,
     rounds: Annotated[int, typer.Option(min=1, help="Runs per receiver; the median counts.")] = 3,
+    memory: Annotated[
+        list[int] | None,
+        typer.Option(help="Instead: peak memory while receiving one instance of this many MB (repeatable)."),
+    ] = None,
 ) -> None:
     """DCMTK storescu -> dicomnode's SCP and spool, against storescu -> DCMTK storescp."""
     from dicomnode.bench import BenchError
+    from dicomnode.bench.receive import Scenario, bench_receive_memory, standard_scenarios
     from dicomnode.bench.receive import bench_receive as run
 
-    if file is None:
-        from pydicom.data import get_testdata_file
-
-        found = get_testdata_file("RG1_UNCR.dcm", download=False)
-        if found is None:
-            typer.echo("no --file given and pydicom-data is not installed", err=True)
-            raise typer.Exit(2)
-        file = Path(found)
     try:
-        run(file, count, rounds, typer.echo)
+        if memory:
+            bench_receive_memory(memory, typer.echo)
+            return
+        if file is None:
+            scenarios = standard_scenarios(count)
+        else:
+            scenarios = [Scenario(file.name, file, count or 50, associations)]
+        run(scenarios, rounds, typer.echo)
     except BenchError as exc:
         typer.echo(f"benchmark failed: {exc}", err=True)
         raise typer.Exit(1) from None

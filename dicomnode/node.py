@@ -126,16 +126,41 @@ class StudyWorker(threading.Thread):
                         self.purge()
                         next_purge = time.monotonic() + PURGE_INTERVAL_S
                     study = self.spool.claim_quiet_study(self.cfg.studies.quiet_period_s)
-                    if study is not None:
-                        started = time.perf_counter()
-                        self.process(study)
-                        self.observe(study.study_instance_uid, time.perf_counter() - started)
-                if study is None:
-                    self.stop_event.wait(self.cfg.studies.poll_interval_s)
             except Exception:  # the loop must outlive any single failure
                 log.exception("study worker: unexpected error")
                 self.stop_event.wait(1.0)
+                continue
+            if study is None:
+                self.stop_event.wait(self.cfg.studies.poll_interval_s)
+                continue
+            with self.heartbeat.step():
+                started = time.perf_counter()
+                try:
+                    self.process(study)
+                except Exception as exc:  # outside the results step: say, a locked journal
+                    log.exception("study %s: unexpected error", uid_tag(study.study_instance_uid))
+                    self._requeue(study, exc)
+                self.observe(study.study_instance_uid, time.perf_counter() - started)
         self.spool.close()
+
+    def _requeue(self, study: StudyRecord, exc: Exception) -> None:
+        """Put a study whose processing broke down back in the queue, as a failure that may pass.
+
+        Left in `processing` it would wait for the next restart. The journal itself may be what
+        failed (locked, say), so this keeps trying until it records the retry or the node stops
+        (then `recover` at the next start puts the study back).
+        """
+        while not self.stop_event.is_set():
+            try:
+                self._retry(study, exc)
+                return
+            except Exception as again:
+                log.warning(
+                    "study %s: cannot record the retry yet (%s)",
+                    uid_tag(study.study_instance_uid),
+                    type(again).__name__,
+                )
+                self.stop_event.wait(1.0)
 
     def purge(self) -> None:
         """Free the disk of studies finished longer ago than `studies.retention_days`."""

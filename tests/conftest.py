@@ -161,10 +161,13 @@ class Orthanc:
         }
 
 
-def start_orthanc(folder: Path, dicom_port: int | None = None, modalities: dict | None = None) -> Orthanc:
+def start_orthanc(
+    folder: Path, dicom_port: int | None = None, modalities: dict | None = None, **settings
+) -> Orthanc:
     """Start Orthanc on free loopback ports with its database under `folder`.
 
     `modalities` is Orthanc's DicomModalities: the nodes it may send to, {name: [AET, host, port]}.
+    `settings` are further Orthanc configuration options (e.g. LuaScripts).
     """
     binary = shutil.which("Orthanc")
     if binary is None:
@@ -186,6 +189,7 @@ def start_orthanc(folder: Path, dicom_port: int | None = None, modalities: dict 
         "Plugins": [],
         "StableAge": 1,
         "DicomModalities": modalities or {},
+        **settings,
     }
     config_path = folder / "orthanc.json"
     config_path.write_text(json.dumps(config))

@@ -21,10 +21,12 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.sr.codedict import codes
 from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
+import dicomnode.durable as durable
 from dicomnode.config import load_routing
 from dicomnode.flow import Code, Finding, ModelIdentity, Prediction, ReportVersion, Sample
 from dicomnode.results import ResultsError, series_description, write_results
 from dicomnode.routing import Decision, decide, read_header
+from dicomnode.spool import Spool
 from tests.conftest import dciodvfy_errors
 
 SOURCE_FILES = ("RG1_UNCR.dcm", "RG1_UNCI.dcm")
@@ -472,3 +474,25 @@ def test_mismatched_inputs_are_refused_naming_the_fault(study, tmp_path):
 def test_results_room_does_not_import_torch():
     code = "import sys, dicomnode.results; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_the_new_outbox_folder_of_a_study_is_synced_to_its_parent(study, tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(durable, "fsync_dir", synced.append)
+
+    _write(study, tmp_path / "outbox" / "1.2.3")
+
+    assert tmp_path / "outbox" in synced, "the study folder's entry in outbox/"
+
+
+def test_the_spool_knows_results_written_into_its_outbox_by_their_uid(study, tmp_path):
+    # What the SCP checks when a PACS forwards a result back with its Manufacturer rewritten.
+    spool = Spool(tmp_path / "var")
+    sources, _, _ = study
+    study_uid = str(sources[0].StudyInstanceUID)
+    result = _write(study, spool.outbox_dir / study_uid)
+
+    for path in result.paths:
+        assert spool.wrote_result(study_uid, str(pydicom.dcmread(path).SOPInstanceUID)), path.name
+    assert not spool.wrote_result(study_uid, str(sources[0].SOPInstanceUID))
+    spool.close()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import dicomnode.spool.instances as instances
 from dicomnode.flow import ObjectReference, ReportVersion
 from dicomnode.privacy import uid_tag
 from dicomnode.spool import Spool, SpoolError, SpoolFull, StudyRecord, is_valid_uid
@@ -799,3 +800,61 @@ def test_of_two_workers_on_one_study_the_fresh_one_finishing_last_is_written_aga
     next_version = _version(3, replaces=stale_report)
     assert spool.finish_study(again, state="done", reports=[next_version])
     assert spool.latest_report(STUDY) == next_version
+
+
+def _received(spool: Spool, content: bytes, folder: Path | None = None) -> Path:
+    """A file as the SCP hands it over: received into incoming/ (or `folder`)."""
+    path = (folder or spool.incoming_dir) / f".received-{time.monotonic_ns()}.dcm"
+    path.write_bytes(content)
+    return path
+
+
+def test_a_received_file_is_moved_into_the_spool_by_a_rename(spool):
+    received = _received(spool, b"instance bytes" * 1000)
+    inode = received.stat().st_ino
+
+    stored = _store(spool, "1.2.3.4.5", content=received)
+
+    assert stored.path.stat().st_ino == inode
+    assert stored.path.read_bytes() == b"instance bytes" * 1000
+    assert not received.exists()
+
+
+def test_a_received_file_is_synced_before_it_takes_its_name_in_the_spool(spool, monkeypatch):
+    events = []
+    monkeypatch.setattr(instances, "fsync_file", lambda path: events.append(("fsync", path)))
+    monkeypatch.setattr(instances, "fsync_dir", lambda path: events.append(("fsync_dir", path)))
+    received = _received(spool, b"instance bytes")
+
+    stored = _store(spool, "1.2.3.4.5", content=received)
+
+    assert events == [("fsync", received), ("fsync_dir", stored.path.parent)]
+
+
+def test_a_received_resend_is_compared_chunk_by_chunk_same_size_different_bytes_replaces(spool, monkeypatch):
+    monkeypatch.setattr(instances, "_COMPARE_CHUNK", 7)  # many chunks, the difference in the last
+    first = bytes(100)
+    _store(spool, "1.2.3.4.5", content=_received(spool, first))
+    spool.finish_study(_claim(spool), state="done")
+
+    same = _received(spool, first)
+    _store(spool, "1.2.3.4.5", content=same)
+    assert spool.study(STUDY).state == "done", "byte-identical: nothing changes"
+    assert same.exists(), "left for the SCP to delete"
+
+    changed = first[:-1] + b"\x01"
+    _store(spool, "1.2.3.4.5", content=_received(spool, changed))
+    assert spool.study(STUDY).state == "receiving"
+    assert spool.instances(STUDY)[0].path.read_bytes() == changed
+
+
+def test_a_file_received_on_another_file_system_is_copied_durably(spool):
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == spool.instances_dir.stat().st_dev:
+        pytest.skip("needs /dev/shm on a file system other than the spool's")
+    received = _received(spool, b"from elsewhere", folder=shm)
+    try:
+        stored = _store(spool, "1.2.3.4.5", content=received)
+        assert stored.path.read_bytes() == b"from elsewhere"
+    finally:
+        received.unlink(missing_ok=True)

@@ -26,7 +26,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from dicomnode.durable import write_durably
+from dicomnode.durable import make_folder_durably, write_durably
 from dicomnode.flow import (
     Aggregation,
     Code,
@@ -127,7 +127,7 @@ def write_results(
         series_description=series_description(IMAGE_DESCRIPTION, number, demo=model.demo),
     )
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder_durably(out_dir)  # synced to its parent: journal rows will point into it
     sr_path = _save(report, out_dir / f"sr-{report.SOPInstanceUID}.dcm")
     sc_path = _save(capture, out_dir / f"sc-{capture.SOPInstanceUID}.dcm")
     version = ReportVersion(

@@ -109,6 +109,9 @@ def is_valid_uid(uid: str) -> bool:
 class Journal:
     """Instance files under `state_dir/spool` and the journal `state_dir/journal.sqlite`.
 
+    `state_dir/incoming` holds instances while they are being received: on the spool's file
+    system, so that storing one is a rename, not a copy.
+
     Safe to use from several threads: each thread gets its own SQLite connection.
     """
 
@@ -116,9 +119,10 @@ class Journal:
         self.state_dir = Path(state_dir)
         self.instances_dir = self.state_dir / "spool"
         self.outbox_dir = self.state_dir / "outbox"
+        self.incoming_dir = self.state_dir / "incoming"
         self.min_free_bytes = min_free_bytes
         self.journal_path = self.state_dir / "journal.sqlite"
-        for folder in (self.state_dir, self.instances_dir, self.outbox_dir):
+        for folder in (self.state_dir, self.instances_dir, self.outbox_dir, self.incoming_dir):
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         # SQLite would create the journal under the umask of whoever opens it first, and gives
         # its -wal and -shm files the journal's own mode: created 0600 here, all three stay
