@@ -1,0 +1,225 @@
+"""Pathology imaging: real VL WSI pyramids become tissue tiles at the target magnification.
+
+The pyramids are written by OrthancWSIDicomizer (TILED_SPARSE, JPEG and JPEG 2000, levels split
+over several instances) and by pydicom (TILED_FULL, and TILED_SPARSE with the glass left out),
+from one seeded slide whose tissue blobs are known, so each test can check the tiles against
+the pixels they were cut from.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.encaps import encapsulate, generate_frames
+
+from dicomnode.flow import InputSpec
+from dicomnode.imaging import pathology
+from dicomnode.imaging.common import ImagingError
+from dicomnode.imaging.pathology import Tiling, otsu_threshold, spread, tile_slide, tissue_mask
+from tests.wsi import GLASS, dicomize, slide_image, tiled_pyramid
+
+SPEC = InputSpec(image_size=224, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+SIDE = 2048
+
+
+@pytest.fixture(scope="module")
+def slide() -> np.ndarray:
+    return slide_image(SIDE, seed=3)
+
+
+@pytest.fixture(scope="module")
+def full_pyramid(slide, tmp_path_factory) -> list[Path]:
+    return tiled_pyramid(slide, tmp_path_factory.mktemp("full"))
+
+
+@pytest.fixture(scope="module")
+def orthanc_pyramid(slide, tmp_path_factory) -> list[Path]:
+    """224-pixel JPEG 2000 frames, so tiles are stored frames; level 0 split over instances."""
+    folder = tmp_path_factory.mktemp("orthanc")
+    return dicomize(slide, folder, tile=224, compression="jpeg2000", max_size_mb=1)
+
+
+def headers(paths: list[Path]) -> dict[str, pydicom.Dataset]:
+    datasets = (pydicom.dcmread(path, stop_before_pixels=True) for path in paths)
+    return {str(ds.SOPInstanceUID): ds for ds in datasets}
+
+
+def shown(sample) -> np.ndarray:
+    """The tile as the model sees it, back in (rows, columns, RGB) [0, 1] (identity statistics)."""
+    return sample.pixels.transpose(1, 2, 0)
+
+
+def expected_tile(slide: np.ndarray, region: tuple[int, int, int, int], level_scale: int = 1) -> np.ndarray:
+    """The region cut from the source image at base resolution, resized to the model input."""
+    col, row, width, height = (value * level_scale for value in region)
+    block = np.full((height, width, 3), GLASS, dtype=np.uint8)
+    part = slide[row : row + height, col : col + width]
+    block[: part.shape[0], : part.shape[1]] = part
+    resized = Image.fromarray(block).resize((SPEC.image_size, SPEC.image_size), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.float32) / 255.0
+
+
+def test_tiles_of_a_tiled_full_pyramid_are_the_tissue_at_20x(slide, full_pyramid):
+    tiles = tile_slide(full_pyramid, SPEC)
+    assert tiles.microns_per_pixel == pytest.approx(0.5)
+    assert tiles.level_size == (SIDE, SIDE)
+    assert 4 <= len(tiles.samples) <= pathology.MAX_TILES
+    truth = tissue_mask(slide)
+    for sample, place in zip(tiles.samples, tiles.places, strict=True):
+        col, row, width, height = place.region
+        assert (width, height) == (224, 224) and col % 224 == 0 and row % 224 == 0
+        assert truth[row : row + height, col : col + width].mean() >= 0.4
+        assert place.tissue >= pathology.MIN_TISSUE
+        assert sample.pixels.shape == (3, 224, 224) and sample.pixels.dtype == np.float32
+        assert np.abs(shown(sample) - expected_tile(slide, place.region)).mean() < 0.03
+    # Frames are 256 pixels, tiles 224: no tile is one stored frame.
+    assert {place.frame for place in tiles.places} == {None}
+    assert {place.sop_instance_uid for place in tiles.places} == {
+        str(pydicom.dcmread(full_pyramid[0], stop_before_pixels=True).SOPInstanceUID)
+    }
+
+
+def test_no_glass_tile_is_kept_and_every_tissue_tile_is(slide, full_pyramid):
+    tiles = tile_slide(full_pyramid, SPEC, Tiling(max_tiles=10_000))
+    kept = {place.region[:2] for place in tiles.places}
+    truth = tissue_mask(slide)
+    for row in range(0, SIDE, 224):
+        for col in range(0, SIDE, 224):
+            share = truth[row : row + 224, col : col + 224].mean()
+            if share > 0.8:
+                assert (col, row) in kept
+            if share < 0.2:
+                assert (col, row) not in kept
+
+
+def test_orthanc_jpeg2000_tiles_name_the_stored_frame_they_are(slide, orthanc_pyramid):
+    tiles = tile_slide(orthanc_pyramid, SPEC, Tiling(max_tiles=10_000))
+    by_uid = headers(orthanc_pyramid)
+    assert len({place.sop_instance_uid for place in tiles.places}) >= 2, "level 0 spans several instances"
+    for sample, place in zip(tiles.samples, tiles.places, strict=True):
+        assert place.frame is not None
+        source = by_uid[place.sop_instance_uid]
+        assert source.TotalPixelMatrixColumns == SIDE
+        position = source.PerFrameFunctionalGroupsSequence[place.frame - 1].PlanePositionSlideSequence[0]
+        assert (
+            position.ColumnPositionInTotalImagePixelMatrix - 1,
+            position.RowPositionInTotalImagePixelMatrix - 1,
+        ) == place.region[:2]
+        assert sample.sop_instance_uid == place.sop_instance_uid
+        # JPEG 2000 here is lossless: the tile is the source's pixels.
+        assert np.abs(shown(sample) - expected_tile(slide, place.region)).mean() < 0.01
+
+
+def test_sparse_pyramid_without_glass_frames_gives_the_tiles_of_the_full_one(tmp_path, slide, full_pyramid):
+    sparse = tiled_pyramid(slide, tmp_path, sparse=True, skip_background=True)
+    assert pydicom.dcmread(sparse[0]).NumberOfFrames < 64, "glass frames were left out"
+    full_tiles, sparse_tiles = tile_slide(full_pyramid, SPEC), tile_slide(sparse, SPEC)
+    assert [p.region for p in sparse_tiles.places] == [p.region for p in full_tiles.places]
+    for a, b in zip(full_tiles.samples, sparse_tiles.samples, strict=True):
+        assert np.abs(a.pixels - b.pixels).mean() < 0.02
+
+
+def test_coarser_target_cuts_tiles_from_the_matching_level(slide, full_pyramid):
+    at_10x = tile_slide(full_pyramid, SPEC, Tiling(microns_per_pixel=1.0))
+    assert at_10x.level_size == (SIDE // 2, SIDE // 2) and at_10x.microns_per_pixel == pytest.approx(1.0)
+    assert {place.region[2] for place in at_10x.places} <= {224, SIDE // 2 - 4 * 224}
+    between = tile_slide(full_pyramid, SPEC, Tiling(microns_per_pixel=0.7))
+    # No level at 0.7 um/px: the 0.5 level is cut in 314-pixel tiles and shrunk, never enlarged.
+    assert between.level_size == (SIDE, SIDE)
+    assert {place.region[2] for place in between.places if place.region[0] + 314 <= SIDE} == {314}
+    place = at_10x.places[0]
+    assert np.abs(shown(at_10x.samples[0]) - expected_tile(slide, place.region, level_scale=2)).mean() < 0.04
+
+
+def test_tile_cap_spreads_over_the_tissue_and_repeats(full_pyramid):
+    every = tile_slide(full_pyramid, SPEC, Tiling(max_tiles=10_000)).places
+    capped = tile_slide(full_pyramid, SPEC, Tiling(max_tiles=5)).places
+    again = tile_slide(full_pyramid, SPEC, Tiling(max_tiles=5)).places
+    assert len(capped) == 5 and capped == again
+    assert capped[0] == every[0] and capped[-1] == every[-1]
+    assert {place.region for place in capped} <= {place.region for place in every}
+
+
+def test_spread_keeps_order_ends_and_bounds():
+    assert spread([3, 5, 8], 10) == [3, 5, 8]
+    assert spread(list(range(100)), 5) == [0, 25, 50, 74, 99]
+    with pytest.raises(ValueError, match="at least 1"):
+        spread([1, 2], 0)
+
+
+def test_otsu_splits_two_populations():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0.05, 0.01, 5000), rng.normal(0.5, 0.05, 2000)]).clip(0, 1)
+    assert 0.1 < otsu_threshold(values) < 0.4
+
+
+def test_thumbnail_built_in_chunks_equals_the_whole_level(monkeypatch, full_pyramid):
+    whole = tile_slide(full_pyramid, SPEC)
+    monkeypatch.setattr(pathology, "CHUNK_SIDE", 96)
+    monkeypatch.setattr(pathology, "THUMBNAIL_SIDE", 200)
+    chunked = tile_slide(full_pyramid, SPEC)
+    assert chunked.thumbnail.shape == (171, 171, 3)
+    reference = np.asarray(Image.fromarray(whole.thumbnail).reduce(3))
+    assert np.abs(chunked.thumbnail.astype(int) - reference.astype(int)).max() <= 1
+
+
+def test_slide_of_glass_only_is_refused(tmp_path):
+    glass = np.full((512, 512, 3), GLASS, dtype=np.uint8)
+    noisy = np.clip(glass + np.random.default_rng(1).normal(0, 4, glass.shape), 0, 255).astype(np.uint8)
+    with pytest.raises(ImagingError, match="no tissue found on the slide"):
+        tile_slide(tiled_pyramid(noisy, tmp_path, levels=2), SPEC)
+
+
+def test_pyramid_without_its_base_level_is_refused(orthanc_pyramid):
+    by_uid = headers(orthanc_pyramid)
+    coarse = [
+        path
+        for path, ds in zip(orthanc_pyramid, by_uid.values(), strict=True)
+        if ds.TotalPixelMatrixColumns < SIDE
+    ]
+    with pytest.raises(ImagingError, match=r"no pyramid level at 0.5 um/px .*base level is missing"):
+        tile_slide(coarse, SPEC)
+
+
+def test_undecodable_frame_names_the_level_and_place(tmp_path, slide):
+    paths = tiled_pyramid(slide, tmp_path)
+    ds = pydicom.dcmread(paths[0])
+    frames = list(generate_frames(ds.PixelData, number_of_frames=ds.NumberOfFrames))
+    ds.PixelData = encapsulate([frame[:100] for frame in frames])
+    ds.save_as(paths[0])
+    expected = r"cannot decode the frames of level 0 at column \d+, row \d+ .*JPEG"
+    with pytest.raises(ImagingError, match=expected):
+        tile_slide(paths, SPEC)
+
+
+def test_instances_that_are_not_whole_slide_are_refused(tmp_path, chest_cr, full_pyramid):
+    with pytest.raises(ImagingError, match="Computed Radiography Image Storage is not a VL Whole Slide"):
+        tile_slide([*full_pyramid, chest_cr], SPEC)
+    text = tmp_path / "note.dcm"
+    text.write_bytes(b"not dicom")
+    with pytest.raises(ImagingError, match="not a DICOM file"):
+        tile_slide([text], SPEC)
+    with pytest.raises(ImagingError, match="no instances"):
+        tile_slide([], SPEC)
+
+
+def test_whole_slide_instances_without_a_volume_level_are_refused(tmp_path, full_pyramid):
+    copies = []
+    for path in full_pyramid:
+        ds = pydicom.dcmread(path)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LABEL", "NONE"]
+        copies.append(tmp_path / path.name)
+        ds.save_as(copies[-1])
+    with pytest.raises(ImagingError, match=r"Image Type \(0008,0008\) VOLUME"):
+        tile_slide(copies, SPEC)
+
+
+def test_converter_output_has_what_the_tests_rely_on(orthanc_pyramid):
+    syntaxes = {str(ds.file_meta.TransferSyntaxUID.name) for ds in map(pydicom.dcmread, orthanc_pyramid)}
+    assert syntaxes == {"JPEG 2000 Image Compression (Lossless Only)"}
+    assert shutil.which("OrthancWSIDicomizer")
