@@ -193,7 +193,8 @@ def infer(
             typer.echo(f"{path}: not classified: {problem}")
         for path, prediction in zip(result.paths, result.predictions, strict=True):
             classified_any = True
-            typer.echo(f"{path}: prompt set {name}")
+            frame = "" if prediction.frame is None else f" frame {prediction.frame}"
+            typer.echo(f"{path}{frame}: prompt set {name}")
             for finding, probability in zip(
                 prompt_sets[name].findings, prediction.probabilities, strict=True
             ):
@@ -212,6 +213,7 @@ def infer(
                     findings=prompt_sets[name].findings,
                     procedure=prompt_sets[name].procedure,
                     model=engine.identity(prompt_sets[name]),
+                    aggregation=prompt_sets[name].aggregation,
                 )
                 for path in written.paths:
                     typer.echo(f"wrote {path}")

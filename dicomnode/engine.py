@@ -204,7 +204,7 @@ class _DeviceWorker(threading.Thread):
             values = rows.cpu().tolist()
             request.future.set_result(
                 [
-                    Prediction(sample.sop_instance_uid, tuple(float(p) for p in row))
+                    Prediction(sample.sop_instance_uid, tuple(float(p) for p in row), sample.frame)
                     for sample, row in zip(request.samples, values, strict=True)
                 ]
             )
@@ -417,7 +417,11 @@ class Engine:
         """
         self.classifier(prompt_set)  # compatibility errors surface here, in the caller's thread
         with self.using(prompt_set):
-            return self.submit(prompt_set, samples).result()
+            # A volume or a slide is queued a batch at a time: host and device buffers stay the
+            # size of a batch, and other studies' images are batched in between.
+            step = self.max_batch
+            futures = [self.submit(prompt_set, samples[i : i + step]) for i in range(0, len(samples), step)]
+            return [prediction for future in futures for prediction in future.result()]
 
     # -- versions --------------------------------------------------------------------------
 

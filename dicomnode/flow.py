@@ -47,18 +47,36 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
+class Region:
+    """A rectangle of a source image in pixels: top-left column and row, then its size.
+
+    For a whole-slide image the coordinates are those of the level's Total Pixel Matrix
+    (PS3.3 C.8.12.4.1.1), so a tile can be found again in any viewer.
+    """
+
+    column: int
+    row: int
+    columns: int
+    rows: int
+
+
+@dataclass(frozen=True)
 class Sample:
-    """One image ready for the backbone, with the instance it came from.
+    """One image ready for the backbone, with the instance (and frame, or region) it came from.
 
     `pixels` is float32, shape (3, image_size, image_size), already normalised with the
     backbone's mean and std. `display` is the same image as uint8 (rows, columns) after the
     viewer's transforms (modality LUT, VOI, MONOCHROME1 inversion), kept for the rendered
-    Secondary Capture.
+    Secondary Capture. A single-frame image gives one sample with `frame` None; a volume gives
+    one per frame (`frame` is the 1-based frame number, PS3.3 C.7.6.6); a slide gives one per
+    tissue tile, with its `region` and the frame it was read from where that is one frame.
     """
 
     sop_instance_uid: str
     pixels: np.ndarray
     display: np.ndarray
+    frame: int | None = None
+    region: Region | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +103,37 @@ class Prediction:
 
     sop_instance_uid: str
     probabilities: tuple[float, ...]
+    frame: int | None = None
+
+
+#: How a study's per-sample probabilities become one per finding (promptset.yaml `aggregate`).
+AGGREGATIONS = ("max", "mean", "top-k")
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """How the probabilities of a study's samples (images, B-scans, tiles) make one per finding.
+
+    `max`: a finding seen on any one sample is a finding of the study (chest views). `mean`:
+    the average over all samples. `top-k`: the mean of the `k` highest, which a single noisy
+    B-scan cannot dominate and a lesion seen on a few scans of a volume still reaches.
+    """
+
+    method: str = "max"
+    k: int = 1
+
+    def combine(self, values: list[float]) -> float:
+        """One value from the samples' probabilities of one finding."""
+        if self.method == "mean":
+            return sum(values) / len(values)
+        if self.method == "top-k":
+            top = sorted(values, reverse=True)[: self.k]
+            return sum(top) / len(top)
+        return max(values)
+
+    def describe(self) -> str:
+        """The rule in words, for the rendered capture."""
+        return {"max": "highest", "mean": "mean", "top-k": f"mean of the {self.k} highest"}[self.method]
 
 
 @dataclass(frozen=True)

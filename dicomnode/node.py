@@ -202,6 +202,7 @@ class StudyWorker(threading.Thread):
             findings=prompt_set.findings,
             procedure=prompt_set.procedure,
             model=self.engine.identity(prompt_set),
+            aggregation=prompt_set.aggregation,
         )
         return result.paths
 

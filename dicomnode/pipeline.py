@@ -10,7 +10,7 @@ module imports no torch, so those processes stay small.
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +29,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class Classified:
-    """What `classify` made of some files: per image its header, sample and prediction."""
+    """What `classify` made of some files: per sample its file, header, sample and prediction.
+
+    A single image gives one sample; a volume one per frame, a slide one per tile, each with
+    its file and header repeated, so the lists stay aligned sample by sample.
+    """
 
     paths: list[Path] = field(default_factory=list)
     sources: list[pydicom.Dataset] = field(default_factory=list)
@@ -45,29 +49,49 @@ def imaging_pool(processes: int) -> Executor | None:
     return ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn"))
 
 
-def prepare_one(domain: str, path: Path, spec: InputSpec) -> tuple[Sample, pydicom.Dataset] | str:
-    """One file's sample and header, or the reason imaging refused it (runs in a worker)."""
+def prepare_unit(
+    domain: str, paths: Sequence[Path], spec: InputSpec, options: Mapping[str, object]
+) -> list[tuple[Path, pydicom.Dataset, Sample]] | str:
+    """One unit's samples, each with its file and header, or why imaging refused it (in a worker)."""
     try:
-        return imaging.prepare(domain, path, spec), read_header(path)
+        samples = imaging.prepare_unit(domain, paths, spec, options)
+        headers = {}
+        for path in paths:
+            header = read_header(path)
+            headers[str(header.SOPInstanceUID)] = path, header
     except imaging.ImagingError as exc:
         return str(exc)
+    return [(*headers[sample.sop_instance_uid], sample) for sample in samples]
 
 
-def prepare(domain: str, paths: Sequence[Path], spec: InputSpec, pool: Executor | None = None) -> Classified:
-    """Samples and headers of the files a domain accepts; the others in `problems` with the reason."""
+def prepare(
+    domain: str,
+    paths: Sequence[Path],
+    spec: InputSpec,
+    pool: Executor | None = None,
+    options: Mapping[str, object] | None = None,
+) -> Classified:
+    """Samples and headers of the files a domain accepts; the others in `problems` with the reason.
+
+    The domain groups the files into units (an instance, or a slide's pyramid) that are prepared
+    together; a unit refused by imaging puts each of its files in `problems`.
+    """
     prepared = Classified()
+    groups = imaging.units(domain, paths)
+    count = len(groups)
+    options = options or {}
     if pool is None:
-        outcomes = [prepare_one(domain, path, spec) for path in paths]
+        outcomes = [prepare_unit(domain, unit, spec, options) for unit in groups]
     else:
-        outcomes = list(pool.map(prepare_one, [domain] * len(paths), paths, [spec] * len(paths)))
-    for path, outcome in zip(paths, outcomes, strict=True):
+        outcomes = list(pool.map(prepare_unit, [domain] * count, groups, [spec] * count, [options] * count))
+    for unit, outcome in zip(groups, outcomes, strict=True):
         if isinstance(outcome, str):
-            prepared.problems[path] = outcome
+            prepared.problems.update(dict.fromkeys(unit, outcome))
             continue
-        sample, source = outcome
-        prepared.paths.append(path)
-        prepared.samples.append(sample)
-        prepared.sources.append(source)
+        for path, source, sample in outcome:
+            prepared.paths.append(path)
+            prepared.sources.append(source)
+            prepared.samples.append(sample)
     return prepared
 
 
@@ -79,7 +103,7 @@ def classify(
     A file imaging refuses is recorded in `problems` with the reason, never raised: one bad
     image must not cost the study its other images.
     """
-    classified = prepare(prompt_set.domain, paths, engine.input_spec, pool)
+    classified = prepare(prompt_set.domain, paths, engine.input_spec, pool, prompt_set.imaging)
     if classified.samples:
         classified.predictions = engine.predict(prompt_set, classified.samples)
     return classified

@@ -15,7 +15,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    ExplicitVRLittleEndian,
+    OphthalmicTomographyImageStorage,
+    generate_uid,
+)
 
 #: How often each finding is present in an image, independently of the others.
 PREVALENCE = 0.4
@@ -281,3 +286,55 @@ def tiles(
         writer.writerow(["path", "label"])
         writer.writerows(rows)
     return folder
+
+
+def oct_volume(
+    frames: int,
+    *,
+    lesion_frames: Sequence[int] = (),
+    size: int = 64,
+    key: str = "oct",
+    study_uid: str | None = None,
+    sop_class: str = OphthalmicTomographyImageStorage,
+    colour: bool = False,
+    seed: int = 0,
+) -> Dataset:
+    """An OCT volume of `frames` B-scans as a DICOM dataset ready to save (explicit VR LE).
+
+    Frames listed in `lesion_frames` (0-based) carry a bright disc, the others only noise, so
+    per-frame outputs differ where the lesion is. `sop_class` Ophthalmic Tomography gives an OPT
+    object (Modality OPT); a Secondary Capture class gives the export of an older device, in
+    RGB when `colour`. A single-frame Secondary Capture has no Number of Frames.
+    """
+    rng = np.random.default_rng(seed)
+    lesions = set(lesion_frames)
+    scans = np.stack([_to_uint8(draw([_disc if i in lesions else None], size, rng)) for i in range(frames)])
+    sop_uid = generate_uid(entropy_srcs=[key, "instance"])
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid or generate_uid(entropy_srcs=[key, "study"])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[key, "series"])
+    ds.PatientID = f"OCT-{key}"
+    ds.PatientName = f"Synthetic^{key}"
+    ds.StudyDate = "20240101"
+    ds.Modality = "OPT"
+    ds.Laterality = "R"
+    ds.ImageLaterality = "R"
+    ds.Rows = ds.Columns = size
+    ds.PixelRepresentation = 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    if frames != 1 or sop_class == OphthalmicTomographyImageStorage:
+        ds.NumberOfFrames = frames
+    if colour:
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        scans = np.repeat(scans[..., np.newaxis], 3, axis=-1)
+    else:
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.PixelData = scans.tobytes()
+    return ds

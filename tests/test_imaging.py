@@ -394,7 +394,9 @@ def test_prepare_gives_the_same_sample_from_jpeg2000_and_uncompressed() -> None:
 def test_registry_prepares_by_prompt_set_domain() -> None:
     sample = imaging.prepare("cxr", shipped_file("RG3_J2KR.dcm"), CLIP_SPEC)
     assert sample.pixels.shape == (3, 224, 224)
-    with pytest.raises(ImagingError, match="no imaging preparer for domain 'oct'"):
+    with pytest.raises(ImagingError, match="no imaging preparer for domain 'ultrasound'"):
+        imaging.prepare("ultrasound", shipped_file("RG3_J2KR.dcm"), CLIP_SPEC)
+    with pytest.raises(ImagingError, match="not Ophthalmic Tomography"):
         imaging.prepare("oct", shipped_file("RG3_J2KR.dcm"), CLIP_SPEC)
 
 

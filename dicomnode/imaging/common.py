@@ -9,11 +9,18 @@ anything away. Domain modules (cxr, ...) choose which instances are acceptable a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import numpy as np
+import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, get_decoder
+from pydicom.uid import UID
 
 from dicomnode.flow import InputSpec, Sample
 from dicomnode.privacy import uid_tag
@@ -38,6 +45,15 @@ class ImagingError(ValueError):
     """
 
 
+def read_dataset(path: Path) -> Dataset:
+    """Parse a stored file; a non-DICOM file is an imaging error, a missing one is not ours."""
+    try:
+        return pydicom.dcmread(path)
+    except InvalidDicomError as exc:
+        # No path in the message: spool paths are made of UIDs, and this text reaches the logs.
+        raise ImagingError("not a DICOM file (no 'DICM' File Meta Information)") from exc
+
+
 def instance_label(ds: Dataset) -> str:
     """How error messages name an instance: its hashed SOP Instance UID, if it has one."""
     uid = ds.get("SOPInstanceUID")
@@ -56,20 +72,46 @@ def require_pixel_data(ds: Dataset) -> None:
         raise ImagingError(f"{kind} has no Pixel Data (7FE0,0010) ({instance_label(ds)})")
 
 
-def display_pixels(ds: Dataset) -> np.ndarray:
-    """The first frame of `ds` as a viewer displays it, float32 in [0, 1].
+def display_pixels(ds: Dataset, index: int = 0) -> np.ndarray:
+    """Frame `index` (0-based) of `ds` as a viewer displays it, float32 in [0, 1].
 
     Returns shape (rows, columns) for grayscale and (rows, columns, 3) RGB for colour.
     Grayscale goes through the Modality LUT (LUT sequence, else rescale slope/intercept), then
     the VOI LUT sequence, else the first window (LINEAR, LINEAR_EXACT or SIGMOID), else a
     min-max stretch of the frame, then MONOCHROME1 is inverted. Enhanced multi-frame objects
-    are read from the first frame's functional groups. Only the first frame of a multi-frame
-    object is decoded: volumes and tiled images need their own per-domain handling. Presentation
-    LUT Shape is not applied separately: for MONOCHROME1 it restates the same inversion.
+    are read from the frame's own functional groups (or the shared ones). Only the frame asked
+    for is decoded, so a volume is read one frame at a time. Presentation LUT Shape is not
+    applied separately: for MONOCHROME1 it restates the same inversion.
     """
-    frame, photometric, bits_stored = _decode_first_frame(ds)
+    frame, meta = _decode_frame(ds, index)
+    return _shown(frame, meta, ds, index)
+
+
+def display_frames(ds: Dataset) -> Iterator[np.ndarray]:
+    """Every frame of `ds` in order, each as `display_pixels` shows it.
+
+    The frames are decoded in one pass over the Pixel Data, so a compressed volume costs no more
+    than its frames, and only one decoded frame is held at a time.
+    """
+    transfer_syntax = _transfer_syntax(ds)
+    frames = get_decoder(transfer_syntax).iter_array(ds)
+    index = 0
+    while True:
+        with _decoding(ds, transfer_syntax):
+            decoded = next(frames, None)
+        if decoded is None:
+            return
+        yield _shown(decoded[0], decoded[1], ds, index)
+        index += 1
+
+
+def _shown(frame: np.ndarray, meta: dict, ds: Dataset, index: int) -> np.ndarray:
+    """A decoded frame through the viewer's pipeline (see `display_pixels`)."""
+    # The decoder may change the photometric interpretation (YBR_FULL, YBR_FULL_422, and the
+    # JPEG 2000 YBR_ICT/YBR_RCT come back as RGB), so the decoded one is used.
+    photometric, bits_stored = str(meta["photometric_interpretation"]), int(meta["bits_stored"])
     if photometric in GRAYSCALE:
-        shown = _voi(_modality_values(frame, ds), ds)
+        shown = _voi(_modality_values(frame, ds, index), ds, index)
         return (1.0 - shown if photometric == "MONOCHROME1" else shown).astype(np.float32)
     if photometric == "RGB":
         return (frame.astype(np.float64) / (2**bits_stored - 1)).astype(np.float32)
@@ -79,7 +121,9 @@ def display_pixels(ds: Dataset) -> np.ndarray:
     raise ImagingError(f"{reason} ({instance_label(ds)})")
 
 
-def to_sample(sop_instance_uid: str, display: np.ndarray, spec: InputSpec) -> Sample:
+def to_sample(
+    sop_instance_uid: str, display: np.ndarray, spec: InputSpec, frame: int | None = None
+) -> Sample:
     """Fit a display image into the backbone's square input, normalised with its statistics.
 
     The whole image is kept: it is resized so its longer side is `spec.image_size` and padded
@@ -100,22 +144,40 @@ def to_sample(sop_instance_uid: str, display: np.ndarray, spec: InputSpec) -> Sa
         sop_instance_uid=sop_instance_uid,
         pixels=np.ascontiguousarray(pixels, dtype=np.float32),
         display=_luminance_uint8(display),
+        frame=frame,
     )
 
 
-def _decode_first_frame(ds: Dataset) -> tuple[np.ndarray, str, int]:
-    """Decode only the first frame; return it with its photometric and bits stored after decoding.
+def frame_count(ds: Dataset) -> int:
+    """Number of Frames (0028,0008), 1 when absent; ImagingError when not a positive number."""
+    value = ds.get("NumberOfFrames")
+    if value is None or value == "":
+        return 1
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = 0
+    if count < 1:
+        reason = f"Number of Frames (0028,0008) is {str(value)!r}: no frame to read"
+        raise ImagingError(f"{reason} ({instance_label(ds)})")
+    return count
 
-    The decoder may change the photometric interpretation (YBR_FULL, YBR_FULL_422, and the
-    JPEG 2000 YBR_ICT/YBR_RCT come back as RGB), so the caller must use the returned one.
-    """
+
+def _transfer_syntax(ds: Dataset) -> UID:
+    """The file's Transfer Syntax UID, after checking there are pixels to decode."""
     require_pixel_data(ds)
     file_meta = getattr(ds, "file_meta", None)
     transfer_syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
     if not transfer_syntax:
         raise ImagingError(f"no Transfer Syntax UID (0002,0010) ({instance_label(ds)})")
+    return transfer_syntax
+
+
+@contextmanager
+def _decoding(ds: Dataset, transfer_syntax: UID) -> Iterator[None]:
+    """Turn a decoder's failure into an ImagingError naming the transfer syntax and instance."""
     try:
-        frame, meta = get_decoder(transfer_syntax).as_array(ds, index=0)
+        yield
     except DECODE_FAILURES as exc:
         # pydicom lists each plugin's refusal on its own line; keep them all, on one line.
         reason = " ".join(line.strip() for line in str(exc).splitlines()) or type(exc).__name__
@@ -123,41 +185,49 @@ def _decode_first_frame(ds: Dataset) -> tuple[np.ndarray, str, int]:
             f"cannot decode Pixel Data in transfer syntax {transfer_syntax.name} "
             f"({transfer_syntax}): {reason} ({instance_label(ds)})"
         ) from exc
-    return frame, str(meta["photometric_interpretation"]), int(meta["bits_stored"])
 
 
-def _frame_item(ds: Dataset, macro_keyword: str) -> Dataset:
-    """Where the first frame's attributes of one functional group macro live.
+def _decode_frame(ds: Dataset, index: int) -> tuple[np.ndarray, dict]:
+    """Decode only frame `index`; return it with the decoder's description of it."""
+    transfer_syntax = _transfer_syntax(ds)
+    with _decoding(ds, transfer_syntax):
+        return get_decoder(transfer_syntax).as_array(ds, index=index)
+
+
+def _frame_item(ds: Dataset, macro_keyword: str, index: int = 0) -> Dataset:
+    """Where frame `index`'s attributes of one functional group macro live.
 
     Enhanced multi-frame objects move Window and Rescale into per-frame or shared functional
     groups (PS3.3 C.7.6.16); classic objects keep them at the top level.
     """
-    for groups_keyword in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
-        groups = ds.get(groups_keyword)
-        if groups and groups[0].get(macro_keyword):
-            return groups[0].get(macro_keyword)[0]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and index < len(per_frame) and per_frame[index].get(macro_keyword):
+        return per_frame[index].get(macro_keyword)[0]
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared and shared[0].get(macro_keyword):
+        return shared[0].get(macro_keyword)[0]
     return ds
 
 
-def _modality_values(frame: np.ndarray, ds: Dataset) -> np.ndarray:
+def _modality_values(frame: np.ndarray, ds: Dataset, index: int = 0) -> np.ndarray:
     """Stored values to modality units (PS3.3 C.11.1): LUT if present, else slope/intercept."""
     if ds.get("ModalityLUTSequence"):
         item = ds.ModalityLUTSequence[0]
         return _lookup(frame, item.LUTDescriptor, _lut_table(item.LUTDescriptor, item.LUTData, ds))
-    item = _frame_item(ds, "PixelValueTransformationSequence")
+    item = _frame_item(ds, "PixelValueTransformationSequence", index)
     slope = _first_number(item.get("RescaleSlope"), default=1.0)
     intercept = _first_number(item.get("RescaleIntercept"), default=0.0)
     return frame.astype(np.float64) * slope + intercept
 
 
-def _voi(values: np.ndarray, ds: Dataset) -> np.ndarray:
+def _voi(values: np.ndarray, ds: Dataset, index: int = 0) -> np.ndarray:
     """Modality values to [0, 1] as the viewer's default VOI (PS3.3 C.11.2).
 
     The VOI LUT sequence wins over a window when both are present, as in pydicom and most
     viewers: it is the modality's own, often non-linear, rendering. Without either, the frame
     is stretched min-max so the model never sees an all-grey image.
     """
-    item = _frame_item(ds, "FrameVOILUTSequence")
+    item = _frame_item(ds, "FrameVOILUTSequence", index)
     if item.get("VOILUTSequence"):
         return _voi_lut(values, item.VOILUTSequence[0], ds)
     window = _first_window(item)

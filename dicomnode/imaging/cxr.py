@@ -7,11 +7,10 @@ multi-frame objects, objects without pixels), with a message that says why.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
 from dicomnode.flow import InputSpec, Sample
 from dicomnode.imaging.common import (
@@ -19,6 +18,7 @@ from dicomnode.imaging.common import (
     ImagingError,
     display_pixels,
     instance_label,
+    read_dataset,
     require_pixel_data,
     to_sample,
 )
@@ -34,18 +34,14 @@ def prepare(path: Path, spec: InputSpec) -> Sample:
     Raises ImagingError if the file is not DICOM or not a single-frame grayscale projection
     image, or if its pixels cannot be decoded.
     """
-    ds = _read(path)
+    ds = read_dataset(path)
     _require_projection_image(ds)
     return to_sample(str(ds.SOPInstanceUID), display_pixels(ds), spec)
 
 
-def _read(path: Path) -> Dataset:
-    """Parse the file; a non-DICOM file is an imaging error, a missing one is not ours."""
-    try:
-        return pydicom.dcmread(path)
-    except InvalidDicomError as exc:
-        # No path in the message: spool paths are made of UIDs, and this text reaches the logs.
-        raise ImagingError("not a DICOM file (no 'DICM' File Meta Information)") from exc
+def prepare_each(paths: Sequence[Path], spec: InputSpec, options: Mapping[str, object]) -> list[Sample]:
+    """One sample per radiograph: the domain's unit is one instance (no options)."""
+    return [prepare(path, spec) for path in paths]
 
 
 def _require_projection_image(ds: Dataset) -> None:

@@ -25,7 +25,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 
 from dicomnode.config import ConfigError, parse_validated, read_bytes
-from dicomnode.flow import Code, Finding
+from dicomnode.flow import AGGREGATIONS, Aggregation, Code, Finding
+from dicomnode.imaging import DOMAINS
 
 PROMPTSET_FILE = "promptset.yaml"
 TENSORS_FILE = "prompts.safetensors"
@@ -138,11 +139,24 @@ class DptSpec(_Strict):
     vision_prompt: bool = True
 
 
+class _Aggregate(_Strict):
+    """How a study's samples (images, B-scans, tiles) make one probability per finding."""
+
+    method: Literal[AGGREGATIONS] = "max"  # type: ignore[valid-type]
+    k: int = Field(default=1, ge=1, le=4096)
+
+    @model_validator(mode="after")
+    def _k_for_top_k(self) -> _Aggregate:
+        if self.k != 1 and self.method != "top-k":
+            raise ValueError(f"k is only used with method 'top-k', not {self.method!r}")
+        return self
+
+
 class _PromptSetFile(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     version: str = Field(min_length=1, max_length=16)
     description: str = ""
-    domain: Literal["cxr"]
+    domain: Literal["cxr", "oct", "pathology"]
     procedure: _Code
     method: Literal["zeroshot", "linear-probe", "vpt", "dpt"]
     task: Literal["multi-label", "multi-class"]
@@ -151,6 +165,9 @@ class _PromptSetFile(_Strict):
     backbone: _BackboneRef | None = None
     vpt: VptSpec | None = None
     dpt: DptSpec | None = None
+    aggregate: _Aggregate = _Aggregate()
+    # Options of the domain's imaging (oct: max_frames; pathology: magnification, tiles...).
+    imaging: dict[str, int | float | str | bool] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -175,6 +192,8 @@ class PromptSet:
     vpt: VptSpec | None = None
     dpt: DptSpec | None = None
     class_descriptions: tuple[tuple[str, ...], ...] = ()
+    aggregation: Aggregation = Aggregation()
+    imaging: dict[str, int | float | str | bool] = field(default_factory=dict, compare=False)
     #: The learned tensors, exactly as hashed; empty for zero-shot sets.
     tensors: dict[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
@@ -220,6 +239,18 @@ def _check_method(path: Path, spec: _PromptSetFile) -> None:
         )
 
 
+def _check_imaging(path: Path, spec: _PromptSetFile) -> None:
+    """Imaging options must be ones the domain reads: a typo must not be ignored silently."""
+    known = DOMAINS[spec.domain].options if spec.domain in DOMAINS else None
+    if known is None:
+        return  # a domain without imaging here fails its studies with that reason
+    for key in spec.imaging:
+        if key not in known:
+            raise PromptSetError(
+                f"{path}: imaging.{key}: not an option of domain {spec.domain!r} (known: {sorted(known)})"
+            )
+
+
 def folder_sha256(folder: Path) -> str:
     """sha256 over the files that define a prompt set, names included, in a fixed order."""
     return _hash(_read_files(Path(folder)))
@@ -239,6 +270,7 @@ def load_prompt_set(folder: Path, *, require_tensors: bool = True) -> PromptSet:
     if spec.name not in (folder.name, folder.parent.name):
         raise PromptSetError(f"{path}: name: {spec.name!r} differs from its folder {folder.name!r}")
     _check_method(path, spec)
+    _check_imaging(path, spec)
     tensors: dict[str, torch.Tensor] = {}
     if TENSORS_FILE in files:
         try:
@@ -275,5 +307,7 @@ def load_prompt_set(folder: Path, *, require_tensors: bool = True) -> PromptSet:
         vpt=spec.vpt,
         dpt=spec.dpt,
         class_descriptions=tuple(c.descriptions for c in spec.classes),
+        aggregation=Aggregation(spec.aggregate.method, spec.aggregate.k),
+        imaging=dict(spec.imaging),
         tensors=tensors,
     )

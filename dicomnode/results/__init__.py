@@ -1,10 +1,11 @@
 """The results room: predictions for one study become a DICOM SR and a Secondary Capture.
 
 `write_results` is the room's only door. It checks that its inputs describe one study
-consistently, decides each finding for the study (highest probability over the images against
-the finding's threshold), builds the SR (`sr.py`) and the SC (`sc.py`) in two new series of
-the source study, and writes both files atomically. Nothing here knows about torch: the
-engine's output arrives as plain `Prediction` values.
+consistently, decides each finding for the study (the samples' probabilities aggregated as the
+prompt set says, against the finding's threshold), builds the SR (`sr.py`) and the SC (`sc.py`)
+in two new series of the source study, and writes both files atomically. A sample is an image,
+a frame of a volume or a tile of a slide; the results name the frames that drove each finding.
+Nothing here knows about torch: the engine's output arrives as plain `Prediction` values.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from PIL import Image
 
 from dicomnode.durable import write_durably
-from dicomnode.flow import Code, Finding, ModelIdentity, Prediction, ResultSet, Sample
+from dicomnode.flow import Aggregation, Code, Finding, ModelIdentity, Prediction, ResultSet, Sample
 from dicomnode.results.sc import build_secondary_capture
 from dicomnode.results.sr import StudyFinding, build_report
 from dicomnode.results.uids import derive_uid
@@ -46,18 +48,22 @@ def write_results(
     findings: Sequence[Finding],
     procedure: Code,
     model: ModelIdentity,
+    aggregation: Aggregation | None = None,
 ) -> ResultSet:
     """Write the study's SR and SC into `out_dir` and return their paths (SR first).
 
-    `sources[i]`, `samples[i]` and `predictions[i]` describe the same instance, and the
-    probabilities of each prediction follow the order of `findings`. Re-running with the same
-    source instances and the same prompt set writes objects with the same UIDs, so a PACS
-    replaces the earlier ones. Raises `ResultsError` naming the attribute or UID at fault.
+    `sources[i]`, `samples[i]` and `predictions[i]` describe the same sample (the header of its
+    instance, repeated for each frame or tile), and the probabilities of each prediction follow
+    the order of `findings`; `aggregation` (default: the maximum) makes one per finding.
+    Re-running with the same source instances and the same prompt set writes objects with the
+    same UIDs, so a PACS replaces the earlier ones. Raises `ResultsError` naming the attribute
+    or UID at fault.
     """
     _check_inputs(sources, samples, predictions, findings)
-    sources = [_with_type2_patient_and_study(ds) for ds in sources]
-    study_findings = _study_findings(findings, predictions)
-    source_uids = [str(ds.SOPInstanceUID) for ds in sources]
+    instances = [_with_type2_patient_and_study(ds) for ds in _distinct(sources)]
+    aggregation = aggregation or Aggregation()
+    study_findings = _study_findings(findings, predictions, aggregation)
+    source_uids = [str(ds.SOPInstanceUID) for ds in instances]
 
     def uid(role: str) -> str:
         return derive_uid(
@@ -68,7 +74,7 @@ def write_results(
 
     description = f"DEMO {SERIES_DESCRIPTION} - no clinical meaning" if model.demo else SERIES_DESCRIPTION
     report = build_report(
-        sources=sources,
+        sources=instances,
         findings=study_findings,
         procedure=procedure,
         model=model,
@@ -77,13 +83,15 @@ def write_results(
         series_number=SR_SERIES_NUMBER,
         series_description=description,
     )
-    shown = _most_salient_image(predictions)
+    shown = _shown_samples(study_findings, samples)
+    frames = [samples[i].frame for i in shown if samples[i].frame is not None]
     capture = build_secondary_capture(
-        source=sources[shown],
-        display=samples[shown].display,
+        source=next(ds for ds in instances if ds.SOPInstanceUID == samples[shown[0]].sop_instance_uid),
+        display=_side_by_side([samples[i] for i in shown]),
         findings=study_findings,
         model=model,
-        image_count=len(sources),
+        basis=f"{aggregation.describe()} over {len(samples)} {'frames' if frames else 'images'}",
+        frames=frames,
         series_instance_uid=uid("sc-series"),
         sop_instance_uid=uid("sc-instance"),
         series_number=SC_SERIES_NUMBER,
@@ -93,7 +101,7 @@ def write_results(
     out_dir.mkdir(parents=True, exist_ok=True)
     sr_path = _save(report, out_dir / f"sr-{report.SOPInstanceUID}.dcm")
     sc_path = _save(capture, out_dir / f"sc-{capture.SOPInstanceUID}.dcm")
-    return ResultSet(study_instance_uid=str(sources[0].StudyInstanceUID), paths=(sr_path, sc_path))
+    return ResultSet(study_instance_uid=str(instances[0].StudyInstanceUID), paths=(sr_path, sc_path))
 
 
 #: Type 2 attributes of the Patient and General Study modules that the results copy from the
@@ -146,57 +154,96 @@ def _check_inputs(
     study_uids = {str(ds.StudyInstanceUID) for ds in sources}
     if len(study_uids) > 1:
         raise ResultsError(f"sources belong to several studies: StudyInstanceUID {sorted(study_uids)}")
-    seen: set[str] = set()
+    seen: set[tuple] = set()
     for ds, sample, prediction in zip(sources, samples, predictions, strict=True):
-        _check_instance(ds, sample, prediction, len(findings), seen)
+        _check_sample(ds, sample, prediction, len(findings), seen)
 
 
-def _check_instance(
+def _check_sample(
     source: pydicom.Dataset,
     sample: Sample,
     prediction: Prediction,
     finding_count: int,
-    seen: set[str],
+    seen: set[tuple],
 ) -> None:
-    """One instance: same SOP Instance UID everywhere, not seen before, usable values."""
+    """One sample: same SOP Instance UID and frame everywhere, not seen before, usable values."""
     uid = str(source.SOPInstanceUID)
-    if uid in seen:
-        raise ResultsError(f"SOPInstanceUID {uid} appears twice among the sources")
-    seen.add(uid)
+    key = (uid, sample.frame, sample.region)
+    where = uid if sample.frame is None else f"{uid} frame {sample.frame}"
+    if key in seen:
+        raise ResultsError(f"SOPInstanceUID {where} appears twice among the samples")
+    seen.add(key)
     if sample.sop_instance_uid != uid or prediction.sop_instance_uid != uid:
         raise ResultsError(
             f"SOPInstanceUID {uid} of the source does not match sample {sample.sop_instance_uid} "
             f"and prediction {prediction.sop_instance_uid}"
         )
+    if prediction.frame != sample.frame:
+        raise ResultsError(f"prediction for SOPInstanceUID {where} is for frame {prediction.frame}")
     if len(prediction.probabilities) != finding_count:
         raise ResultsError(
-            f"prediction for SOPInstanceUID {uid} has {len(prediction.probabilities)} "
+            f"prediction for SOPInstanceUID {where} has {len(prediction.probabilities)} "
             f"probabilities for {finding_count} findings"
         )
     if not all(math.isfinite(p) and 0.0 <= p <= 1.0 for p in prediction.probabilities):
-        raise ResultsError(f"prediction for SOPInstanceUID {uid} has a probability outside [0, 1]")
+        raise ResultsError(f"prediction for SOPInstanceUID {where} has a probability outside [0, 1]")
     display = np.asarray(sample.display)
     if display.ndim != 2 or display.dtype != np.uint8 or 0 in display.shape:
         raise ResultsError(
-            f"sample display for SOPInstanceUID {uid} is {display.dtype} {display.shape}, "
+            f"sample display for SOPInstanceUID {where} is {display.dtype} {display.shape}, "
             "expected a non-empty uint8 rows x columns image"
         )
 
 
-def _study_findings(findings: Sequence[Finding], predictions: Sequence[Prediction]) -> list[StudyFinding]:
-    """Each finding with its highest probability over the study's images.
+def _distinct(sources: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
+    """Each instance once, in the order of its first sample."""
+    return list({str(ds.SOPInstanceUID): ds for ds in reversed(sources)}.values())[::-1]
 
-    The maximum, because a finding seen on any one view of the study is a finding of the study.
+
+#: How many of the highest-scoring samples the results name as a finding's evidence.
+EVIDENCE_SAMPLES = 3
+
+
+def _study_findings(
+    findings: Sequence[Finding], predictions: Sequence[Prediction], aggregation: Aggregation
+) -> list[StudyFinding]:
+    """Each finding with its study probability and the samples that drove it, strongest first."""
+    decided = []
+    for index, finding in enumerate(findings):
+        values = [p.probabilities[index] for p in predictions]
+        ranked = sorted(range(len(values)), key=lambda i: -values[i])[: max(EVIDENCE_SAMPLES, aggregation.k)]
+        evidence = tuple((predictions[i].sop_instance_uid, predictions[i].frame) for i in ranked)
+        decided.append(StudyFinding(finding, aggregation.combine(values), evidence))
+    return decided
+
+
+def _shown_samples(findings: Sequence[StudyFinding], samples: Sequence[Sample]) -> list[int]:
+    """Which samples the capture shows: the evidence of the leading finding.
+
+    The leading finding is the most probable present one, else the most probable. Of single
+    images the capture shows the strongest; of a volume, its strongest frames side by side.
     """
-    return [
-        StudyFinding(finding=finding, probability=max(p.probabilities[index] for p in predictions))
-        for index, finding in enumerate(findings)
-    ]
+    lead = max(findings, key=lambda f: (f.present, f.probability))
+    index = {(s.sop_instance_uid, s.frame): i for i, s in enumerate(samples)}
+    shown = [index[key] for key in lead.evidence if key in index]
+    if samples[shown[0]].frame is None:
+        return shown[:1]
+    return [i for i in shown if samples[i].frame is not None][:EVIDENCE_SAMPLES]
 
 
-def _most_salient_image(predictions: Sequence[Prediction]) -> int:
-    """Index of the image holding the study's single highest probability: the one to show."""
-    return max(range(len(predictions)), key=lambda index: max(predictions[index].probabilities))
+def _side_by_side(samples: Sequence[Sample]) -> np.ndarray:
+    """The samples' display images in a row, each scaled to the height of the first."""
+    if len(samples) == 1:
+        return samples[0].display
+    height = samples[0].display.shape[0]
+    gap = np.zeros((height, max(4, height // 64)), dtype=np.uint8)
+    parts = []
+    for sample in samples:
+        rows, columns = sample.display.shape
+        width = max(1, round(columns * height / rows))
+        resized = Image.fromarray(sample.display).resize((width, height), Image.Resampling.LANCZOS)
+        parts += [np.asarray(resized, dtype=np.uint8), gap]
+    return np.hstack(parts[:-1])
 
 
 def _save(dataset: pydicom.Dataset, path: Path) -> Path:

@@ -52,18 +52,20 @@ def build_secondary_capture(
     display: np.ndarray,
     findings: Sequence[StudyFinding],
     model: ModelIdentity,
-    image_count: int,
+    basis: str,
     series_instance_uid: str,
     sop_instance_uid: str,
     series_number: int,
     series_description: str,
+    frames: Sequence[int] = (),
 ) -> SCImage:
     """An RGB Secondary Capture of `display` annotated with `findings`, in `source`'s study.
 
-    `display` is the source image as a viewer shows it (uint8, rows x columns); `image_count`
-    is how many images the study-level probabilities were taken over, stated in the panel.
+    `display` is the source image as a viewer shows it (uint8, rows x columns), or its `frames`
+    side by side; `basis` says what the study-level probabilities were taken over, stated in the
+    panel ("highest over 2 images").
     """
-    pixels = render_findings(display=display, findings=findings, model=model, image_count=image_count)
+    pixels = render_findings(display=display, findings=findings, model=model, basis=basis)
     capture = SCImage.from_ref_dataset(
         ref_dataset=source,
         pixel_array=pixels,
@@ -89,7 +91,7 @@ def build_secondary_capture(
     _copy_anatomy(source, capture)
     capture.BurnedInAnnotation = "YES"
     capture.DerivationDescription = "Source image with AI findings burned in by dicomnode"
-    capture.SourceImageSequence = [_source_reference(source)]
+    capture.SourceImageSequence = [_source_reference(source, frames)]
     return capture
 
 
@@ -98,7 +100,7 @@ def render_findings(
     display: np.ndarray,
     findings: Sequence[StudyFinding],
     model: ModelIdentity,
-    image_count: int,
+    basis: str,
 ) -> np.ndarray:
     """The annotated capture as an RGB uint8 array (rows, columns, 3)."""
     image = _scaled(display)
@@ -112,7 +114,7 @@ def render_findings(
     draw = ImageDraw.Draw(canvas)
     if model.demo:
         _draw_banner(draw, canvas.width)
-    _draw_panel(draw, (image.width + MARGIN, banner + MARGIN), findings, model, image_count)
+    _draw_panel(draw, (image.width + MARGIN, banner + MARGIN), findings, model, basis)
     return np.asarray(canvas, dtype=np.uint8)
 
 
@@ -143,7 +145,7 @@ def _draw_panel(
     origin: tuple[int, int],
     findings: Sequence[StudyFinding],
     model: ModelIdentity,
-    image_count: int,
+    basis: str,
 ) -> None:
     """Header, one row per finding (name, probability, decision), footer."""
     title = ImageFont.load_default(size=TITLE_SIZE)
@@ -157,7 +159,7 @@ def _draw_panel(
     for line in (
         _fit(f"{model.algorithm_name} {model.algorithm_version}", small, width),
         _fit(f"prompt set {model.prompt_set}", small, width),
-        f"probability: highest over {image_count} image{'s' if image_count != 1 else ''}",
+        _fit(f"probability: {basis}", small, width),
     ):
         draw.text((x, y), line, font=small, fill=GREY)
         y += SMALL_SIZE + 8
@@ -208,9 +210,11 @@ def _copy_anatomy(source: pydicom.Dataset, capture: Dataset) -> None:
         capture.Laterality = None
 
 
-def _source_reference(source: pydicom.Dataset) -> Dataset:
-    """Source Image Sequence item pointing at the image that was rendered."""
+def _source_reference(source: pydicom.Dataset, frames: Sequence[int]) -> Dataset:
+    """Source Image Sequence item pointing at the image, or the frames of it, that were rendered."""
     item = Dataset()
     item.add_new("ReferencedSOPClassUID", VR.UI, source.SOPClassUID)
     item.add_new("ReferencedSOPInstanceUID", VR.UI, source.SOPInstanceUID)
+    if frames:
+        item.add_new("ReferencedFrameNumber", VR.IS, [int(f) for f in frames])
     return item

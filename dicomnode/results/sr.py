@@ -52,6 +52,8 @@ class StudyFinding:
 
     finding: Finding
     probability: float
+    #: The samples that drove the finding, strongest first: (SOP Instance UID, frame or None).
+    evidence: tuple[tuple[str, int | None], ...] = ()
 
     @property
     def present(self) -> bool:
@@ -157,8 +159,27 @@ def _measurement_group(
                 unit=PERCENT,
             )
         ],
-        source_images=[SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources],
+        source_images=_source_images(study_finding, sources),
     )
+
+
+def _source_images(
+    study_finding: StudyFinding, sources: Sequence[pydicom.Dataset]
+) -> list[SourceImageForMeasurementGroup]:
+    """The images a finding was taken from: every single image, and of each volume the frames
+    that drove it (by frame number), so the reader can go straight to those B-scans.
+    """
+    references = []
+    for ds in sources:
+        if "NumberOfFrames" not in ds:
+            references.append(SourceImageForMeasurementGroup.from_source_image(ds))
+            continue
+        uid = str(ds.SOPInstanceUID)
+        # Strongest first, as the evidence is ranked: the first frame named is the one to open.
+        frames = list(dict.fromkeys(f for sop, f in study_finding.evidence if sop == uid and f is not None))
+        if frames:
+            references.append(SourceImageForMeasurementGroup.from_source_image(ds, frames))
+    return references
 
 
 def _algorithm_identification(model: ModelIdentity) -> AlgorithmIdentification:
