@@ -49,6 +49,11 @@ def headers(paths: list[Path]) -> dict[str, pydicom.Dataset]:
     return {str(ds.SOPInstanceUID): ds for ds in datasets}
 
 
+def box(sample) -> tuple[int, int, int, int]:
+    region = sample.region
+    return region.column, region.row, region.columns, region.rows
+
+
 def shown(sample) -> np.ndarray:
     """The tile as the model sees it, back in (rows, columns, RGB) [0, 1] (identity statistics)."""
     return sample.pixels.transpose(1, 2, 0)
@@ -70,23 +75,25 @@ def test_tiles_of_a_tiled_full_pyramid_are_the_tissue_at_20x(slide, full_pyramid
     assert tiles.level_size == (SIDE, SIDE)
     assert 4 <= len(tiles.samples) <= pathology.MAX_TILES
     truth = tissue_mask(slide)
-    for sample, place in zip(tiles.samples, tiles.places, strict=True):
-        col, row, width, height = place.region
+    for sample, tissue in zip(tiles.samples, tiles.tissue, strict=True):
+        col, row, width, height = box(sample)
         assert (width, height) == (224, 224) and col % 224 == 0 and row % 224 == 0
         assert truth[row : row + height, col : col + width].mean() >= 0.4
-        assert place.tissue >= pathology.MIN_TISSUE
+        assert tissue >= pathology.MIN_TISSUE
         assert sample.pixels.shape == (3, 224, 224) and sample.pixels.dtype == np.float32
-        assert np.abs(shown(sample) - expected_tile(slide, place.region)).mean() < 0.03
+        assert np.abs(shown(sample) - expected_tile(slide, box(sample))).mean() < 0.03
+        # Every tile shows the slide's thumbnail, the very same array.
+        assert sample.display is tiles.samples[0].display and sample.display.shape == (512, 512)
     # Frames are 256 pixels, tiles 224: no tile is one stored frame.
-    assert {place.frame for place in tiles.places} == {None}
-    assert {place.sop_instance_uid for place in tiles.places} == {
+    assert {sample.frame for sample in tiles.samples} == {None}
+    assert {sample.sop_instance_uid for sample in tiles.samples} == {
         str(pydicom.dcmread(full_pyramid[0], stop_before_pixels=True).SOPInstanceUID)
     }
 
 
 def test_no_glass_tile_is_kept_and_every_tissue_tile_is(slide, full_pyramid):
     tiles = tile_slide(full_pyramid, SPEC, Tiling(max_tiles=10_000))
-    kept = {place.region[:2] for place in tiles.places}
+    kept = {box(sample)[:2] for sample in tiles.samples}
     truth = tissue_mask(slide)
     for row in range(0, SIDE, 224):
         for col in range(0, SIDE, 224):
@@ -100,26 +107,25 @@ def test_no_glass_tile_is_kept_and_every_tissue_tile_is(slide, full_pyramid):
 def test_orthanc_jpeg2000_tiles_name_the_stored_frame_they_are(slide, orthanc_pyramid):
     tiles = tile_slide(orthanc_pyramid, SPEC, Tiling(max_tiles=10_000))
     by_uid = headers(orthanc_pyramid)
-    assert len({place.sop_instance_uid for place in tiles.places}) >= 2, "level 0 spans several instances"
-    for sample, place in zip(tiles.samples, tiles.places, strict=True):
-        assert place.frame is not None
-        source = by_uid[place.sop_instance_uid]
+    assert len({sample.sop_instance_uid for sample in tiles.samples}) >= 2, "level 0 spans several instances"
+    for sample in tiles.samples:
+        assert sample.frame is not None
+        source = by_uid[sample.sop_instance_uid]
         assert source.TotalPixelMatrixColumns == SIDE
-        position = source.PerFrameFunctionalGroupsSequence[place.frame - 1].PlanePositionSlideSequence[0]
+        position = source.PerFrameFunctionalGroupsSequence[sample.frame - 1].PlanePositionSlideSequence[0]
         assert (
             position.ColumnPositionInTotalImagePixelMatrix - 1,
             position.RowPositionInTotalImagePixelMatrix - 1,
-        ) == place.region[:2]
-        assert sample.sop_instance_uid == place.sop_instance_uid
+        ) == box(sample)[:2]
         # JPEG 2000 here is lossless: the tile is the source's pixels.
-        assert np.abs(shown(sample) - expected_tile(slide, place.region)).mean() < 0.01
+        assert np.abs(shown(sample) - expected_tile(slide, box(sample))).mean() < 0.01
 
 
 def test_sparse_pyramid_without_glass_frames_gives_the_tiles_of_the_full_one(tmp_path, slide, full_pyramid):
     sparse = tiled_pyramid(slide, tmp_path, sparse=True, skip_background=True)
     assert pydicom.dcmread(sparse[0]).NumberOfFrames < 64, "glass frames were left out"
     full_tiles, sparse_tiles = tile_slide(full_pyramid, SPEC), tile_slide(sparse, SPEC)
-    assert [p.region for p in sparse_tiles.places] == [p.region for p in full_tiles.places]
+    assert [s.region for s in sparse_tiles.samples] == [s.region for s in full_tiles.samples]
     for a, b in zip(full_tiles.samples, sparse_tiles.samples, strict=True):
         assert np.abs(a.pixels - b.pixels).mean() < 0.02
 
@@ -127,22 +133,22 @@ def test_sparse_pyramid_without_glass_frames_gives_the_tiles_of_the_full_one(tmp
 def test_coarser_target_cuts_tiles_from_the_matching_level(slide, full_pyramid):
     at_10x = tile_slide(full_pyramid, SPEC, Tiling(microns_per_pixel=1.0))
     assert at_10x.level_size == (SIDE // 2, SIDE // 2) and at_10x.microns_per_pixel == pytest.approx(1.0)
-    assert {place.region[2] for place in at_10x.places} <= {224, SIDE // 2 - 4 * 224}
+    assert {box(sample)[2] for sample in at_10x.samples} <= {224, SIDE // 2 - 4 * 224}
     between = tile_slide(full_pyramid, SPEC, Tiling(microns_per_pixel=0.7))
     # No level at 0.7 um/px: the 0.5 level is cut in 314-pixel tiles and shrunk, never enlarged.
     assert between.level_size == (SIDE, SIDE)
-    assert {place.region[2] for place in between.places if place.region[0] + 314 <= SIDE} == {314}
-    place = at_10x.places[0]
-    assert np.abs(shown(at_10x.samples[0]) - expected_tile(slide, place.region, level_scale=2)).mean() < 0.04
+    assert {box(sample)[2] for sample in between.samples if box(sample)[0] + 314 <= SIDE} == {314}
+    first = at_10x.samples[0]
+    assert np.abs(shown(first) - expected_tile(slide, box(first), level_scale=2)).mean() < 0.04
 
 
 def test_tile_cap_spreads_over_the_tissue_and_repeats(full_pyramid):
-    every = tile_slide(full_pyramid, SPEC, Tiling(max_tiles=10_000)).places
-    capped = tile_slide(full_pyramid, SPEC, Tiling(max_tiles=5)).places
-    again = tile_slide(full_pyramid, SPEC, Tiling(max_tiles=5)).places
+    every = [s.region for s in tile_slide(full_pyramid, SPEC, Tiling(max_tiles=10_000)).samples]
+    capped = [s.region for s in tile_slide(full_pyramid, SPEC, Tiling(max_tiles=5)).samples]
+    again = [s.region for s in tile_slide(full_pyramid, SPEC, Tiling(max_tiles=5)).samples]
     assert len(capped) == 5 and capped == again
     assert capped[0] == every[0] and capped[-1] == every[-1]
-    assert {place.region for place in capped} <= {place.region for place in every}
+    assert set(capped) <= set(every)
 
 
 def test_spread_keeps_order_ends_and_bounds():
@@ -223,3 +229,57 @@ def test_converter_output_has_what_the_tests_rely_on(orthanc_pyramid):
     syntaxes = {str(ds.file_meta.TransferSyntaxUID.name) for ds in map(pydicom.dcmread, orthanc_pyramid)}
     assert syntaxes == {"JPEG 2000 Image Compression (Lossless Only)"}
     assert shutil.which("OrthancWSIDicomizer")
+
+
+def test_domain_groups_a_studys_slides_by_series_and_prepares_each(tmp_path, slide, full_pyramid, chest_cr):
+    from dicomnode import imaging, pipeline
+
+    second = tiled_pyramid(slide_image(1024, seed=5), tmp_path / "second", levels=2)
+    paths = [full_pyramid[2], second[0], chest_cr, full_pyramid[0], second[1], full_pyramid[1]]
+    assert imaging.units("pathology", paths) == [
+        [full_pyramid[2], full_pyramid[0], full_pyramid[1]],
+        [second[0], second[1]],
+        [chest_cr],
+    ]
+    prepared = pipeline.prepare("pathology", paths, SPEC, options={"max_tiles": 3})
+    assert len(prepared.samples) == 3 + len(tile_slide(second, SPEC, Tiling(max_tiles=3)).samples)
+    assert [source.SOPInstanceUID for source in prepared.sources] == [
+        sample.sop_instance_uid for sample in prepared.samples
+    ]
+    assert list(prepared.problems) == [chest_cr]
+    assert "is not a VL Whole Slide Microscopy Image" in prepared.problems[chest_cr]
+
+
+def test_prompt_set_imaging_options_set_the_tiling_and_bad_values_are_named(full_pyramid):
+    from dicomnode import imaging
+
+    at_10x = imaging.prepare_unit("pathology", full_pyramid, SPEC, {"microns_per_pixel": 1.0, "max_tiles": 2})
+    assert len(at_10x) == 2 and all(sample.region.column < SIDE // 2 for sample in at_10x)
+    for options, message in (
+        ({"max_tiles": 0}, "imaging.max_tiles 0 must be at least 1"),
+        ({"min_tissue": 1.5}, "imaging.min_tissue 1.5 must be above 0"),
+        ({"microns_per_pixel": "x"}, "imaging option of the prompt set is not a number"),
+        ({"microns_per_pixel": 0}, "imaging.microns_per_pixel 0.0 is outside"),
+    ):
+        with pytest.raises(ImagingError, match=message):
+            imaging.prepare_unit("pathology", full_pyramid, SPEC, options)
+
+
+def test_shipped_pathology_prompt_set_loads_with_its_eight_coded_classes():
+    from dicomnode.model.promptset import load_prompt_set
+    from tests.conftest import REPO
+
+    prompt_set = load_prompt_set(REPO / "prompts" / "pathology")
+    assert prompt_set.domain == "pathology" and prompt_set.task == "multi-class"
+    assert [finding.name for finding in prompt_set.findings] == [
+        "Tumour",
+        "Stroma",
+        "Complex",
+        "Lymphocytes",
+        "Debris",
+        "Mucosa",
+        "Adipose",
+        "Background",
+    ]
+    assert prompt_set.procedure.value == "252416005"
+    assert len({finding.code.value for finding in prompt_set.findings}) == 8

@@ -74,7 +74,7 @@ def bench_imaging(
         ratio = row.engine_images_per_s / row.samples_per_s
         report(
             f"  {row.input:10s} {row.samples_per_unit:5d} samples/unit  {row.unit_ms:9.1f} ms/unit  "
-            f"{row.samples_per_s:9.1f} samples/s  engine/imaging {ratio:6.1f}x"
+            f"{row.samples_per_s:9.1f} samples/s  engine/imaging {ratio:7.2f}x"
             f"  -> {row.workers_to_feed_engine} workers  ({row.description})"
         )
     return {

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +36,8 @@ from wsidicom.config import Settings, use_settings
 from wsidicom.errors import WsiDicomError, WsiDicomNotFoundError
 from wsidicom.geometry import Point
 
-from dicomnode.flow import InputSpec, Sample
-from dicomnode.imaging.common import ImagingError, to_sample
+from dicomnode.flow import InputSpec, Region, Sample
+from dicomnode.imaging.common import LUMA_WEIGHTS, ImagingError, to_sample
 from dicomnode.privacy import uid_tag
 
 #: 20x: the pixel spacing of the public colorectal tile set (NCT-CRC-HE-100K, 0.5 um/px) and of
@@ -79,36 +79,76 @@ class Tiling:
 
 
 @dataclass(frozen=True)
-class TilePlace:
-    """Where a tile comes from in the slide, for the results to reference it.
-
-    `region` is (column, row, width, height) in the total pixel matrix of the level the tiles
-    were cut from, whose instances all share that matrix; `frame` is the 1-based frame number
-    within `sop_instance_uid` when the tile is exactly one stored frame, else None.
-    """
-
-    sop_instance_uid: str
-    frame: int | None
-    region: tuple[int, int, int, int]
-    tissue: float
-
-
-@dataclass(frozen=True)
 class SlideTiles:
     """A slide's tissue tiles ready for the engine, with what the results need to show them.
 
-    `samples[i]` is the tile at `places[i]`. `thumbnail` is the whole slide, RGB uint8, at
-    `thumbnail_scale` thumbnail pixels per pixel of the tiled level (`level_size`, columns x
-    rows); `tissue_mask` is the mask on the thumbnail's grid.
+    Each sample's `region` is (column, row, columns, rows) in the Total Pixel Matrix of the
+    level the tiles were cut from, which all that level's instances share; its `frame` is the
+    1-based frame number within its instance when the tile is exactly one stored frame, else
+    None; its `display` is the slide's thumbnail (the same array for every tile), on which the
+    Secondary Capture draws the tile scores. `tissue[i]` is the tissue share of tile i.
+    `thumbnail` is the whole slide, RGB uint8, at `thumbnail_scale` thumbnail pixels per pixel
+    of the tiled level (`level_size`, columns x rows); `tissue_mask` is the mask on its grid.
     """
 
     samples: list[Sample]
-    places: list[TilePlace]
+    tissue: list[float]
     level_size: tuple[int, int]
     microns_per_pixel: float
     thumbnail: np.ndarray
     thumbnail_scale: float
     tissue_mask: np.ndarray
+
+
+#: The `imaging:` options of a pathology prompt set, with the Tiling field each sets.
+OPTIONS = frozenset({"microns_per_pixel", "max_tiles", "min_tissue"})
+
+
+def prepare(paths: Sequence[Path], spec: InputSpec, options: Mapping[str, object]) -> list[Sample]:
+    """The tissue tiles of one slide (the instances of one pyramid) as samples.
+
+    Raises ImagingError, naming what is wrong, for the reasons `tile_slide` gives and for an
+    `imaging:` option of the prompt set that is out of range.
+    """
+    return tile_slide(paths, spec, tiling_from(options)).samples
+
+
+def tiling_from(options: Mapping[str, object]) -> Tiling:
+    """The Tiling a prompt set's `imaging:` options ask for; ImagingError naming a bad one."""
+    tiling = Tiling()
+    try:
+        microns = float(str(options.get("microns_per_pixel", tiling.microns_per_pixel)))
+        max_tiles = int(str(options.get("max_tiles", tiling.max_tiles)))
+        min_tissue = float(str(options.get("min_tissue", tiling.min_tissue)))
+    except ValueError as exc:
+        raise ImagingError(f"imaging option of the prompt set is not a number: {exc}") from exc
+    if not 0.05 <= microns <= 50:
+        raise ImagingError(f"imaging.microns_per_pixel {microns} is outside 0.05 to 50 um/px")
+    if max_tiles < 1:
+        raise ImagingError(f"imaging.max_tiles {max_tiles} must be at least 1")
+    if not 0 < min_tissue <= 1:
+        raise ImagingError(f"imaging.min_tissue {min_tissue} must be above 0 and at most 1")
+    return Tiling(microns_per_pixel=microns, max_tiles=max_tiles, min_tissue=min_tissue)
+
+
+def group_by_series(paths: Sequence[Path]) -> list[list[Path]]:
+    """A study's files as units: the VL WSI instances of each series form one slide.
+
+    Anything else stays a unit of its own, so that `prepare` refuses it with its own reason
+    instead of taking a whole slide down with it. Units come in the order of their first file.
+    """
+    units: dict[str, list[Path]] = {}
+    for path in paths:
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+        except InvalidDicomError:
+            header = None
+        if header is not None and header.get("SOPClassUID") == VLWholeSlideMicroscopyImageStorage:
+            key = f"series {header.get('SeriesInstanceUID')}"
+        else:
+            key = f"file {path}"
+        units.setdefault(key, []).append(path)
+    return list(units.values())
 
 
 def tile_slide(paths: Sequence[Path], spec: InputSpec, tiling: Tiling = Tiling()) -> SlideTiles:
@@ -134,16 +174,15 @@ def tile_slide(paths: Sequence[Path], spec: InputSpec, tiling: Tiling = Tiling()
                 f"{tiling.min_tissue:.0%} tissue) ({_series_label(slide)})"
             )
         chosen = spread(kept, tiling.max_tiles)
-        samples, places = [], []
+        # One display for all the slide's tiles: pickled once when the tiles leave a worker.
+        shown = np.rint(np.clip(thumbnail @ LUMA_WEIGHTS, 0, 255)).astype(np.uint8)
+        samples = []
         for index in chosen:
-            region = grid[index]
-            place = _place(level, region, extent, shares[index])
-            pixels = _read_tile(slide, level, region, extent)
-            samples.append(to_sample(place.sop_instance_uid, pixels, spec))
-            places.append(place)
+            sample = _tile_sample(slide, level, grid[index], extent, spec)
+            samples.append(replace(sample, display=shown))
     return SlideTiles(
         samples=samples,
-        places=places,
+        tissue=[shares[index] for index in chosen],
         level_size=level_size,
         microns_per_pixel=_microns(level),
         thumbnail=thumbnail,
@@ -292,20 +331,27 @@ def _tissue_share(mask: np.ndarray, region: tuple[int, int, int, int], scale: fl
     return float(window.mean()) if window.size else 0.0
 
 
-def _place(level, region: tuple[int, int, int, int], extent: int, tissue: float) -> TilePlace:
-    """The instance holding the tile's top-left frame, and that frame's number if it is the tile."""
+def _tile_sample(
+    slide: WsiDicom, level, region: tuple[int, int, int, int], extent: int, spec: InputSpec
+) -> Sample:
+    """The tile at `region` as a sample of the instance holding its top-left frame.
+
+    The sample names that frame when the tile is exactly one stored frame; a TILED_SPARSE level
+    need not store a frame where a tile starts, and such a tile names the level's first instance.
+    """
     instance = level.default_instance
     tile_width, tile_height = level.tile_size.width, level.tile_size.height
     col, row = region[0], region[1]
     tile = Point(col // tile_width, row // tile_height)
     index = instance.image_data.tiles.get_frame_index(tile, instance.default_z, instance.default_path)
     aligned = extent == tile_width == tile_height and col % tile_width == 0 and row % tile_height == 0
+    uid, frame = str(instance.datasets[0].uids.instance), None
     for dataset in instance.datasets:
         if dataset.frame_offset <= index < dataset.frame_offset + dataset.frame_count:
+            uid = str(dataset.uids.instance)
             frame = index - dataset.frame_offset + 1 if aligned else None
-            return TilePlace(str(dataset.uids.instance), frame, region, tissue)
-    # A TILED_SPARSE level need not store a frame where the tile starts (index -1).
-    return TilePlace(str(instance.datasets[0].uids.instance), None, region, tissue)
+    sample = to_sample(uid, _read_tile(slide, level, region, extent), spec, frame=frame)
+    return replace(sample, region=Region(*region))
 
 
 def _read_tile(slide: WsiDicom, level, region: tuple[int, int, int, int], extent: int) -> np.ndarray:
