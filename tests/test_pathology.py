@@ -16,6 +16,7 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.encaps import encapsulate, generate_frames
+from pydicom.sr.codedict import codes
 
 from dicomnode.flow import InputSpec
 from dicomnode.imaging import pathology
@@ -283,3 +284,111 @@ def test_shipped_pathology_prompt_set_loads_with_its_eight_coded_classes():
     ]
     assert prompt_set.procedure.value == "252416005"
     assert len({finding.code.value for finding in prompt_set.findings}) == 8
+
+
+def slide_predictions(samples) -> list:
+    """Tumour probability rising from left to right across the slide, the rest shared evenly."""
+    from dicomnode.flow import Prediction
+
+    predictions = []
+    for sample in samples:
+        tumour = round(sample.region.column / SIDE, 6)
+        rest = (1.0 - tumour) / 7
+        predictions.append(Prediction(sample.sop_instance_uid, (tumour, *[rest] * 7), sample.frame))
+    return predictions
+
+
+def test_slide_results_give_composition_strongest_tiles_and_heat_map(tmp_path, orthanc_pyramid):
+    import highdicom as hd
+
+    from dicomnode import pipeline
+    from dicomnode.flow import ModelIdentity
+    from dicomnode.model.promptset import load_prompt_set
+    from dicomnode.results import write_results
+    from tests.conftest import REPO, dciodvfy_errors
+
+    prompt_set = load_prompt_set(REPO / "prompts" / "pathology")
+    prepared = pipeline.prepare("pathology", orthanc_pyramid, SPEC, options={"max_tiles": 10_000})
+    samples, sources = prepared.samples, prepared.sources
+    predictions = slide_predictions(samples)
+    model = ModelIdentity("dicomnode-pathology", "0.1.0", "pathology", "5" * 64, "ViT-B-16", "a" * 64, False)
+    result = write_results(
+        out_dir=tmp_path,
+        sources=sources,
+        samples=samples,
+        predictions=predictions,
+        findings=prompt_set.findings,
+        procedure=prompt_set.procedure,
+        model=model,
+        aggregation=prompt_set.aggregation,
+    )
+    sr_path, sc_path = result.paths
+    assert dciodvfy_errors(sr_path) == [] and dciodvfy_errors(sc_path) == []
+
+    content = hd.sr.ComprehensiveSR.from_dataset(pydicom.dcmread(sr_path)).content
+    groups = [*content.get_image_measurement_groups(), *content.get_planar_roi_measurement_groups()]
+    by_name = {str(group.tracking_identifier): group for group in groups}
+    tumour = [p.probabilities[0] for p in predictions]
+    tile_mm2 = 224 * 224 * 0.0005**2
+    tumour_tiles = sum(1 for p in predictions if np.argmax(p.probabilities) == 0)
+    certainty = by_name["Tumour"].get_measurements(name=codes.DCM.CertaintyOfFinding)[0]
+    assert float(certainty.value) == pytest.approx(100 * sum(tumour) / len(tumour), abs=1e-3)
+    area = by_name["Tumour"].get_measurements(name=codes.SCT.AreaOfDefinedRegion)[0]
+    assert float(area.value) == pytest.approx(tumour_tiles * tile_mm2, rel=1e-4)
+    assert str(area.unit.value) == "mm2"
+
+    order = sorted(range(len(samples)), key=lambda i: -tumour[i])[:5]
+    for rank, index in enumerate(order, start=1):
+        group = by_name[f"Tumour tile {rank}"]
+        region = group.roi
+        sample = samples[index]
+        corner = (sample.region.column, sample.region.row)
+        assert region.value[0].tolist() == [float(corner[0]), float(corner[1])]
+        assert region.value[2].tolist() == [float(corner[0] + 224), float(corner[1] + 224)]
+        assert region.PixelOriginInterpretation == "VOLUME"
+        reference = region.ContentSequence[0].ReferencedSOPSequence[0]
+        assert reference.ReferencedSOPInstanceUID == sample.sop_instance_uid
+        assert int(reference.ReferencedFrameNumber) == sample.frame
+
+    capture = pydicom.dcmread(sc_path)
+    strongest = samples[order[0]]
+    reference = capture.SourceImageSequence[0]
+    assert (reference.ReferencedSOPInstanceUID, int(reference.ReferencedFrameNumber)) == (
+        strongest.sop_instance_uid,
+        strongest.frame,
+    )
+    pixels = capture.pixel_array.astype(int)
+    assert ((pixels[..., 0] > pixels[..., 2] + 60) & (pixels[..., 1] < 200)).sum() > 100, "warm tiles shown"
+
+    from dicomnode.results import slide as slide_results
+
+    heat = slide_results.heat_map(
+        samples=samples,
+        predictions=predictions,
+        sources=sources,
+        findings=prompt_set.findings,
+        shares=slide_results.composition(samples, predictions, sources),
+    ).astype(int)
+    scale = strongest.display.shape[1] / SIDE
+    coldest = samples[min(range(len(samples)), key=lambda i: tumour[i])]
+    for sample, warm in ((strongest, True), (coldest, False)):
+        row, column = (round((value + 150) * scale) for value in (sample.region.row, sample.region.column))
+        red, _, blue = heat[row, column]
+        assert bool(red > blue + 60) is warm and bool(blue > red + 20) is not warm
+    assert max(heat[3, 3]) - min(heat[3, 3]) < 20, "glass away from the tiles stays grey"
+
+
+def test_study_with_a_bad_slide_fails_that_slide_with_the_reason(tmp_path, full_pyramid, slide):
+    from dicomnode import pipeline
+
+    broken = tiled_pyramid(slide, tmp_path / "broken")
+    ds = pydicom.dcmread(broken[0])
+    frames = list(generate_frames(ds.PixelData, number_of_frames=ds.NumberOfFrames))
+    ds.PixelData = encapsulate([frame[:64] for frame in frames])
+    ds.save_as(broken[0])
+    prepared = pipeline.prepare("pathology", [*broken, *full_pyramid], SPEC)
+    assert {sample.sop_instance_uid for sample in prepared.samples} == {
+        str(pydicom.dcmread(full_pyramid[0], stop_before_pixels=True).SOPInstanceUID)
+    }
+    assert set(prepared.problems) == set(broken)
+    assert all("cannot decode the frames of level 0" in reason for reason in prepared.problems.values())
