@@ -132,7 +132,8 @@ def test_bench_imaging_sets_each_inputs_preparation_rate_beside_the_engine(tmp_p
     assert done.returncode == 0, done.stderr
     document = json.loads(figures.read_text())
     rows = {row["input"]: row for row in document["results"]}
-    assert list(rows) == ["radiograph", "wsi"]
+    assert list(rows) == ["radiograph", "oct", "wsi"]
+    assert rows["oct"]["samples_per_unit"] == 128
     assert rows["radiograph"]["samples_per_unit"] == 1 and "RG1_J2KR.dcm" in rows["radiograph"]["description"]
     assert rows["wsi"]["samples_per_unit"] > 1
     for row in rows.values():

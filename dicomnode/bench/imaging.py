@@ -8,13 +8,15 @@ configured backbone's image tower on its device, measured in the same run at the
 size. The ratio says how many imaging workers one device needs.
 
 The inputs are real encoded files: pydicom-data's JPEG 2000 chest radiograph (1955 x 1841,
-RG1_J2KR.dcm) unless another is given, and a whole-slide pyramid written here (40x base level,
-JPEG tiles, see `dicomnode.bench.slides`) that is tiled at 20x as a pathology prompt set would.
-Nothing is downloaded.
+RG1_J2KR.dcm) unless another is given; an OCT volume written here as devices store one (an
+Ophthalmic Tomography object of 128 B-scans of 496 x 512, JPEG baseline frames); and a whole-slide
+pyramid written here (40x base level, JPEG tiles, see `dicomnode.bench.slides`) that is tiled at
+20x as a pathology prompt set would. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import statistics
 import tempfile
@@ -23,19 +25,27 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEGBaseline8Bit, OphthalmicTomographyImageStorage, generate_uid
 
 from dicomnode.bench import BenchError
 from dicomnode.bench.infer import backbone_autocast, time_calls
 from dicomnode.bench.slides import slide_image, tiled_pyramid
 from dicomnode.flow import InputSpec
-from dicomnode.imaging import ImagingError, cxr, pathology
+from dicomnode.imaging import ImagingError, cxr, oct, pathology
 from dicomnode.model.backbone import Backbone
 
 #: The benchmark slide: 8192 pixels a side at 0.25 um/px (a 2 mm field at 40x), four levels.
 SLIDE_SIDE = 8192
 SLIDE_SPACING_MM = 0.00025
 SLIDE_LEVELS = 4
+#: The benchmark OCT volume: a dense macular cube as a Spectralis stores it.
+OCT_B_SCANS = 128
+OCT_ROWS, OCT_COLUMNS = 496, 512
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,7 @@ def bench_imaging(
     spec = backbone.input_spec
     results = [_radiograph(radiograph, spec, rounds, engine_rate)]
     with tempfile.TemporaryDirectory(prefix="dicomnode-bench-imaging-") as tmp:
+        results.append(_oct(Path(tmp), spec, rounds, engine_rate))
         results.append(_slide(Path(tmp), slide_side, spec, rounds, engine_rate))
     for row in results:
         ratio = row.engine_images_per_s / row.samples_per_s
@@ -106,6 +117,43 @@ def _radiograph(path: Path, spec: InputSpec, rounds: int, engine_rate: float) ->
     except ImagingError as exc:
         raise BenchError(f"the radiograph {path.name} cannot be prepared: {exc}") from exc
     return _result("radiograph", f"{path.name}, chest preparer", 1, seconds, engine_rate)
+
+
+def _oct(folder: Path, spec: InputSpec, rounds: int, engine_rate: float) -> ImagingResult:
+    path = folder / "oct.dcm"
+    oct_volume(OCT_B_SCANS).save_as(path, enforce_file_format=True)
+    seconds = _unit_seconds(lambda: oct.prepare([path], spec, {}), rounds)
+    description = f"{OCT_B_SCANS} B-scans of {OCT_ROWS}x{OCT_COLUMNS}, JPEG baseline, OCT preparer"
+    return _result("oct", description, OCT_B_SCANS, seconds, engine_rate)
+
+
+def oct_volume(b_scans: int, seed: int = 0) -> Dataset:
+    """An Ophthalmic Tomography volume of speckled retinal layers, one JPEG frame per B-scan."""
+    rng = np.random.default_rng(seed)
+    rows = np.arange(OCT_ROWS)[:, np.newaxis]
+    columns = np.arange(OCT_COLUMNS)[np.newaxis, :]
+    frames = []
+    for index in range(b_scans):
+        surface = 150 + 30 * np.sin(columns / 80 + index / 20)
+        depth = rows - surface
+        layers = np.where((depth > 0) & (depth < 200), 90 + 60 * np.cos(depth / 12) ** 2, 10)
+        scan = np.clip(layers * rng.gamma(4.0, 0.25, size=(OCT_ROWS, OCT_COLUMNS)), 0, 255).astype(np.uint8)
+        stream = io.BytesIO()
+        Image.fromarray(scan).save(stream, format="JPEG", quality=90)
+        frames.append(stream.getvalue())
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.SOPClassUID = OphthalmicTomographyImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.PatientID = "OPT", "BENCH"
+    ds.Rows, ds.Columns, ds.NumberOfFrames = OCT_ROWS, OCT_COLUMNS, b_scans
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = encapsulate(frames)
+    ds["PixelData"].VR = "OB"
+    return ds
 
 
 def _slide(folder: Path, side: int, spec: InputSpec, rounds: int, engine_rate: float) -> ImagingResult:
