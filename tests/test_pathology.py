@@ -392,3 +392,31 @@ def test_study_with_a_bad_slide_fails_that_slide_with_the_reason(tmp_path, full_
     }
     assert set(prepared.problems) == set(broken)
     assert all("cannot decode the frames of level 0" in reason for reason in prepared.problems.values())
+
+
+def test_level_missing_a_part_of_its_concatenation_is_refused(orthanc_pyramid):
+    headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in orthanc_pyramid]
+    base = [
+        (int(ds.InConcatenationNumber), path)
+        for ds, path in zip(headers, orthanc_pyramid, strict=True)
+        if ds.TotalPixelMatrixColumns == SIDE
+    ]
+    assert len(base) >= 3, "the converter split the base level"
+    second = dict(base)[2]
+    with pytest.raises(ImagingError, match=r"missing part 2 of the instances it is split over"):
+        tile_slide([path for path in orthanc_pyramid if path != second], SPEC)
+
+
+def test_sparse_level_without_the_frames_of_tissue_is_refused(tmp_path, slide):
+    paths = tiled_pyramid(slide, tmp_path, sparse=True, skip_background=True)
+    ds = pydicom.dcmread(paths[0])
+    frames = list(generate_frames(ds.PixelData, number_of_frames=ds.NumberOfFrames))
+    keep = len(frames) // 3
+    ds.PixelData = encapsulate(frames[:keep])
+    ds.PerFrameFunctionalGroupsSequence = ds.PerFrameFunctionalGroupsSequence[:keep]
+    ds.NumberOfFrames = keep
+    ds.save_as(paths[0])
+    with pytest.raises(
+        ImagingError, match=r"level 0 stores no frame at column \d+, row \d+, where the slide"
+    ):
+        tile_slide(paths, SPEC, Tiling(max_tiles=10_000))

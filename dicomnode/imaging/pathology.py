@@ -29,11 +29,20 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from PIL import Image
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import VLWholeSlideMicroscopyImageStorage
 from wsidicom import WsiDicom
 from wsidicom.config import Settings, use_settings
-from wsidicom.errors import WsiDicomError, WsiDicomNotFoundError
+from wsidicom.errors import (
+    WsiDicomError,
+    WsiDicomFileError,
+    WsiDicomMatchError,
+    WsiDicomNotFoundError,
+    WsiDicomNotSupportedError,
+    WsiDicomOutOfBoundsError,
+    WsiDicomStrictRequirementError,
+)
 from wsidicom.geometry import Point
 
 from dicomnode.flow import InputSpec, Region, Sample
@@ -65,7 +74,20 @@ DECODED_CACHE_BYTES = 32 * 1024 * 1024
 #: What wsidicom and the codecs under it raise for frames they cannot decode: corrupt or
 #: truncated JPEG / JPEG 2000 streams (OSError from Pillow, RuntimeError from openjpeg) and
 #: inconsistent headers.
-DECODE_FAILURES = (OSError, RuntimeError, ValueError, KeyError, IndexError, WsiDicomError)
+DECODE_FAILURES = (
+    OSError,
+    RuntimeError,
+    ValueError,
+    KeyError,
+    IndexError,
+    WsiDicomError,
+    WsiDicomFileError,
+    WsiDicomNotFoundError,
+    WsiDicomOutOfBoundsError,
+    WsiDicomNotSupportedError,
+    WsiDicomMatchError,
+    WsiDicomStrictRequirementError,
+)
 _STREAM_REPR = re.compile(r"<[^<>]* object at 0x[0-9a-fA-F]+>")
 
 
@@ -233,9 +255,15 @@ def spread(indices: Sequence[int], cap: int) -> list[int]:
 
 
 def _require_whole_slide(paths: Sequence[Path]) -> None:
-    """Refuse, naming the instance and its class, any file that is not a VL WSI instance."""
+    """Refuse a file that is not a VL WSI instance, or a level that lacks part of its instances.
+
+    A level split over several instances (a concatenation, PS3.3 C.7.6.16.2.2.4) numbers its
+    parts from 1 and gives each the offset of its first frame; a part that never arrived leaves
+    a gap that no reader reports, and its tiles would be read as empty glass.
+    """
     if not paths:
         raise ImagingError("no instances: a slide needs at least one VL Whole Slide Microscopy instance")
+    parts: dict[str, list[Dataset]] = {}
     for path in paths:
         try:
             header = pydicom.dcmread(path, stop_before_pixels=True)
@@ -250,6 +278,45 @@ def _require_whole_slide(paths: Sequence[Path]) -> None:
                 f"{kind} is not a VL Whole Slide Microscopy Image "
                 f"(instance {uid_tag(str(uid)) if uid else 'without SOP Instance UID'})"
             )
+        if header.get("ConcatenationUID"):
+            parts.setdefault(str(header.ConcatenationUID), []).append(header)
+    for concatenation, headers in parts.items():
+        try:
+            _require_every_part(concatenation, headers)
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, ImagingError):
+                raise
+            raise ImagingError(
+                f"unreadable In-concatenation Number, Frame Offset or Number of Frames: {exc} "
+                f"(concatenation {uid_tag(concatenation)})"
+            ) from exc
+
+
+def _require_every_part(concatenation: str, headers: list[Dataset]) -> None:
+    """ImagingError naming the first missing part of one level's concatenation, if any."""
+    headers = sorted(headers, key=lambda ds: int(ds.get("InConcatenationNumber") or 0))
+    total = headers[0].get("InConcatenationTotalNumber")
+    expected_offset = 0
+    for number, header in enumerate(headers, start=1):
+        found = int(header.get("InConcatenationNumber") or 0)
+        offset = int(header.get("ConcatenationFrameOffsetNumber") or 0)
+        label = f"concatenation {uid_tag(concatenation)}"
+        if found != number:
+            raise ImagingError(
+                f"a pyramid level is missing part {number} of the instances it is split over "
+                f"(In-concatenation Number (0020,9162) {found} follows {number - 1}) ({label})"
+            )
+        if offset != expected_offset:
+            raise ImagingError(
+                f"a pyramid level's part {number} starts at frame offset {offset} but its parts before "
+                f"hold {expected_offset} frames (Concatenation Frame Offset Number (0020,9228)) ({label})"
+            )
+        expected_offset += int(header.get("NumberOfFrames") or 1)
+    if total is not None and len(headers) != int(total):
+        raise ImagingError(
+            f"a pyramid level has {len(headers)} of the {int(total)} instances of its concatenation "
+            f"(In-concatenation Total Number (0020,9163)) (concatenation {uid_tag(concatenation)})"
+        )
 
 
 def _open(paths: Sequence[Path]) -> WsiDicom:
@@ -341,9 +408,20 @@ def _tile_sample(
     """
     instance = level.default_instance
     tile_width, tile_height = level.tile_size.width, level.tile_size.height
-    col, row = region[0], region[1]
-    tile = Point(col // tile_width, row // tile_height)
-    index = instance.image_data.tiles.get_frame_index(tile, instance.default_z, instance.default_path)
+    col, row, width, height = region
+    tiles = instance.image_data.tiles
+    stored = [
+        tiles.get_frame_index(Point(x, y), instance.default_z, instance.default_path)
+        for y in range(row // tile_height, (row + height - 1) // tile_height + 1)
+        for x in range(col // tile_width, (col + width - 1) // tile_width + 1)
+    ]
+    if all(index < 0 for index in stored):
+        # Scanners leave glass out of TILED_SPARSE levels, never tissue the thumbnail shows.
+        raise ImagingError(
+            f"level {level.level} stores no frame at column {col}, row {row}, where the slide shows "
+            "tissue: frames or an instance of the level are missing"
+        )
+    index = stored[0]
     aligned = extent == tile_width == tile_height and col % tile_width == 0 and row % tile_height == 0
     uid, frame = str(instance.datasets[0].uids.instance), None
     for dataset in instance.datasets:
