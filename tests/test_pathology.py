@@ -420,3 +420,18 @@ def test_sparse_level_without_the_frames_of_tissue_is_refused(tmp_path, slide):
         ImagingError, match=r"level 0 stores no frame at column \d+, row \d+, where the slide"
     ):
         tile_slide(paths, SPEC, Tiling(max_tiles=10_000))
+
+
+def test_truncated_instance_is_its_own_unit_and_refused_with_the_reason(tmp_path, full_pyramid):
+    from dicomnode import pipeline
+
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(full_pyramid[1].read_bytes()[:400])
+    paths = [*full_pyramid, truncated]
+    prepared = pipeline.prepare("pathology", paths, SPEC, options={"max_tiles": 2})
+    assert len(prepared.samples) == 2
+    assert list(prepared.problems) == [truncated]
+    # pydicom reads what the header still holds: no SOP Class UID is left to call it a slide.
+    assert prepared.problems[truncated] == (
+        "dataset without SOP Class UID is not a VL Whole Slide Microscopy Image (instance without SOP Instance UID)"
+    )

@@ -5,9 +5,9 @@ levels, each level one or several instances (a concatenation), each instance a g
 laid out TILED_FULL or TILED_SPARSE, JPEG or JPEG 2000. wsidicom reads that layout; this module
 decides what the model is shown:
 
-1. the level whose pixel spacing is the finest needed for the target (0.5 um/px is the 20x of
+1. the coarsest level still at least as fine as the target spacing (0.5 um/px is the 20x of
    most tissue-classification data sets): tiles are cut there and resized to the backbone input,
-   so a tile covers the same tissue whatever the scanner's objective;
+   so a tile covers the same tissue whatever the scanner's objective, and is never enlarged;
 2. a tissue mask from the lowest-resolution level (Otsu on saturation: glass is grey, stained
    tissue is coloured), so background tiles are never decoded at full resolution;
 3. at most `max_tiles` tissue tiles, spread evenly over the tissue when there are more, in the
@@ -49,8 +49,8 @@ from dicomnode.flow import InputSpec, Region, Sample
 from dicomnode.imaging.common import LUMA_WEIGHTS, ImagingError, to_sample
 from dicomnode.privacy import uid_tag
 
-#: 20x: the pixel spacing of the public colorectal tile set (NCT-CRC-HE-100K, 0.5 um/px) and of
-#: most tissue classifiers.
+#: 20x: the pixel spacing of the public colorectal tile sets (Kather 2016 at 0.495 um/px,
+#: NCT-CRC-HE-100K at 0.5) and of most tissue classifiers.
 MICRONS_PER_PIXEL = 0.5
 #: A level up to this much coarser than the target still counts as the target's level: scanners
 #: quote 0.25 or 0.26 um/px for 40x, and a level at 0.52 um/px must not be refused for 0.5.
@@ -71,9 +71,10 @@ CHUNK_SIDE = 2048
 #: several slides prepared in parallel worker processes.
 DECODED_CACHE_BYTES = 32 * 1024 * 1024
 
-#: What wsidicom and the codecs under it raise for frames they cannot decode: corrupt or
-#: truncated JPEG / JPEG 2000 streams (OSError from Pillow, RuntimeError from openjpeg) and
-#: inconsistent headers.
+#: What wsidicom and the codecs under it raise for a pyramid they cannot read: corrupt or
+#: truncated JPEG / JPEG 2000 streams (OSError from Pillow, RuntimeError from openjpeg), frames
+#: or instances that are not there, and headers that contradict each other. All of them mean
+#: "this slide cannot be read", never "try again later".
 DECODE_FAILURES = (
     OSError,
     RuntimeError,
@@ -88,6 +89,8 @@ DECODE_FAILURES = (
     WsiDicomMatchError,
     WsiDicomStrictRequirementError,
 )
+#: What pydicom raises for a header it cannot parse (not DICOM, truncated, garbled elements).
+HEADER_FAILURES = (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError, AttributeError)
 _STREAM_REPR = re.compile(r"<[^<>]* object at 0x[0-9a-fA-F]+>")
 
 
@@ -163,8 +166,8 @@ def group_by_series(paths: Sequence[Path]) -> list[list[Path]]:
     for path in paths:
         try:
             header = pydicom.dcmread(path, stop_before_pixels=True)
-        except InvalidDicomError:
-            header = None
+        except HEADER_FAILURES:
+            header = None  # alone in its unit, `prepare` refuses it with the reason
         if header is not None and header.get("SOPClassUID") == VLWholeSlideMicroscopyImageStorage:
             key = f"series {header.get('SeriesInstanceUID')}"
         else:
@@ -270,6 +273,8 @@ def _require_whole_slide(paths: Sequence[Path]) -> None:
         except InvalidDicomError as exc:
             # No path in the message: spool paths are made of UIDs, and this text reaches the logs.
             raise ImagingError("not a DICOM file (no 'DICM' File Meta Information)") from exc
+        except HEADER_FAILURES as exc:
+            raise ImagingError(f"unreadable DICOM header: {type(exc).__name__}: {exc}") from exc
         sop_class = header.get("SOPClassUID")
         if sop_class != VLWholeSlideMicroscopyImageStorage:
             kind = sop_class.name if sop_class else "dataset without SOP Class UID"
