@@ -433,5 +433,6 @@ def test_truncated_instance_is_its_own_unit_and_refused_with_the_reason(tmp_path
     assert list(prepared.problems) == [truncated]
     # pydicom reads what the header still holds: no SOP Class UID is left to call it a slide.
     assert prepared.problems[truncated] == (
-        "dataset without SOP Class UID is not a VL Whole Slide Microscopy Image (instance without SOP Instance UID)"
+        "dataset without SOP Class UID is not a VL Whole Slide Microscopy Image "
+        "(instance without SOP Instance UID)"
     )
