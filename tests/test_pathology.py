@@ -436,3 +436,18 @@ def test_truncated_instance_is_its_own_unit_and_refused_with_the_reason(tmp_path
         "dataset without SOP Class UID is not a VL Whole Slide Microscopy Image "
         "(instance without SOP Instance UID)"
     )
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["TILED_FULL", "TILED_SPARSE"])
+def test_written_pyramids_are_valid_and_highdicom_reads_the_slide_back(tmp_path, sparse):
+    import highdicom as hd
+
+    from tests.conftest import dciodvfy_errors
+
+    image = slide_image(1024, seed=2)
+    paths = tiled_pyramid(image, tmp_path, levels=2, sparse=sparse)
+    for path in paths:
+        assert dciodvfy_errors(path) == []
+    matrix = hd.imread(str(paths[0])).get_total_pixel_matrix()
+    assert matrix.shape == image.shape
+    assert np.abs(matrix - image.astype(np.float64)).mean() < 8, "JPEG at quality 90 of the same slide"

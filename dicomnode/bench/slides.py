@@ -13,7 +13,7 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageCms
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence as DicomSequence
@@ -21,6 +21,8 @@ from pydicom.uid import JPEGBaseline8Bit, VLWholeSlideMicroscopyImageStorage, ge
 
 #: Glass as a scanner sees it: near white, faintly grey.
 GLASS = (242, 242, 240)
+#: The colour space the frames are in (Optical Path module: required for colour images).
+SRGB_PROFILE = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 #: Eosin-pink stroma and haematoxylin-purple nuclei-rich tissue.
 TISSUE_COLOURS = ((222, 120, 170), (120, 60, 150))
 
@@ -127,11 +129,13 @@ def _level_dataset(
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
     ds.FrameOfReferenceUID = frame_of_reference
+    ds.PositionReferenceIndicator = "SLIDE_CORNER"
     ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Slide^Test", "P-WSI", "", ""
     ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20250101", "120000", "1", ""
     ds.ReferringPhysicianName = ""
     ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "SM", 1, instance_number
-    ds.Manufacturer = "dicomnode tests"
+    ds.Manufacturer, ds.ManufacturerModelName = "Synthetic Slides", "seeded blobs"
+    ds.DeviceSerialNumber, ds.SoftwareVersions = "0", "dicomnode.bench.slides"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
     if not original:
         ds.ImageType = ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"]
@@ -147,10 +151,13 @@ def _level_dataset(
     ds.SpecimenLabelInImage, ds.BurnedInAnnotation, ds.VolumetricProperties = "NO", "NO", "VOLUME"
     ds.FocusMethod, ds.ExtendedDepthOfField = "AUTO", "NO"
     ds.DimensionOrganizationType = "TILED_SPARSE" if sparse else "TILED_FULL"
+    _dimensions(ds)
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "YBR_FULL_422", 0
     ds.Rows = ds.Columns = tile
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     ds.LossyImageCompression, ds.LossyImageCompressionMethod = "01", "ISO_10918_1"
+    ratio = len(frames) * tile * tile * 3 / max(1, sum(len(frame) for frame in frames))
+    ds.LossyImageCompressionRatio = f"{ratio:.2f}"
     ds.NumberOfFrames = len(frames)
     ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = cols, rows
     ds.TotalPixelMatrixFocalPlanes = 1
@@ -164,6 +171,7 @@ def _level_dataset(
     path.OpticalPathIdentifier, path.OpticalPathDescription = "1", "Brightfield"
     path.IlluminationTypeCodeSequence = DicomSequence([_code("111744", "DCM", "Brightfield illumination")])
     path.IlluminationColorCodeSequence = DicomSequence([_code("414298005", "SCT", "Full Spectrum")])
+    path.ICCProfile = SRGB_PROFILE
     ds.OpticalPathSequence = DicomSequence([path])
     ds.NumberOfOpticalPaths = 1
     ds.AcquisitionContextSequence = DicomSequence()
@@ -175,25 +183,49 @@ def _level_dataset(
     optical = Dataset()
     optical.OpticalPathIdentifier = "1"
     shared.OpticalPathIdentificationSequence = DicomSequence([optical])
+    frame_type = Dataset()
+    frame_type.FrameType = list(ds.ImageType)
+    shared.WholeSlideMicroscopyImageFrameTypeSequence = DicomSequence([frame_type])
     ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
     if sparse:
         ds.PerFrameFunctionalGroupsSequence = DicomSequence(
-            [_plane_position(column, row, spacing_mm) for column, row in positions]
+            [_plane_position(column, row, spacing_mm, tile) for column, row in positions]
         )
     ds.PixelData = encapsulate(frames)
     ds["PixelData"].VR = "OB"
     return ds
 
 
-def _plane_position(column: int, row: int, spacing_mm: float) -> Dataset:
-    """Per-frame Plane Position (Slide) of a frame whose top-left pixel is (column, row), 1-based."""
+def _dimensions(ds: Dataset) -> None:
+    """Multi-frame Dimension module: frames indexed by their column and row in the matrix."""
+    organization = generate_uid()
+    item = Dataset()
+    item.DimensionOrganizationUID = organization
+    ds.DimensionOrganizationSequence = DicomSequence([item])
+    indices = []
+    for keyword in ("ColumnPositionInTotalImagePixelMatrix", "RowPositionInTotalImagePixelMatrix"):
+        index = Dataset()
+        index.DimensionOrganizationUID = organization
+        index.DimensionIndexPointer = keyword
+        index.FunctionalGroupPointer = "PlanePositionSlideSequence"
+        indices.append(index)
+    ds.DimensionIndexSequence = DicomSequence(indices)
+
+
+def _plane_position(column: int, row: int, spacing_mm: float, tile: int) -> Dataset:
+    """Per-frame Plane Position (Slide) and Frame Content of a frame whose top-left pixel is
+    (column, row), 1-based; its dimension index values are its tile column and row, 1-based.
+    """
     position = Dataset()
     position.ColumnPositionInTotalImagePixelMatrix = column
     position.RowPositionInTotalImagePixelMatrix = row
     position.XOffsetInSlideCoordinateSystem = 20.0 - (row - 1) * spacing_mm
     position.YOffsetInSlideCoordinateSystem = 40.0 - (column - 1) * spacing_mm
     position.ZOffsetInSlideCoordinateSystem = 0.0
+    content = Dataset()
+    content.DimensionIndexValues = [(column - 1) // tile + 1, (row - 1) // tile + 1]
     item = Dataset()
+    item.FrameContentSequence = DicomSequence([content])
     item.PlanePositionSlideSequence = DicomSequence([position])
     return item
 
