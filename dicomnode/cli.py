@@ -191,10 +191,12 @@ def infer(
         result = classify(engine, prompt_sets[name], paths)
         for path, problem in result.problems.items():
             typer.echo(f"{path}: not classified: {problem}")
-        for path, prediction in zip(result.paths, result.predictions, strict=True):
+        for path, sample, prediction in zip(result.paths, result.samples, result.predictions, strict=True):
             classified_any = True
-            frame = "" if prediction.frame is None else f" frame {prediction.frame}"
-            typer.echo(f"{path}{frame}: prompt set {name}")
+            where = "" if prediction.frame is None else f" frame {prediction.frame}"
+            if sample.region is not None:
+                where += f" tile at column {sample.region.column}, row {sample.region.row}"
+            typer.echo(f"{path}{where}: prompt set {name}")
             for finding, probability in zip(
                 prompt_sets[name].findings, prediction.probabilities, strict=True
             ):

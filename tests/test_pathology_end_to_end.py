@@ -120,3 +120,22 @@ def _regions(sr: pydicom.Dataset) -> list[pydicom.Dataset]:
 
     walk([sr])
     return found
+
+
+def test_infer_names_each_tile_of_a_slide_and_writes_its_results(tmp_path, tiny_architecture):
+    from tests.conftest import free_port, run_cli, write_node_config
+
+    config = write_node_config(tmp_path, tiny_architecture, scp_port=free_port())
+    pyramid = tiled_pyramid(slide_image(1024, seed=21), tmp_path / "slide", levels=2)
+    out = tmp_path / "out"
+
+    done = run_cli(
+        "infer", *map(str, pyramid), "--prompt-set", "pathology", "--config", str(config), "--out", str(out)
+    )
+
+    assert done.returncode == 0, done.stderr
+    tiles = [line for line in done.stdout.splitlines() if ": prompt set pathology" in line]
+    assert tiles and all(" tile at column " in line for line in tiles)
+    written = sorted(out.rglob("*.dcm"))
+    assert [path.name[:3] for path in written] == ["sc-", "sr-"]
+    assert all(dciodvfy_errors(path) == [] for path in written)
