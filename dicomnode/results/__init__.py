@@ -5,6 +5,8 @@ consistently, decides each finding for the study (the samples' probabilities agg
 prompt set says, against the finding's threshold), builds the SR (`sr.py`) and the SC (`sc.py`)
 in two new series of the source study, and writes both files atomically. A sample is an image,
 a frame of a volume or a tile of a slide; the results name the frames that drove each finding.
+Of a slide (`slide.py`) they also give each class's tissue area, outline the strongest tiles of
+the first class in the SR, and show the tiles' scores as a heat map on the slide in the SC.
 Nothing here knows about torch: the engine's output arrives as plain `Prediction` values.
 """
 
