@@ -451,3 +451,18 @@ def test_written_pyramids_are_valid_and_highdicom_reads_the_slide_back(tmp_path,
     matrix = hd.imread(str(paths[0])).get_total_pixel_matrix()
     assert matrix.shape == image.shape
     assert np.abs(matrix - image.astype(np.float64)).mean() < 8, "JPEG at quality 90 of the same slide"
+
+
+def test_a_large_slide_of_one_level_is_read_in_bounded_memory(tmp_path):
+    import tracemalloc
+
+    side = 8192  # one level of 8192 x 8192 RGB: 201 MB decoded at once
+    paths = tiled_pyramid(slide_image(side, seed=4), tmp_path, levels=1)
+    tracemalloc.start()
+    try:
+        tiles = tile_slide(paths, SPEC, Tiling(max_tiles=16))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(tiles.samples) == 16 and tiles.thumbnail.shape == (1024, 1024, 3)
+    assert peak < 100 * 2**20, f"peak {peak / 2**20:.0f} MiB: the level was decoded whole"
