@@ -23,6 +23,37 @@ CalledAE = Annotated[str, typer.Option("--aec", help="The peer's (called) AE tit
 Timeout = Annotated[float, typer.Option("--timeout", help="Network timeout in seconds.")]
 # Checked here: pynetdicom reports an out-of-range port as a traceback in its own thread.
 PeerPort = Annotated[int, typer.Argument(min=1, max=65535, help="The peer's TCP port.")]
+TlsCa = Annotated[
+    Path | None, typer.Option("--tls-ca", help="Speak DICOM TLS; trust these CAs (PEM) for the peer.")
+]
+TlsCertificate = Annotated[Path | None, typer.Option("--tls-cert", help="Our client certificate (PEM).")]
+TlsKey = Annotated[Path | None, typer.Option("--tls-key", help="The key of --tls-cert (PEM, 0600).")]
+
+
+def _peer(host: str, port: int, aec: str, timeout: float, ca: Path | None, certificate, key):
+    """The peer to echo or send to, over DICOM TLS when --tls-ca is given; exit 2 on a bad option."""
+    from pydantic import ValidationError
+
+    from dicomnode.config import DestinationTlsConfig
+    from dicomnode.net.scu import Peer
+    from dicomnode.net.tls import ClientTls
+
+    if ca is None:
+        if certificate is not None or key is not None:
+            typer.echo("--tls-cert and --tls-key need --tls-ca", err=True)
+            raise typer.Exit(2)
+        return Peer(host, port, aec, timeout)
+    try:
+        settings = DestinationTlsConfig(ca_certificates=ca, certificate=certificate, private_key=key)
+        tls = ClientTls(settings, "tls")
+        tls.check()
+    except ValidationError:
+        typer.echo("give both --tls-cert and --tls-key, or neither", err=True)
+        raise typer.Exit(2) from None
+    except ConfigError as exc:
+        typer.echo(f"cannot use TLS: {exc}", err=True)
+        raise typer.Exit(2) from None
+    return Peer(host, port, aec, timeout, tls)
 
 
 def _config(path: Path):
@@ -58,13 +89,17 @@ def echo(
     aet: CallingAE = "DICOMNODE",
     aec: CalledAE = "ANY-SCP",
     timeout: Timeout = 30.0,
+    tls_ca: TlsCa = None,
+    tls_cert: TlsCertificate = None,
+    tls_key: TlsKey = None,
 ) -> None:
     """C-ECHO a DICOM node: exit 0 when it answers success."""
-    from dicomnode.net.scu import AssociationFailed, Peer
+    from dicomnode.net.scu import AssociationFailed
     from dicomnode.net.scu import echo as c_echo
 
+    peer = _peer(host, port, aec, timeout, tls_ca, tls_cert, tls_key)
     try:
-        status = c_echo(Peer(host, port, aec, timeout), calling_ae=aet)
+        status = c_echo(peer, calling_ae=aet)
     except AssociationFailed as exc:
         typer.echo(f"echo failed: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -83,11 +118,16 @@ def send(
     aet: CallingAE = "DICOMNODE",
     aec: CalledAE = "ANY-SCP",
     timeout: Timeout = 30.0,
+    tls_ca: TlsCa = None,
+    tls_cert: TlsCertificate = None,
+    tls_key: TlsKey = None,
 ) -> None:
     """C-STORE files (folders are walked) to a DICOM node; exit 1 if any was refused."""
     from pydicom.errors import InvalidDicomError
 
-    from dicomnode.net.scu import AssociationFailed, Peer, store
+    from dicomnode.net.scu import AssociationFailed, store
+
+    peer = _peer(host, port, aec, timeout, tls_ca, tls_cert, tls_key)
 
     paths = [
         p for f in files for p in (sorted(x for x in f.rglob("*") if x.is_file()) if f.is_dir() else [f])
@@ -96,7 +136,7 @@ def send(
         typer.echo("no files to send", err=True)
         raise typer.Exit(2)
     try:
-        outcomes = store(Peer(host, port, aec, timeout), paths, calling_ae=aet)
+        outcomes = store(peer, paths, calling_ae=aet)
     except AssociationFailed as exc:  # first: it is a ConnectionError, hence an OSError
         typer.echo(f"send failed: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -259,12 +299,23 @@ def status(
 def requeue(
     config: ConfigOption = DEFAULT_CONFIG,
     destination: Annotated[str | None, typer.Option(help="Only deliveries to this destination.")] = None,
+    studies: Annotated[
+        bool, typer.Option("--studies", help="Requeue failed studies instead of dead deliveries.")
+    ] = False,
 ) -> None:
-    """Put dead-letter deliveries back in the queue, e.g. after fixing a destination."""
+    """Put dead-letter deliveries back in the queue, e.g. after fixing a destination.
+
+    With --studies, put failed studies back instead, e.g. after fixing what made them fail:
+    the running node processes them again.
+    """
+    from dicomnode.privacy import uid_tag
     from dicomnode.spool import Spool
 
     cfg = _config(config)
     known = {d.name for d in cfg.destinations}
+    if studies and destination is not None:
+        typer.echo("--studies requeues studies, --destination deliveries: give one of them", err=True)
+        raise typer.Exit(2)
     if destination is not None and destination not in known:
         typer.echo(
             f"no destination {destination!r} in {config} (known: {', '.join(sorted(known))})", err=True
@@ -273,23 +324,70 @@ def requeue(
     if not (cfg.state_dir / "journal.sqlite").exists():
         typer.echo(f"no journal in {cfg.state_dir}: the node has not run yet")
         raise typer.Exit(0)
-    count = Spool(cfg.state_dir).requeue_dead(destination)
-    typer.echo(f"{count} dead deliveries requeued")
+    spool = Spool(cfg.state_dir)
+    if not studies:
+        count = spool.requeue_dead(destination)
+        typer.echo(f"{count} dead deliveries requeued")
+        return
+    requeued = spool.requeue_failed()
+    typer.echo(f"{len(requeued)} failed studies requeued")
+    for study in requeued:
+        typer.echo(f"  study {uid_tag(study)}")
+
+
+@app.command()
+def reprocess(
+    study_instance_uids: Annotated[list[str], typer.Argument(help="Study Instance UIDs to process again.")],
+    config: ConfigOption = DEFAULT_CONFIG,
+) -> None:
+    """Process studies again with the prompt sets served now (the node may be running).
+
+    For a study that finished, failed or was ignored: after a prompt-set upgrade, or once the
+    cause of a failure is fixed. Results from other inputs or another model supersede the
+    report the PACS holds; the same inputs and model send the same report again. Studies are
+    named in the output by hashed UID only. Exits 1 if a study is not in the journal.
+    """
+    from dicomnode.privacy import uid_tag
+    from dicomnode.spool import Spool, is_valid_uid
+
+    for index, uid in enumerate(study_instance_uids, start=1):
+        if not is_valid_uid(uid):
+            typer.echo(f"argument {index} is not a valid Study Instance UID (digits and dots)", err=True)
+            raise typer.Exit(2)
+    cfg = _config(config)
+    if not (cfg.state_dir / "journal.sqlite").exists():
+        typer.echo(f"no journal in {cfg.state_dir}: the node has not run yet", err=True)
+        raise typer.Exit(1)
+    spool = Spool(cfg.state_dir)
+    missing = False
+    for uid in study_instance_uids:
+        previous = spool.reprocess(uid)
+        if previous is None:
+            missing = True
+            typer.echo(f"study {uid_tag(uid)}: not in the journal (never received, or purged)", err=True)
+        elif previous == "receiving":
+            typer.echo(f"study {uid_tag(uid)}: already waiting to be processed")
+        else:
+            typer.echo(f"study {uid_tag(uid)}: was {previous}, queued to be processed again")
+    raise typer.Exit(1 if missing else 0)
 
 
 @app.command("config")
 def check_config(config: ConfigOption = DEFAULT_CONFIG) -> None:
     """Validate dicomnode.yaml, routing.yaml and the prompt sets the rules name, on the backbone.
 
-    Prints each served prompt set with its method and how many parameters it learned.
+    Prints each served prompt set with its method and how many parameters it learned, and
+    each side that speaks DICOM TLS once its certificates and keys were loaded.
     """
     from dicomnode.engine import Engine, EngineError
     from dicomnode.model.backbone import BackboneError, load_backbone
     from dicomnode.model.classifier import describe
     from dicomnode.model.promptset import PromptSetError, load_prompt_set
+    from dicomnode.net.tls import check_tls
 
     cfg = _config(config)
     try:
+        tls = check_tls(cfg)
         routing = load_routing(cfg.routing)
         names = dict.fromkeys(rule.prompt_set for rule in routing.rules if rule.prompt_set is not None)
         prompt_sets = [load_prompt_set(cfg.prompts_dir / name) for name in names]
@@ -303,6 +401,8 @@ def check_config(config: ConfigOption = DEFAULT_CONFIG) -> None:
     typer.echo(f"{config}: valid; {len(routing.rules)} routing rules; model {cfg.model.architecture}{demo}")
     for line in describe(classifiers):
         typer.echo(f"  prompt set {line}")
+    for line in tls:
+        typer.echo(f"  {line}")
 
 
 @app.command("train")
@@ -484,25 +584,31 @@ app.add_typer(bench_app, name="bench")
 @bench_app.command("receive")
 def bench_receive(
     file: Annotated[
-        Path | None, typer.Option(help="Instance to send (default: pydicom-data's chest CR RG1_UNCR.dcm).")
+        Path | None,
+        typer.Option(help="Instance to send (default: CT slices, radiographs, 4 associations at once)."),
     ] = None,
-    count: Annotated[int, typer.Option(min=1, help="Instances per run.")] = 50,
+    count: Annotated[int | None, typer.Option(min=1, help="Instances per run (default: 500 and 40).")] = None,
+    associations: Annotated[int, typer.Option(min=1, help="With --file: associations at once.")] = 1,
     rounds: Annotated[int, typer.Option(min=1, help="Runs per receiver; the median counts.")] = 3,
+    memory: Annotated[
+        list[int] | None,
+        typer.Option(help="Instead: peak memory while receiving one instance of this many MB (repeatable)."),
+    ] = None,
 ) -> None:
     """DCMTK storescu -> dicomnode's SCP and spool, against storescu -> DCMTK storescp."""
     from dicomnode.bench import BenchError
+    from dicomnode.bench.receive import Scenario, bench_receive_memory, standard_scenarios
     from dicomnode.bench.receive import bench_receive as run
 
-    if file is None:
-        from pydicom.data import get_testdata_file
-
-        found = get_testdata_file("RG1_UNCR.dcm", download=False)
-        if found is None:
-            typer.echo("no --file given and pydicom-data is not installed", err=True)
-            raise typer.Exit(2)
-        file = Path(found)
     try:
-        run(file, count, rounds, typer.echo)
+        if memory:
+            bench_receive_memory(memory, typer.echo)
+            return
+        if file is None:
+            scenarios = standard_scenarios(count)
+        else:
+            scenarios = [Scenario(file.name, file, count or 50, associations)]
+        run(scenarios, rounds, typer.echo)
     except BenchError as exc:
         typer.echo(f"benchmark failed: {exc}", err=True)
         raise typer.Exit(1) from None

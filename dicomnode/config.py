@@ -8,6 +8,7 @@ same configuration the same way.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -15,6 +16,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -33,6 +35,22 @@ AETitle = Annotated[
     ),
 ]
 Port = Annotated[int, Field(strict=True, ge=1, le=65535)]
+TlsVersion = Literal["TLSv1.2", "TLSv1.3"]
+
+
+def _network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    # ipaddress says what is wrong ("has host bits set", "does not appear to be ..."); pydantic's
+    # own network type only says "not a valid network". Host names are refused: a name is
+    # resolved by whoever controls DNS, an address is what the connection came from.
+    if not isinstance(value, str):
+        raise ValueError(f"give an address or network as text, e.g. 10.1.2.0/24, not {value!r}")
+    try:
+        return ipaddress.ip_network(value)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (give an IP address or network such as 10.1.2.0/24)") from None
+
+
+Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network)]
 
 
 class ConfigError(ValueError):
@@ -43,19 +61,70 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ScpTlsConfig(_Strict):
+    """DICOM TLS on the SCP: our certificate and key, and the CAs whose client certificates we
+    require (when `ca_certificates` is set, a peer without such a certificate is refused)."""
+
+    certificate: Path
+    private_key: Path
+    ca_certificates: Path | None = None
+    min_version: TlsVersion = "TLSv1.2"
+
+
+class DestinationTlsConfig(_Strict):
+    """DICOM TLS towards a destination: the CAs that may sign its certificate (the system's
+    trust store when not set), and our client certificate and key when it asks for one."""
+
+    ca_certificates: Path | None = None
+    certificate: Path | None = None
+    private_key: Path | None = None
+    verify_hostname: bool = True
+    min_version: TlsVersion = "TLSv1.2"
+
+    @model_validator(mode="after")
+    def _certificate_with_key(self) -> DestinationTlsConfig:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("give both certificate and private_key, or neither")
+        return self
+
+
 class ScpConfig(_Strict):
-    """The Storage SCP that the PACS forwards studies to."""
+    """The Storage SCP that the PACS forwards studies to.
+
+    Access: with neither `allowed_calling_aes` nor `allowed_peers`, any calling AE title is
+    accepted; otherwise only those listed, an AE of `allowed_peers` only from its addresses.
+    """
 
     host: str = "0.0.0.0"
     port: Port = 11112
     ae_title: AETitle = "DICOMNODE"
     allowed_calling_aes: tuple[AETitle, ...] = ()
+    allowed_peers: dict[AETitle, tuple[Network, ...]] = Field(default_factory=dict)
+    tls: ScpTlsConfig | None = None
     require_called_ae: bool = True
     max_associations: int = Field(default=10, ge=1, le=1000)
     min_free_mb: int = Field(default=500, ge=0)
     acse_timeout_s: float = Field(default=30.0, gt=0)
     dimse_timeout_s: float = Field(default=60.0, gt=0)
     network_timeout_s: float = Field(default=60.0, gt=0)
+
+    @field_validator("allowed_peers")
+    @classmethod
+    def _each_peer_has_an_address(cls, value: dict[str, tuple]) -> dict[str, tuple]:
+        empty = sorted(ae for ae, networks in value.items() if not networks)
+        if empty:
+            raise ValueError(f"no address listed for {', '.join(empty)}: an empty list would refuse it")
+        return value
+
+    @model_validator(mode="after")
+    def _one_list_per_ae(self) -> ScpConfig:
+        both = sorted(set(self.allowed_calling_aes) & set(self.allowed_peers))
+        if both:
+            raise ValueError(
+                f"{', '.join(both)} in both allowed_calling_aes (any address) and allowed_peers"
+                " (listed addresses only): keep each AE title in one of them"
+            )
+        return self
 
 
 class StudiesConfig(_Strict):
@@ -94,16 +163,49 @@ class ModelConfig(_Strict):
 
 
 class DestinationConfig(_Strict):
-    """A DICOM node that receives the results by C-STORE."""
+    """A DICOM node that receives the results by C-STORE.
+
+    A destination that cannot be reached (or is out of resources) is retried, backing off from
+    `backoff_s` to `max_backoff_s`, for `retry_for_hours` after the first failure (three days by
+    default: a PACS down over a weekend gets its results on Monday), and also at most
+    `max_attempts` times when that is set. An object the destination refuses goes to the dead
+    letter at once.
+    """
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     host: str = Field(min_length=1)
     port: Port
     ae_title: AETitle
-    max_attempts: int = Field(default=10, ge=1)
+    retry_for_hours: float = Field(default=72.0, gt=0)
+    max_attempts: int | None = Field(default=None, ge=1)
     backoff_s: float = Field(default=5.0, gt=0)
     max_backoff_s: float = Field(default=600.0, gt=0)
     timeout_s: float = Field(default=30.0, gt=0)
+    tls: DestinationTlsConfig | None = None
+
+
+class MetricsConfig(_Strict):
+    """The Prometheus endpoint: /metrics for the scraper, /healthz for probes and load balancers.
+
+    Loopback by default: the counters describe the node's work, and only the local Prometheus
+    (or an SSH tunnel) should read them.
+    """
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = 9464
+
+
+class AlertsConfig(_Strict):
+    """When a condition raises its metric and a WARNING or ERROR log line.
+
+    A destination that accepted no delivery for `unreachable_after_s`, and a stage whose current
+    step has lasted `stuck_after_s` (an idle stage is never stuck): the latter also fails
+    /healthz and withholds the systemd watchdog's pings, so systemd restarts the node.
+    """
+
+    unreachable_after_s: float = Field(default=600.0, gt=0)
+    stuck_after_s: float = Field(default=900.0, gt=0)
 
 
 class NodeConfig(_Strict):
@@ -118,6 +220,8 @@ class NodeConfig(_Strict):
     studies: StudiesConfig = StudiesConfig()
     model: ModelConfig = ModelConfig()
     destinations: tuple[DestinationConfig, ...] = ()
+    metrics: MetricsConfig = MetricsConfig()
+    alerts: AlertsConfig = AlertsConfig()
     # A prompt set serves its newest valid learned version (prompts/<name>/<version>/) unless
     # pinned here to one version folder, e.g. {cxr: 20261125-101500}.
     prompt_set_versions: dict[str, Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")]] = Field(
@@ -301,8 +405,24 @@ def load_config(path: Path) -> NodeConfig:
             "prompts_dir": _resolve(base, cfg.prompts_dir),
             "routing": _resolve(base, cfg.routing),
             "model": model,
+            "scp": cfg.scp.model_copy(update={"tls": _resolve_files(base, cfg.scp.tls)}),
+            "destinations": tuple(
+                d.model_copy(update={"tls": _resolve_files(base, d.tls)}) for d in cfg.destinations
+            ),
         }
     )
+
+
+TlsSettings = TypeVar("TlsSettings", ScpTlsConfig, DestinationTlsConfig)
+
+
+def _resolve_files(base: Path, tls: TlsSettings | None) -> TlsSettings | None:
+    """TLS file paths made absolute; whether the files are usable is net.tls's check, made only
+    where they are used (`serve`, `dicomnode config`): `status` needs no key to read."""
+    if tls is None:
+        return None
+    keys = ("certificate", "private_key", "ca_certificates")
+    return tls.model_copy(update={key: _resolve(base, getattr(tls, key)) for key in keys})
 
 
 def load_routing(path: Path) -> RoutingConfig:

@@ -22,9 +22,35 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_folder_durably(path: Path) -> Path:
+    """Create folder `path` (and missing parents, 0700) so that each new entry survives a power loss.
+
+    A folder whose creation was not synced to its parent can vanish after a crash, taking
+    durable files with it while the journal still points at them.
+    """
+    missing = []
+    folder = Path(path)
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
+        fsync_dir(folder.parent)
+    return path
+
+
+def fsync_file(path: Path) -> None:
+    """Put the data of a file that someone else wrote on disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_durably(path: Path, write: Callable[[BinaryIO], object]) -> Path:
     """Atomically replace `path` with what `write` puts into the open file it is given."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_folder_durably(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".incoming-", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as handle:

@@ -23,7 +23,7 @@ import queue
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +33,7 @@ import torch
 
 from dicomnode.config import ModelConfig
 from dicomnode.flow import InputSpec, ModelIdentity, Prediction, Sample
+from dicomnode.health import Heartbeat
 from dicomnode.model.backbone import Backbone, load_backbone
 from dicomnode.model.classifier import (
     PromptedClassifier,
@@ -72,6 +73,7 @@ class _Staged:
     pixels: torch.Tensor
     copied: torch.cuda.Event | None = None
     probabilities: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    started: float = dataclasses.field(default_factory=time.perf_counter)
 
 
 def devices_for(backbone: Backbone) -> list[torch.device]:
@@ -98,6 +100,7 @@ class _DeviceWorker(threading.Thread):
         self._buffers: list[torch.Tensor] = []
         self._turn = 0
         self._copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.heartbeat = engine.heartbeats[self.device]
 
     def run(self) -> None:
         if self.cuda:
@@ -122,11 +125,11 @@ class _DeviceWorker(threading.Thread):
             if following is None and self.engine._stopping.is_set():
                 return
 
-    @staticmethod
-    def _guard(batch: list[_Request], step, argument):
+    def _guard(self, batch: list[_Request], step, argument):
         """Run one step; on failure every request of the batch learns why, and None is returned."""
         try:
-            return step(argument)
+            with self.heartbeat.step():
+                return step(argument)
         except Exception as exc:
             for request in batch:
                 if not request.future.done():
@@ -208,6 +211,7 @@ class _DeviceWorker(threading.Thread):
                     for sample, row in zip(request.samples, values, strict=True)
                 ]
             )
+        self.engine.observe_batch(len(staged.pixels), time.perf_counter() - staged.started)
 
 
 class Engine:
@@ -247,6 +251,9 @@ class Engine:
         self._workers: list[_DeviceWorker] = []
         #: (requests, images, image passes) of the latest batches: what batching achieved.
         self.recent_batches: deque[tuple[int, int, int]] = deque(maxlen=1000)
+        #: Each device worker's liveness, and who learns each batch's images and seconds (metrics).
+        self.heartbeats = {device: Heartbeat(f"inference-{device}") for device in self._replicas}
+        self.observe_batch: Callable[[int, float], None] = lambda images, seconds: None
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> Engine:
@@ -282,6 +289,7 @@ class Engine:
             backbone=self.backbone.architecture,
             backbone_sha256=self.backbone.sha256,
             demo=demo,
+            backbone_seed=None if self.backbone.sha256 else self.backbone.seed,
         )
 
     def _check_compatible(self, prompt_set: PromptSet) -> None:

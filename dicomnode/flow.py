@@ -147,12 +147,45 @@ class ModelIdentity:
     backbone: str
     backbone_sha256: str | None
     demo: bool
+    backbone_seed: int | None = None
+
+    @property
+    def backbone_identity(self) -> str:
+        """The backbone's architecture and weights: the checkpoint's sha256, or the DEMO seed."""
+        if self.backbone_sha256:
+            return f"{self.backbone} sha256 {self.backbone_sha256}"
+        return f"{self.backbone} random weights, DEMO seed {self.backbone_seed}"
 
     @property
     def parameters(self) -> str:
         """The algorithm parameters as one line, for TID 4019's Algorithm Parameters."""
-        weights = self.backbone_sha256 or "random seeded weights (DEMO)"
-        return f"prompt set {self.prompt_set} sha256 {self.prompt_set_sha256}; {self.backbone} {weights}"
+        return f"prompt set {self.prompt_set} sha256 {self.prompt_set_sha256}; {self.backbone_identity}"
+
+
+@dataclass(frozen=True)
+class ObjectReference:
+    """A DICOM object the node wrote, as another object (or the journal) refers to it."""
+
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+
+
+@dataclass(frozen=True)
+class ReportVersion:
+    """One version of a study's results, remembered in the journal so a later one can supersede it.
+
+    `content_key` names what the results were made from (source instances, prompt set, backbone,
+    algorithm version); `number` counts the study's versions from 1; `replaces` is the SR of
+    the version this one supersedes, None for the first.
+    """
+
+    study_instance_uid: str
+    number: int
+    content_key: str
+    sr: ObjectReference
+    sc: ObjectReference
+    replaces: ObjectReference | None
 
 
 @dataclass(frozen=True)
@@ -161,6 +194,7 @@ class ResultSet:
 
     study_instance_uid: str
     paths: tuple[Path, ...]
+    version: ReportVersion | None = None
 
 
 @dataclass(frozen=True)
@@ -171,3 +205,4 @@ class Delivery:
     destination: str
     path: Path
     attempts: int
+    first_failed_at: float | None = None

@@ -14,16 +14,21 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 from pathlib import Path
 
 from dicomnode.config import ConfigError, NodeConfig, RoutingConfig, load_routing
 from dicomnode.engine import Engine, EngineError
-from dicomnode.flow import StudyJob
+from dicomnode.flow import ResultSet, StudyJob
+from dicomnode.health import Heartbeat
 from dicomnode.model.backbone import BackboneError
 from dicomnode.model.library import PromptSetLibrary
 from dicomnode.model.promptset import PromptSet, PromptSetError
+from dicomnode.monitor import Monitor
 from dicomnode.net.scp import start_scp
+from dicomnode.net.tls import check_tls, scp_context
+from dicomnode.notify import SystemdNotifier
 from dicomnode.outbox import DestinationWorker
 from dicomnode.pipeline import classify, imaging_pool
 from dicomnode.privacy import uid_tag, withhold_warning_texts
@@ -108,23 +113,54 @@ class StudyWorker(threading.Thread):
         self.prompt_sets = prompt_sets
         self.engine = engine
         self.stop_event = stop
+        #: Liveness, and who learns each study's outcome and time (the node's metrics).
+        self.heartbeat = Heartbeat(self.name)
+        self.observe: Callable[[str, float], None] = lambda study_instance_uid, seconds: None
 
     def run(self) -> None:
         next_purge = 0.0
         while not self.stop_event.is_set():
             try:
-                if self.purges and time.monotonic() >= next_purge:
-                    self.purge()
-                    next_purge = time.monotonic() + PURGE_INTERVAL_S
-                study = self.spool.claim_quiet_study(self.cfg.studies.quiet_period_s)
-                if study is None:
-                    self.stop_event.wait(self.cfg.studies.poll_interval_s)
-                    continue
-                self.process(study)
+                with self.heartbeat.step():
+                    if self.purges and time.monotonic() >= next_purge:
+                        self.purge()
+                        next_purge = time.monotonic() + PURGE_INTERVAL_S
+                    study = self.spool.claim_quiet_study(self.cfg.studies.quiet_period_s)
             except Exception:  # the loop must outlive any single failure
                 log.exception("study worker: unexpected error")
                 self.stop_event.wait(1.0)
+                continue
+            if study is None:
+                self.stop_event.wait(self.cfg.studies.poll_interval_s)
+                continue
+            with self.heartbeat.step():
+                started = time.perf_counter()
+                try:
+                    self.process(study)
+                except Exception as exc:  # outside the results step: say, a locked journal
+                    log.exception("study %s: unexpected error", uid_tag(study.study_instance_uid))
+                    self._requeue(study, exc)
+                self.observe(study.study_instance_uid, time.perf_counter() - started)
         self.spool.close()
+
+    def _requeue(self, study: StudyRecord, exc: Exception) -> None:
+        """Put a study whose processing broke down back in the queue, as a failure that may pass.
+
+        Left in `processing` it would wait for the next restart. The journal itself may be what
+        failed (locked, say), so this keeps trying until it records the retry or the node stops
+        (then `recover` at the next start puts the study back).
+        """
+        while not self.stop_event.is_set():
+            try:
+                self._retry(study, exc)
+                return
+            except Exception as again:
+                log.warning(
+                    "study %s: cannot record the retry yet (%s)",
+                    uid_tag(study.study_instance_uid),
+                    type(again).__name__,
+                )
+                self.stop_event.wait(1.0)
 
     def purge(self) -> None:
         """Free the disk of studies finished longer ago than `studies.retention_days`."""
@@ -146,7 +182,7 @@ class StudyWorker(threading.Thread):
             log.info("study %s ignored: %s", tag, job.reason)
             return
         try:
-            paths = self._results_for(job)
+            result = self._results_for(job)
         except PERMANENT_FAILURES as exc:
             reason = f"{exc.__class__.__name__}: {exc}"
             self.spool.finish_study(study, state="failed", reason=reason, prompt_set=job.prompt_set)
@@ -157,8 +193,10 @@ class StudyWorker(threading.Thread):
         except Exception as exc:  # disk, memory, device: may pass, so try again later
             self._retry(study, exc)
             return
-        deliveries = [(d.name, p) for d in self.cfg.destinations for p in paths]
-        self.spool.finish_study(study, state="done", prompt_set=job.prompt_set, deliveries=deliveries)
+        deliveries = [(d.name, p) for d in self.cfg.destinations for p in result.paths]
+        self.spool.finish_study(
+            study, state="done", prompt_set=job.prompt_set, deliveries=deliveries, report=result.version
+        )
         log.info(
             "study %s processed with prompt set %s (%d images)",
             tag,
@@ -177,13 +215,13 @@ class StudyWorker(threading.Thread):
         else:
             log.error("study %s failed after %d attempts: %s", tag, study.attempts + 1, type(exc).__name__)
 
-    def _results_for(self, job: StudyJob) -> tuple[Path, ...]:
+    def _results_for(self, job: StudyJob) -> ResultSet:
         # The version taken here serves the whole study, even if a reload swaps it meanwhile.
         prompt_set = self.prompt_sets.get(job.prompt_set)
         with self.engine.using(prompt_set):
             return self._results_with(job, prompt_set)
 
-    def _results_with(self, job: StudyJob, prompt_set: PromptSet) -> tuple[Path, ...]:
+    def _results_with(self, job: StudyJob, prompt_set: PromptSet) -> ResultSet:
         classified = classify(self.engine, prompt_set, [i.path for i in job.instances], self.pool)
         for instance in job.instances:
             if instance.path in classified.problems:
@@ -196,7 +234,7 @@ class StudyWorker(threading.Thread):
             # A slide's instances share one reason: say it once.
             reasons = dict.fromkeys(classified.problems.values())
             raise StudyFailed("no image could be prepared: " + "; ".join(reasons))
-        result = write_results(
+        return write_results(
             out_dir=self.spool.outbox_dir / job.study_instance_uid,
             sources=classified.sources,
             samples=classified.samples,
@@ -205,15 +243,18 @@ class StudyWorker(threading.Thread):
             procedure=prompt_set.procedure,
             model=self.engine.identity(prompt_set),
             aggregation=prompt_set.aggregation,
+            latest=self.spool.latest_report(job.study_instance_uid),
         )
-        return result.paths
 
 
 class Node:
     """The running node: SCP, study worker and outbox workers, stopped together."""
 
-    def __init__(self, cfg: NodeConfig) -> None:
+    def __init__(self, cfg: NodeConfig, notifier: SystemdNotifier | None = None) -> None:
         self.cfg = cfg
+        # First, before the model loads: a bad certificate or key fails start-up in a second,
+        # and a destination's fails it too rather than its first delivery.
+        check_tls(cfg)
         self.stop_event = threading.Event()
         self.spool = Spool(cfg.state_dir, min_free_bytes=cfg.scp.min_free_mb << 20)
         self.routing = load_routing(cfg.routing)
@@ -226,6 +267,7 @@ class Node:
             swapped=self.engine.serve_only,
             pins=cfg.prompt_set_versions,
         )
+        self.monitor = Monitor(cfg, self.spool, notifier)
         self.pool: Executor | None = None
         self.threads: list[threading.Thread] = []
         self.server = None
@@ -235,7 +277,8 @@ class Node:
         recovered = self.spool.recover()
         if recovered:
             log.info("resumed %d studies interrupted by the last stop", recovered)
-        self.server = start_scp(self.spool, self.cfg.scp)
+        self.monitor.listen()
+        self.server = start_scp(self.spool, self.cfg.scp, scp_context(self.cfg))
         self.prompt_sets.watch()
         self.pool = imaging_pool(self.cfg.studies.imaging_processes)
         self.threads = [
@@ -255,6 +298,7 @@ class Node:
             DestinationWorker(self.spool, d, self.cfg.scp.ae_title, self.stop_event)
             for d in self.cfg.destinations
         ]
+        self.monitor.start(self.server, self.engine, self.threads)
         for thread in self.threads:
             thread.start()
 
@@ -267,6 +311,7 @@ class Node:
         for thread in self.threads:
             thread.join(timeout=60)
         self.engine.stop()
+        self.monitor.stop()
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
         log.info("dicomnode stopped")
@@ -276,8 +321,9 @@ def serve(cfg: NodeConfig) -> None:
     """Run the node until SIGTERM or SIGINT."""
     os.umask(0o077)  # state, spool and logs are private to the service user
     configure_logging(cfg.state_dir, cfg.log_level)
+    notifier = SystemdNotifier.from_environment()
     try:
-        node = Node(cfg)
+        node = Node(cfg, notifier)
         node.start()
     except (ConfigError, PromptSetError, BackboneError, EngineError, OSError) as exc:
         log.error("cannot start: %s", exc)
@@ -286,6 +332,9 @@ def serve(cfg: NodeConfig) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
     log.info("dicomnode ready: state in %s", cfg.state_dir)
+    # Ready for systemd only now: the SCP listens and every served prompt set is warm.
+    notifier.ready(f"serving: Storage SCP {cfg.scp.ae_title} on port {cfg.scp.port}")
     stopping.wait()
     log.info("stopping")
+    notifier.stopping()
     node.stop()

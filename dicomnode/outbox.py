@@ -2,8 +2,16 @@
 
 One worker thread per destination, so a destination that is down or misconfigured never
 holds back the others. The queue lives in the journal: a restart resumes where it stopped.
-Retries back off exponentially up to `max_backoff_s`; after `max_attempts` a delivery is
-dead and shows in `dicomnode status` until an operator runs `dicomnode requeue`.
+
+The policy tells two kinds of failure apart. A destination that cannot be reached (connection
+refused, timeout, association rejected or aborted, 0xA7xx out of resources) is retried with
+exponential backoff up to `max_backoff_s`, for `retry_for_hours` after the first failure (and
+at most `max_attempts` times if set): a PACS down for a weekend gets its results when it is
+back. An object the destination refuses (its SOP class rejected, a status that judges the
+object such as 0xA9xx or 0xCxxx) or a result file that cannot be sent will fail the same way
+every time: it goes to the dead letter at once, with the reason, instead of hiding for days
+among the retries. Dead letters show in `dicomnode status` until an operator runs `dicomnode
+requeue`.
 """
 
 from __future__ import annotations
@@ -11,12 +19,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from pydicom.errors import InvalidDicomError
 
 from dicomnode.config import DestinationConfig
 from dicomnode.flow import Delivery
-from dicomnode.net.scu import AssociationFailed, Peer, store
+from dicomnode.health import Heartbeat
+from dicomnode.net.scu import AssociationFailed, ContextsRejected, Peer, store
 from dicomnode.privacy import uid_tag
 from dicomnode.spool import Spool
 
@@ -25,7 +35,7 @@ log = logging.getLogger(__name__)
 
 def retry_delay(destination: DestinationConfig, attempts_made: int) -> float:
     """Seconds to wait after the `attempts_made`-th failure: doubling, capped."""
-    # The exponent is bounded so that a large max_attempts cannot overflow the float.
+    # The exponent is bounded so that days of attempts cannot overflow the float.
     doublings = min(max(attempts_made - 1, 0), 64)
     return min(destination.backoff_s * 2**doublings, destination.max_backoff_s)
 
@@ -41,16 +51,21 @@ class DestinationWorker(threading.Thread):
         self.destination = destination
         self.calling_ae = calling_ae
         self.stop_event = stop
-        self.peer = Peer(destination.host, destination.port, destination.ae_title, destination.timeout_s)
+        self.peer = Peer.of(destination)
+        #: Liveness, and who learns the outbox state each attempt left (the node's metrics).
+        self.heartbeat = Heartbeat(self.name)
+        self.observe: Callable[[str, str | None], None] = lambda destination, state: None
 
     def run(self) -> None:
         while not self.stop_event.is_set():
             try:
-                delivery = self.spool.next_delivery(self.destination.name)
+                with self.heartbeat.step():
+                    delivery = self.spool.next_delivery(self.destination.name)
+                    if delivery is not None:
+                        self.deliver(delivery)
+                        self.observe(self.destination.name, self.spool.delivery_state(delivery.id))
                 if delivery is None:
                     self.stop_event.wait(0.5)
-                    continue
-                self.deliver(delivery)
             except Exception:  # the loop must outlive any single failure
                 log.exception("outbox %s: unexpected error", self.destination.name)
                 self.stop_event.wait(1.0)
@@ -58,39 +73,24 @@ class DestinationWorker(threading.Thread):
 
     def deliver(self, delivery: Delivery) -> bool:
         """One C-STORE attempt; records success, a retry time, or the dead letter."""
-        error = None
-        if not delivery.path.is_file():
-            error = "result file is missing"
-        else:
-            try:
-                outcome = store(self.peer, [delivery.path], calling_ae=self.calling_ae)[0]
-                if outcome.ok:
-                    self.spool.delivery_sent(delivery)
-                    log.info("delivered %s to %s", uid_tag(delivery.path.stem), self.destination.name)
-                    return True
-                error = (
-                    f"status 0x{outcome.status:04X} {outcome.comment}"
-                    if outcome.status is not None
-                    else outcome.comment
-                )
-            # A file that is not DICOM fails like an unreachable peer: retried, then dead letter,
-            # instead of escaping to run() and blocking this destination's queue forever.
-            except (AssociationFailed, InvalidDicomError, OSError, ValueError) as exc:
-                # Result paths are made of UIDs: the log and the journal get the tag instead.
-                error = str(exc).replace(str(delivery.path), f"result {uid_tag(delivery.path.stem)}")
+        error, refused = self._attempt(delivery)
+        if error is None:
+            return True
+        now = time.time()
         attempts = delivery.attempts + 1
-        if attempts >= self.destination.max_attempts:
-            self.spool.delivery_failed(delivery, error, retry_at=None)
-            log.error(
-                "dead letter: delivery %d to %s after %d attempts: %s",
-                delivery.id,
-                self.destination.name,
-                attempts,
-                error,
-            )
+        retry_for_s = self.destination.retry_for_hours * 3600.0
+        window_end = (delivery.first_failed_at or now) + retry_for_s
+        max_attempts = self.destination.max_attempts
+        if refused:
+            gave_up = f"refused by {self.destination.name}: {error}"
+        elif now >= window_end:
+            gave_up = f"unreachable for {self.destination.retry_for_hours:g} h ({attempts} attempts): {error}"
+        elif max_attempts is not None and attempts >= max_attempts:
+            gave_up = f"failed {attempts} attempts: {error}"
         else:
-            delay = retry_delay(self.destination, attempts)
-            self.spool.delivery_failed(delivery, error, retry_at=time.time() + delay)
+            # The last retry falls at the end of the window, not one backoff after it.
+            delay = min(retry_delay(self.destination, attempts), window_end - now)
+            self.spool.delivery_failed(delivery, error, retry_at=now + delay)
             log.warning(
                 "delivery %d to %s failed (%s); retry in %.0f s",
                 delivery.id,
@@ -98,4 +98,35 @@ class DestinationWorker(threading.Thread):
                 error,
                 delay,
             )
+            return False
+        self.spool.delivery_failed(delivery, gave_up, retry_at=None)
+        log.error("dead letter: delivery %d to %s: %s", delivery.id, self.destination.name, gave_up)
         return False
+
+    def _attempt(self, delivery: Delivery) -> tuple[str | None, bool]:
+        """Send the file once: (None, False) when sent, else (the error, whether it is refused for good)."""
+        if not delivery.path.is_file():
+            return "result file is missing", True
+        try:
+            outcome = store(self.peer, [delivery.path], calling_ae=self.calling_ae)[0]
+        except ContextsRejected as exc:  # it will not take this SOP class
+            return self._log_safe(str(exc), delivery), True
+        except (AssociationFailed, OSError) as exc:
+            # Unreachable, rejected or aborted: the destination may be back later.
+            return self._log_safe(str(exc), delivery), False
+        # A file that is not DICOM (or not sendable) will never be: the dead letter at once,
+        # instead of escaping to run() and blocking this destination's queue forever.
+        except (InvalidDicomError, ValueError) as exc:
+            return self._log_safe(str(exc), delivery), True
+        if outcome.ok:
+            self.spool.delivery_sent(delivery)
+            log.info("delivered %s to %s", uid_tag(delivery.path.stem), self.destination.name)
+            return None, False
+        if outcome.status is None:
+            return self._log_safe(outcome.comment, delivery), outcome.refused
+        return f"status 0x{outcome.status:04X} {outcome.comment}".rstrip(), outcome.refused
+
+    @staticmethod
+    def _log_safe(error: str, delivery: Delivery) -> str:
+        """Result paths are made of UIDs: the log and the journal get the tag instead."""
+        return error.replace(str(delivery.path), f"result {uid_tag(delivery.path.stem)}")

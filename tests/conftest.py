@@ -117,6 +117,8 @@ def write_node_config(
         "studies": {"quiet_period_s": 1.0, "poll_interval_s": 0.2},
         "model": {"architecture": architecture.stem, "architecture_config": str(architecture), "seed": 7},
         "destinations": destinations or [],
+        # A port of its own: several nodes run side by side in one test.
+        "metrics": {"host": "127.0.0.1", "port": free_port()},
     }
     for key, value in overrides.items():
         if isinstance(value, dict):
@@ -159,10 +161,13 @@ class Orthanc:
         }
 
 
-def start_orthanc(folder: Path, dicom_port: int | None = None, modalities: dict | None = None) -> Orthanc:
+def start_orthanc(
+    folder: Path, dicom_port: int | None = None, modalities: dict | None = None, **settings
+) -> Orthanc:
     """Start Orthanc on free loopback ports with its database under `folder`.
 
     `modalities` is Orthanc's DicomModalities: the nodes it may send to, {name: [AET, host, port]}.
+    `settings` are further Orthanc configuration options (e.g. LuaScripts).
     """
     binary = shutil.which("Orthanc")
     if binary is None:
@@ -184,6 +189,7 @@ def start_orthanc(folder: Path, dicom_port: int | None = None, modalities: dict 
         "Plugins": [],
         "StableAge": 1,
         "DicomModalities": modalities or {},
+        **settings,
     }
     config_path = folder / "orthanc.json"
     config_path.write_text(json.dumps(config))
@@ -225,6 +231,12 @@ class RunningNode:
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         return run_cli(*args, "--config", str(self.config))
 
+    @property
+    def metrics_url(self) -> str:
+        """Where its /metrics and /healthz are served."""
+        metrics = yaml.safe_load(self.config.read_text())["metrics"]
+        return f"http://{metrics['host']}:{metrics['port']}"
+
 
 def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     """Run the dicomnode command line in a subprocess, as an administrator would."""
@@ -233,10 +245,10 @@ def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     )
 
 
-def start_node(config: Path, port: int) -> RunningNode:
-    """Start `dicomnode serve` and wait until its SCP accepts connections."""
+def start_node(config: Path, port: int, env: dict[str, str] | None = None) -> RunningNode:
+    """Start `dicomnode serve` (with `env` added to its environment) and wait until its SCP listens."""
     log = config.parent / "node.out"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log, "ab") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "dicomnode", "serve", "--config", str(config)],

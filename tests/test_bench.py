@@ -12,14 +12,25 @@ import pytest
 from tests.conftest import run_cli
 
 
-def test_bench_receive_prints_dicomnode_and_storescp_rates_and_their_ratio():
-    done = run_cli("bench", "receive", "--count", "3", "--rounds", "1")
+def test_bench_receive_prints_rates_and_speed_against_storescp_for_small_large_and_concurrent():
+    done = run_cli("bench", "receive", "--count", "4", "--rounds", "1")
 
     assert done.returncode == 0, done.stderr
-    assert "receive: 3 instances of RG1_UNCR.dcm" in done.stdout
+    assert "receive small: 4 instances of CT_small.dcm" in done.stdout
+    assert "receive large: 4 instances of RG1_UNCR.dcm" in done.stdout
+    assert "receive concurrent: 4 instances of CT_small.dcm, 0.2 MB, 4 association(s)" in done.stdout
     for receiver in ("storescp", "dicomnode"):
-        assert re.search(rf"{receiver}\s+[\d.]+ s\s+[\d.]+ MB/s\s+[\d.]+ instances/s", done.stdout)
-    assert re.search(r"ratio dicomnode/storescp \(time\): \d+\.\d\d", done.stdout)
+        rate = rf"{receiver}\s+[\d.]+ s\s+[\d.]+ MB/s\s+[\d.]+ instances/s  \(range [\d.]+-[\d.]+ s\)"
+        assert len(re.findall(rate, done.stdout)) == 3
+    assert len(re.findall(r"speed dicomnode/storescp: \d+\.\d\dx", done.stdout)) == 3
+
+
+def test_bench_receive_memory_prints_the_peak_while_receiving_each_size():
+    done = run_cli("bench", "receive", "--memory", "4", "--memory", "12")
+
+    assert done.returncode == 0, done.stderr
+    peaks = re.findall(r"one instance of +([\d.]+) MiB in +[\d.]+ s: peak RSS +[\d.]+ MiB", done.stdout)
+    assert [float(size) for size in peaks] == [2.0, 10.0]
 
 
 def test_bench_receive_of_a_file_that_is_not_dicom_fails_naming_it(tmp_path):

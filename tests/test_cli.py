@@ -708,6 +708,59 @@ def test_status_and_requeue_from_a_permissive_shell_leave_the_journal_private(tm
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
 
 
+def test_requeue_studies_puts_failed_studies_back_naming_them_by_hashed_uid(tmp_path, tiny_architecture):
+    config = write_node_config(tmp_path, tiny_architecture, scp_port=free_port())
+    failed, done = "1.2.826.0.1.3680043.8.498.80", "1.2.826.0.1.3680043.8.498.81"
+    journal_ct_study(config, failed, state="failed", reason="ImagingError: no pixels").close()
+    journal_ct_study(config, done, state="done").close()
+
+    both = cli("requeue", "--config", config, "--studies", "--destination", "pacs")
+    outcome = cli("requeue", "--config", config, "--studies")
+
+    assert both.exit_code == 2
+    assert outcome.exit_code == 0
+    assert outcome.stdout == f"1 failed studies requeued\n  study {uid_tag(failed)}\n"
+    spool = Spool(state_dir_of(config))
+    assert (spool.study(failed).state, spool.study(done).state) == ("receiving", "done")
+    spool.close()
+    assert cli("requeue", "--config", config, "--studies").stdout == "0 failed studies requeued\n"
+
+
+def test_reprocess_queues_finished_studies_again_and_names_them_only_by_hashed_uid(
+    tmp_path, tiny_architecture
+):
+    config = write_node_config(tmp_path, tiny_architecture, scp_port=free_port())
+    state_dir = state_dir_of(config)
+    done, unknown = "1.2.826.0.1.3680043.8.498.82", "1.2.826.0.1.3680043.8.498.83"
+    with umask(0o077):
+        journal_ct_study(config, done, state="done").close()
+
+    with umask(0o022):
+        outcome = cli("reprocess", done, unknown, "--config", config)
+        again = cli("reprocess", done, "--config", config)
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in state_dir.glob("journal.sqlite*")}
+
+    assert outcome.exit_code == 1
+    assert outcome.stdout == f"study {uid_tag(done)}: was done, queued to be processed again\n"
+    assert "not in the journal" in outcome.stderr and uid_tag(unknown) in outcome.stderr
+    assert again.exit_code == 0
+    assert again.stdout == f"study {uid_tag(done)}: already waiting to be processed\n"
+    for text in (outcome.stdout, outcome.stderr, again.stdout):
+        assert done not in text and unknown not in text
+    assert set(modes.values()) == {0o600}, modes
+    spool = Spool(state_dir)
+    assert spool.study(done).state == "receiving"
+    spool.close()
+
+
+def test_reprocess_refuses_an_argument_that_is_not_a_uid(node_config):
+    outcome = cli("reprocess", "1.2.3", "Doe^John", "--config", node_config)
+
+    assert outcome.exit_code == 2
+    assert "argument 2 is not a valid Study Instance UID" in outcome.stderr
+    assert "Doe" not in outcome.stderr
+
+
 # -- infer ---------------------------------------------------------------------------------------
 
 

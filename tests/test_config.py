@@ -159,6 +159,19 @@ def test_destination_port_out_of_range_is_rejected_naming_its_index(tmp_path):
     assert_names(config_error(path), path, "destinations.1.port")
 
 
+def test_a_retry_window_that_is_not_positive_is_rejected_naming_the_key(tmp_path):
+    destination = {
+        "name": "pacs",
+        "host": "pacs.example",
+        "port": 104,
+        "ae_title": "PACS",
+        "retry_for_hours": 0,
+    }
+    path = write(tmp_path / "dicomnode.yaml", {"destinations": [destination]})
+
+    assert_names(config_error(path), path, "destinations.0.retry_for_hours")
+
+
 @pytest.mark.parametrize(
     "ae_title",
     [
@@ -186,6 +199,91 @@ def test_invalid_allowed_calling_ae_is_rejected_naming_its_index(tmp_path):
     path = write(tmp_path / "dicomnode.yaml", {"scp": {"allowed_calling_aes": ["PACS", "X" * 17]}})
 
     assert_names(config_error(path), path, "scp.allowed_calling_aes.1")
+
+
+def test_allowed_peers_read_addresses_and_networks_per_calling_ae(tmp_path):
+    peers = {"PACS": ["10.1.2.0/24", "10.1.3.7"], "CT1": ["2001:db8::/32"]}
+    cfg = load_config(write(tmp_path / "dicomnode.yaml", {"scp": {"allowed_peers": peers}}))
+
+    assert {ae: [str(n) for n in networks] for ae, networks in cfg.scp.allowed_peers.items()} == {
+        "PACS": ["10.1.2.0/24", "10.1.3.7/32"],
+        "CT1": ["2001:db8::/32"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("address", "says"),
+    [
+        ("10.1.2.5/24", "10.1.2.5/24 has host bits set"),
+        ("pacs.example", "'pacs.example' does not appear to be an IPv4 or IPv6 network"),
+        (10, "give an address or network as text"),
+    ],
+)
+def test_allowed_peer_address_that_is_not_a_network_is_rejected_saying_why(tmp_path, address, says):
+    path = write(tmp_path / "dicomnode.yaml", {"scp": {"allowed_peers": {"PACS": [address]}}})
+
+    message = config_error(path)
+
+    assert_names(message, path, "scp.allowed_peers.PACS.0")
+    assert says in message
+
+
+def test_allowed_peer_without_any_address_is_rejected_naming_it(tmp_path):
+    path = write(tmp_path / "dicomnode.yaml", {"scp": {"allowed_peers": {"PACS": []}}})
+
+    message = config_error(path)
+
+    assert_names(message, path, "scp.allowed_peers")
+    assert "no address listed for PACS" in message
+
+
+def test_calling_ae_in_both_allowlists_is_rejected_as_ambiguous(tmp_path):
+    scp = {"allowed_calling_aes": ["PACS"], "allowed_peers": {"PACS": ["10.1.2.0/24"]}}
+    path = write(tmp_path / "dicomnode.yaml", {"scp": scp})
+
+    message = config_error(path)
+
+    assert_names(message, path, "scp")
+    assert "PACS in both allowed_calling_aes (any address) and allowed_peers" in message
+
+
+def test_tls_files_resolve_against_the_config_folder(tmp_path):
+    tls = {"certificate": "tls/node.crt", "private_key": "tls/node.key", "ca_certificates": "tls/ca.crt"}
+    destination = {"name": "pacs", "host": "pacs.example", "port": 2762, "ae_title": "PACS", "tls": {}}
+    path = write(tmp_path / "conf" / "dicomnode.yaml", {"scp": {"tls": tls}, "destinations": [destination]})
+
+    cfg = load_config(path)
+
+    assert cfg.scp.tls.certificate == tmp_path / "conf" / "tls" / "node.crt"
+    assert cfg.scp.tls.private_key == tmp_path / "conf" / "tls" / "node.key"
+    assert cfg.scp.tls.ca_certificates == tmp_path / "conf" / "tls" / "ca.crt"
+    assert cfg.scp.tls.min_version == "TLSv1.2"
+    assert cfg.destinations[0].tls.ca_certificates is None  # the system's trust store
+    assert cfg.destinations[0].tls.verify_hostname is True
+
+
+def test_destination_tls_certificate_without_its_key_is_rejected_naming_the_destination(tmp_path):
+    destination = {
+        "name": "pacs",
+        "host": "pacs.example",
+        "port": 2762,
+        "ae_title": "PACS",
+        "tls": {"certificate": "node.crt"},
+    }
+    path = write(tmp_path / "dicomnode.yaml", {"destinations": [destination]})
+
+    message = config_error(path)
+
+    assert_names(message, path, "destinations.0.tls")
+    assert "give both certificate and private_key, or neither" in message
+
+
+@pytest.mark.parametrize("version", ["TLSv1.1", "SSLv3", "1.2"])
+def test_tls_below_1_2_or_unknown_is_rejected(tmp_path, version):
+    tls = {"certificate": "node.crt", "private_key": "node.key", "min_version": version}
+    path = write(tmp_path / "dicomnode.yaml", {"scp": {"tls": tls}})
+
+    assert_names(config_error(path), path, "scp.tls.min_version")
 
 
 def test_duplicate_destination_names_are_rejected_naming_the_name(tmp_path):
@@ -459,3 +557,21 @@ def test_routing_missing_file_is_reported_naming_it(tmp_path):
     path = tmp_path / "routing.yaml"
 
     assert config_error(path, load_routing).startswith(f"{path}: cannot read configuration")
+
+
+def test_metrics_and_alerts_default_to_a_loopback_endpoint_on_9464_and_generous_limits(tmp_path):
+    cfg = load_config(write(tmp_path / "dicomnode.yaml", ""))
+
+    assert (cfg.metrics.enabled, cfg.metrics.host, cfg.metrics.port) == (True, "127.0.0.1", 9464)
+    assert (cfg.alerts.unreachable_after_s, cfg.alerts.stuck_after_s) == (600.0, 900.0)
+    shipped = load_config(EMBEDDED_CONFIG)
+    assert shipped.metrics == cfg.metrics and shipped.alerts == cfg.alerts, "the file states the defaults"
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "given"),
+    [("metrics", "port", 0), ("metrics", "enabled", "sometimes"), ("alerts", "stuck_after_s", 0)],
+)
+def test_bad_metrics_or_alerts_value_is_rejected_naming_the_key(tmp_path, section, key, given):
+    path = write(tmp_path / "dicomnode.yaml", {section: {key: given}})
+    assert_names(config_error(path), path, f"{section}.{key}")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pydicom
 import requests
+import torch
 import yaml
 from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
@@ -30,6 +31,7 @@ from tests.conftest import (
     start_node,
     start_orthanc,
     stop_process,
+    tiny_backbone,
     wait_until,
     write_node_config,
 )
@@ -439,3 +441,72 @@ def test_a_failure_that_passes_is_retried_until_the_results_reach_the_pacs(ortha
     blocker.unlink()
     _by_class(_results_in(orthanc))
     assert "done=1" in node.cli("status").stdout
+
+
+def _predecessor_of(sr: pydicom.Dataset) -> tuple[str, str, str, str]:
+    """(study, series, SOP class, SOP instance) of the one SR that `sr` supersedes."""
+    (study,) = sr.PredecessorDocumentsSequence
+    (series,) = study.ReferencedSeriesSequence
+    (sop,) = series.ReferencedSOPSequence
+    return (
+        study.StudyInstanceUID,
+        series.SeriesInstanceUID,
+        sop.ReferencedSOPClassUID,
+        sop.ReferencedSOPInstanceUID,
+    )
+
+
+def _reference(sr: pydicom.Dataset) -> tuple[str, str, str, str]:
+    return sr.StudyInstanceUID, sr.SeriesInstanceUID, sr.SOPClassUID, sr.SOPInstanceUID
+
+
+def test_a_late_instance_and_a_new_backbone_give_reports_in_orthanc_that_supersede_the_earlier(
+    tmp_path, orthanc, node_factory, chest_cr, tiny_architecture
+):
+    late_instance = Path(get_testdata_file("RG1_UNCR.dcm"))  # the same chest study, another view
+    node = node_factory(destinations=[orthanc.destination(backoff_s=0.5)])
+    first = dcmtk("storescu", "-aec", "DICOMNODE", "127.0.0.1", str(node.port), str(chest_cr))
+    assert first.returncode == 0, first.stderr
+    sr1, _ = _by_class(_results_in(orthanc, 2))
+
+    late = dcmtk("storescu", "-aec", "DICOMNODE", "127.0.0.1", str(node.port), str(late_instance))
+    assert late.returncode == 0, late.stderr
+    second = _results_in(orthanc, 4)
+
+    srs = {sr.SeriesDescription: sr for sr in second if sr.SOPClassUID in SR_CLASSES}
+    assert set(srs) == {
+        "DEMO dicomnode AI findings - no clinical meaning",
+        "DEMO dicomnode AI findings v2, replaces v1 - no clinical meaning",
+    }
+    sr2 = srs["DEMO dicomnode AI findings v2, replaces v1 - no clinical meaning"]
+    assert _predecessor_of(sr2) == _reference(sr1)
+    scs = sorted(ds.SeriesDescription for ds in second if ds.SOPClassUID == SC_CLASS)
+    assert scs == [
+        "DEMO dicomnode AI image - no clinical meaning",
+        "DEMO dicomnode AI image v2, replaces v1 - no clinical meaning",
+    ]
+    as_stored = tmp_path / "sr2.dcm"
+    sr2.save_as(as_stored)
+    assert not dciodvfy_errors(as_stored)
+
+    # The DEMO backbone replaced by a checkpoint (of the same weights: only the identity changes),
+    # then the study reprocessed while the node runs: a third report, no longer DEMO.
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save(tiny_backbone(tiny_architecture).model.state_dict(), checkpoint)
+    stop_process(node.process)
+    config = yaml.safe_load(node.config.read_text())
+    config["model"]["checkpoint"] = str(checkpoint)
+    node.config.write_text(yaml.safe_dump(config))
+    restarted = start_node(node.config, node.port)
+    try:
+        reprocess = restarted.cli("reprocess", sr1.StudyInstanceUID)
+        assert reprocess.returncode == 0, reprocess.stderr
+        third = _results_in(orthanc, 6)
+    finally:
+        stop_process(restarted.process)
+
+    sr3s = [ds for ds in third if ds.SOPClassUID in SR_CLASSES and "v3" in ds.SeriesDescription]
+    assert [ds.SeriesDescription for ds in sr3s] == ["dicomnode AI findings v3, replaces v2"]
+    assert _predecessor_of(sr3s[0]) == _reference(sr2)
+    assert "DEMO" not in _sr_text(sr3s[0])
+    assert len({ds.SOPInstanceUID for ds in third}) == 6

@@ -257,7 +257,9 @@ def test_identity_marks_a_demo_backbone_and_names_prompt_set_and_backbone(backbo
     assert identity.algorithm_version.startswith(f"{cxr.version}+node")
     assert (identity.prompt_set, identity.prompt_set_sha256) == ("cxr", cxr.sha256)
     assert (identity.backbone, identity.backbone_sha256) == ("tinyclip", None)
-    assert "DEMO" in identity.parameters
+    # The seed is the DEMO weights' identity: results of another seed get other UIDs.
+    assert identity.backbone_seed == backbone.seed
+    assert f"DEMO seed {backbone.seed}" in identity.parameters
 
 
 def test_identity_of_a_checkpointed_backbone_records_its_sha256_and_no_demo(tiny_architecture, cxr, tmp_path):
@@ -270,5 +272,5 @@ def test_identity_of_a_checkpointed_backbone_records_its_sha256_and_no_demo(tiny
 
     assert identity.demo is False
     assert "DEMO" not in identity.algorithm_name
-    assert identity.backbone_sha256 == clinical.sha256
+    assert (identity.backbone_sha256, identity.backbone_seed) == (clinical.sha256, None)
     assert clinical.sha256 in identity.parameters

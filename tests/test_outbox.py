@@ -7,7 +7,9 @@ listens on.
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -24,10 +26,11 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicomnode.config import DestinationConfig
 from dicomnode.flow import Delivery
+from dicomnode.net.scu import StoreOutcome
 from dicomnode.outbox import DestinationWorker, retry_delay
 from dicomnode.privacy import uid_tag
 from dicomnode.spool import Spool
-from tests.conftest import Orthanc, free_port, start_orthanc, stop_process, wait_until
+from tests.conftest import Orthanc, free_port, start_orthanc, stop_process, wait_for_port, wait_until
 
 STUDY = "1.2.826.0.1.3680043.8.498.7"
 CT_SMALL = Path(get_testdata_file("CT_small.dcm"))
@@ -179,18 +182,16 @@ def test_after_max_attempts_a_delivery_goes_to_the_dead_letter(spool):
     assert STUDY not in repr(spool.problems())
 
 
-def test_a_missing_result_file_is_a_failed_delivery(spool):
+def test_a_missing_result_file_goes_to_the_dead_letter_at_once(spool):
     _queue(spool, [("pacs", spool.outbox_dir / "vanished.dcm")])
     delivery = spool.next_delivery("pacs")
 
-    assert _worker(spool, _down("pacs", max_attempts=2)).deliver(delivery) is False
-    assert (_row(spool, delivery)["state"], _row(spool, delivery)["last_error"]) == (
-        "pending",
-        "result file is missing",
-    )
+    assert _worker(spool, _down("pacs", max_attempts=None)).deliver(delivery) is False
 
-    assert _worker(spool, _down("pacs", max_attempts=2)).deliver(_due(spool, "pacs")) is False
-    assert spool.problems() == [("dead letter to pacs", uid_tag(STUDY), "result file is missing")]
+    assert (_row(spool, delivery)["state"], _row(spool, delivery)["attempts"]) == ("dead", 1)
+    assert spool.problems() == [
+        ("dead letter to pacs", uid_tag(STUDY), "refused by pacs: result file is missing")
+    ]
 
 
 def _write_meta_without_sop_class(path: Path) -> None:
@@ -210,7 +211,7 @@ def _write_meta_without_sop_class(path: Path) -> None:
     ],
     ids=["no-dicm-prefix", "no-sop-class-in-meta"],
 )
-def test_a_result_file_that_is_not_sendable_dicom_is_a_failed_delivery_not_a_crash(
+def test_a_result_file_that_is_not_sendable_dicom_is_a_dead_letter_not_a_crash(
     pacs, spool, write, error, caplog
 ):
     # Where the node writes a study's results: outbox/<StudyInstanceUID>/sr-<SOPInstanceUID>.dcm.
@@ -223,10 +224,10 @@ def test_a_result_file_that_is_not_sendable_dicom_is_a_failed_delivery_not_a_cra
     assert _worker(spool, _orthanc(pacs)).deliver(delivery) is False
 
     row = _row(spool, delivery)
-    assert (row["state"], row["attempts"]) == ("pending", 1)
+    assert (row["state"], row["attempts"]) == ("dead", 1)
     assert error in row["last_error"]
     assert "2.25.1234567" not in row["last_error"], "result paths are made of UIDs: never quoted"
-    assert "delivery 1 to orthanc failed" in caplog.text
+    assert "dead letter: delivery 1 to orthanc" in caplog.text
     for uid in (STUDY, "2.25.1234567"):
         assert uid not in row["last_error"] and uid not in caplog.text, uid
 
@@ -238,7 +239,9 @@ def test_a_peer_that_rejects_the_called_ae_title_is_a_failed_delivery(pacs, spoo
 
     assert _worker(spool, _orthanc(pacs, ae_title="NOT_ORTHANC")).deliver(delivery) is False
 
-    assert "rejected the association" in _row(spool, delivery)["last_error"]
+    row = _row(spool, delivery)
+    assert "rejected the association" in row["last_error"]
+    assert row["state"] == "pending", "a misconfigured peer may be fixed: retried, not dropped"
     assert _orthanc_ids(pacs, uid) == []
 
 
@@ -277,4 +280,131 @@ def test_a_failing_delivery_does_not_hold_back_the_next_one_to_the_same_destinat
         stop.set()
         worker.join(timeout=30)
 
-    assert spool.counts()["outbox"] == {"orthanc:pending": 1, "orthanc:sent": 1}
+    assert spool.counts()["outbox"] == {"orthanc:dead": 1, "orthanc:sent": 1}
+
+
+def test_an_unreachable_destination_is_retried_for_its_whole_window_then_dead(spool):
+    path, _ = _result(spool)
+    _queue(spool, [("down", path)])
+    worker = _worker(spool, _down(retry_for_hours=1.0, max_attempts=None, backoff_s=5.0, max_backoff_s=600))
+
+    assert worker.deliver(_due(spool, "down")) is False
+    first = _row(spool, _due(spool, "down"))
+    assert (first["state"], first["first_failed_at"]) == ("pending", pytest.approx(time.time(), abs=5))
+
+    # Late in the window: the retry waits for the window's end, not a whole backoff beyond it.
+    with closing(sqlite3.connect(spool.journal_path)) as db, db:
+        db.execute("UPDATE outbox SET first_failed_at=?, attempts=20", (time.time() - 3590,))
+    worker.deliver(_due(spool, "down"))
+    late = _row(spool, _due(spool, "down"))
+    assert late["state"] == "pending"
+    assert late["next_attempt_at"] == pytest.approx(late["first_failed_at"] + 3600, abs=1)
+
+    with closing(sqlite3.connect(spool.journal_path)) as db, db:
+        db.execute("UPDATE outbox SET first_failed_at=?", (time.time() - 3601,))
+    delivery = _due(spool, "down")
+    worker.deliver(delivery)
+    row = _row(spool, delivery)
+    assert (row["state"], row["attempts"]) == ("dead", 22)
+    assert row["last_error"].startswith("unreachable for 1 h (22 attempts): ")
+
+    assert spool.requeue_dead() == 1
+    assert _row(spool, delivery)["first_failed_at"] is None, "a requeued delivery gets a fresh window"
+
+
+def test_the_default_policy_retries_an_unreachable_destination_for_days():
+    destination = DestinationConfig(name="pacs", host="pacs.example", port=104, ae_title="PACS")
+    assert destination.retry_for_hours >= 48 and destination.max_attempts is None
+
+
+def test_a_destination_down_for_a_while_gets_the_result_when_it_is_back(spool, tmp_path):
+    path, uid = _result(spool)
+    _queue(spool, [("late", path)])
+    port = free_port()
+    destination = DestinationConfig(
+        name="late", host="127.0.0.1", port=port, ae_title="ORTHANC", backoff_s=0.2, max_backoff_s=0.5
+    )
+    stop = threading.Event()
+    worker = _worker(spool, destination, stop)
+    worker.start()
+    server = None
+    try:
+        wait_until(lambda: _due(spool, "late").attempts >= 3, timeout=30, what="failed attempts")
+        server = start_orthanc(tmp_path / "orthanc", dicom_port=port)
+        wait_until(lambda: spool.counts()["outbox"].get("late:sent"), timeout=60, what="delivery")
+        assert len(_orthanc_ids(server, uid)) == 1
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+        if server is not None:
+            stop_process(server.process)
+    assert spool.counts()["outbox"] == {"late:sent": 1}
+
+
+#: A storescp association profile that accepts MR images only: a CT result is refused.
+MR_ONLY = """\
+[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LocalEndianExplicit
+TransferSyntax2 = LittleEndianImplicit
+[[PresentationContexts]]
+[MROnly]
+PresentationContext1 = VerificationSOPClass\\Uncompressed
+PresentationContext2 = MRImageStorage\\Uncompressed
+[[Profiles]]
+[MROnly]
+PresentationContexts = MROnly
+"""
+
+
+def test_a_destination_that_refuses_the_sop_class_is_a_dead_letter_at_once(spool, tmp_path):
+    path, _ = _result(spool)
+    _queue(spool, [("mr-only", path)])
+    profile = tmp_path / "storescp.cfg"
+    profile.write_text(MR_ONLY)
+    received = tmp_path / "received"
+    received.mkdir()
+    port = free_port()
+    storescp = shutil.which("storescp")
+    if storescp is None:
+        pytest.fail("storescp is not installed (Debian package dcmtk); .ci/run installs it")
+    process = subprocess.Popen([storescp, "-xf", str(profile), "MROnly", "-od", str(received), str(port)])
+    try:
+        wait_for_port(port, process=process)
+        delivery = spool.next_delivery("mr-only")
+        worker = _worker(
+            spool, DestinationConfig(name="mr-only", host="127.0.0.1", port=port, ae_title="ANY")
+        )
+
+        assert worker.deliver(delivery) is False
+    finally:
+        stop_process(process)
+
+    row = _row(spool, delivery)
+    assert (row["state"], row["attempts"]) == ("dead", 1)
+    assert row["last_error"].startswith("refused by mr-only: ")
+    assert not list(received.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("status", "refused"),
+    [
+        (0xA700, False),
+        (0xA7FF, False),
+        (0x0110, False),
+        (0xA900, True),
+        (0xC000, True),
+        (0xC123, True),
+        (0x0122, True),
+        (0x0124, True),
+        (0x0000, False),
+        (0xB000, False),
+    ],
+)
+def test_a_status_that_judges_the_object_is_a_refusal_and_out_of_resources_is_not(status, refused):
+    assert StoreOutcome(Path("r.dcm"), status).refused is refused
+
+
+def test_no_answer_is_not_a_refusal_but_a_rejected_presentation_context_is():
+    assert not StoreOutcome(Path("r.dcm"), None, "no response (timeout or abort)").refused
+    assert StoreOutcome(Path("r.dcm"), None, "no accepted context", context_rejected=True).refused

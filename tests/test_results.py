@@ -21,10 +21,12 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.sr.codedict import codes
 from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
+import dicomnode.durable as durable
 from dicomnode.config import load_routing
-from dicomnode.flow import Code, Finding, ModelIdentity, Prediction, Sample
-from dicomnode.results import ResultsError, write_results
+from dicomnode.flow import Code, Finding, ModelIdentity, Prediction, ReportVersion, Sample
+from dicomnode.results import ResultsError, series_description, write_results
 from dicomnode.routing import Decision, decide, read_header
+from dicomnode.spool import Spool
 from tests.conftest import dciodvfy_errors
 
 SOURCE_FILES = ("RG1_UNCR.dcm", "RG1_UNCI.dcm")
@@ -49,7 +51,7 @@ MODEL = ModelIdentity(
     backbone_sha256="a" * 64,
     demo=False,
 )
-DEMO_MODEL = replace(MODEL, backbone_sha256=None, demo=True)
+DEMO_MODEL = replace(MODEL, backbone_sha256=None, demo=True, backbone_seed=0)
 
 
 def _source_path(name: str) -> str:
@@ -89,7 +91,12 @@ def study() -> tuple[list[pydicom.Dataset], list[Sample], list[Prediction]]:
 
 
 def _write(
-    study, out_dir: Path, model: ModelIdentity = MODEL, order=(0, 1), procedure: Code = CHEST_RADIOGRAPH
+    study,
+    out_dir: Path,
+    model: ModelIdentity = MODEL,
+    order=(0, 1),
+    procedure: Code = CHEST_RADIOGRAPH,
+    latest: ReportVersion | None = None,
 ):
     sources, samples, predictions = study
     return write_results(
@@ -100,6 +107,7 @@ def _write(
         findings=FINDINGS,
         procedure=procedure,
         model=model,
+        latest=latest,
     )
 
 
@@ -244,6 +252,109 @@ def test_another_prompt_set_yields_new_uids(study, written, tmp_path):
     }
 
 
+def _uids(result) -> set[str]:
+    datasets = [pydicom.dcmread(path) for path in result.paths]
+    return {ds.SOPInstanceUID for ds in datasets} | {ds.SeriesInstanceUID for ds in datasets}
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        replace(MODEL, backbone_sha256="b" * 64),
+        replace(MODEL, backbone="ViT-L-14"),
+        DEMO_MODEL,
+        replace(MODEL, algorithm_version="0.2.0"),
+    ],
+    ids=["weights", "architecture", "demo-instead-of-checkpoint", "algorithm-version"],
+)
+def test_another_backbone_or_algorithm_yields_new_uids(study, written, tmp_path, other):
+    result, _, _ = written
+    assert not _uids(result) & _uids(_write(study, tmp_path, other))
+
+
+def test_demo_weights_of_another_seed_yield_new_uids(study, tmp_path):
+    first = _write(study, tmp_path / "seed0", DEMO_MODEL)
+    again = _write(study, tmp_path / "again", DEMO_MODEL)
+    other = _write(study, tmp_path / "seed1", replace(DEMO_MODEL, backbone_seed=1))
+    assert _uids(again) == _uids(first)
+    assert not _uids(other) & _uids(first)
+
+
+def _predecessors(sr: pydicom.Dataset) -> list[tuple[str, str, str, str]]:
+    """(study, series, SOP class, SOP instance) of each item of the Predecessor Documents Sequence."""
+    return [
+        (
+            study.StudyInstanceUID,
+            series.SeriesInstanceUID,
+            sop.ReferencedSOPClassUID,
+            sop.ReferencedSOPInstanceUID,
+        )
+        for study in sr.get("PredecessorDocumentsSequence", [])
+        for series in study.ReferencedSeriesSequence
+        for sop in series.ReferencedSOPSequence
+    ]
+
+
+def test_a_late_instance_gives_a_second_version_that_supersedes_the_first(study, tmp_path):
+    early = _write(study, tmp_path / "early", order=(0,))
+    sr_early = pydicom.dcmread(early.paths[0])
+    assert early.version.number == 1 and early.version.replaces is None
+    assert "PredecessorDocumentsSequence" not in sr_early
+    assert sr_early.SeriesDescription == "dicomnode AI findings"
+
+    late = _write(study, tmp_path / "late", order=(0, 1), latest=early.version)
+
+    sr_late, sc_late = (pydicom.dcmread(path) for path in late.paths)
+    assert not _uids(late) & _uids(early)
+    assert _predecessors(sr_late) == [
+        (sr_early.StudyInstanceUID, sr_early.SeriesInstanceUID, sr_early.SOPClassUID, sr_early.SOPInstanceUID)
+    ]
+    assert sr_late.SeriesDescription == "dicomnode AI findings v2, replaces v1"
+    assert sc_late.SeriesDescription == "dicomnode AI image v2, replaces v1"
+    assert late.version.number == 2 and late.version.replaces == early.version.sr
+    # The same finding is tracked across the versions of the report.
+    assert [g.tracking_uid for g in _groups(sr_late)] == [g.tracking_uid for g in _groups(sr_early)]
+    for path in late.paths:
+        assert not dciodvfy_errors(path)
+
+
+def test_a_version_written_again_is_identical_and_one_back_to_earlier_content_is_a_new_version(
+    study, tmp_path
+):
+    first = _write(study, tmp_path / "1", order=(0,))
+    second = _write(study, tmp_path / "2", order=(0, 1), latest=first.version)
+
+    again = _write(study, tmp_path / "2-again", order=(1, 0), latest=second.version)
+    back = _write(study, tmp_path / "3", order=(0,), latest=second.version)
+
+    assert again.version == second.version and _uids(again) == _uids(second)
+    assert _predecessors(pydicom.dcmread(again.paths[0])) == _predecessors(pydicom.dcmread(second.paths[0]))
+    assert back.version.number == 3 and back.version.replaces == second.version.sr
+    assert not _uids(back) & (_uids(first) | _uids(second))
+
+
+def test_a_superseding_demo_report_is_marked_and_fits_the_long_string(study, tmp_path):
+    first = _write(study, tmp_path / "1", DEMO_MODEL, order=(0,))
+    second = _write(study, tmp_path / "2", DEMO_MODEL, latest=first.version)
+    sr, sc = (pydicom.dcmread(path) for path in second.paths)
+    assert sr.SeriesDescription == "DEMO dicomnode AI findings v2, replaces v1 - no clinical meaning"
+    assert sc.SeriesDescription == "DEMO dicomnode AI image v2, replaces v1 - no clinical meaning"
+    for number in (1, 2, 10, 12345):
+        for kind in ("dicomnode AI findings", "dicomnode AI image"):
+            description = series_description(kind, number, demo=True)
+            assert description.startswith("DEMO ") and len(description) <= 64
+    for path in second.paths:
+        assert not dciodvfy_errors(path)
+
+
+def test_a_latest_version_of_another_study_is_refused(study, written, tmp_path):
+    result, _, _ = written
+    stranger = replace(result.version, study_instance_uid="1.2.3.4")
+    with pytest.raises(ResultsError, match=r"1\.2\.3\.4"):
+        _write(study, tmp_path, latest=stranger)
+    assert not list(tmp_path.iterdir())
+
+
 def test_demo_model_is_marked_in_series_report_and_image(study, tmp_path):
     sr, sc = (pydicom.dcmread(path) for path in _write(study, tmp_path, DEMO_MODEL).paths)
     assert "DEMO" in sr.SeriesDescription and "DEMO" in sc.SeriesDescription
@@ -363,3 +474,25 @@ def test_mismatched_inputs_are_refused_naming_the_fault(study, tmp_path):
 def test_results_room_does_not_import_torch():
     code = "import sys, dicomnode.results; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_the_new_outbox_folder_of_a_study_is_synced_to_its_parent(study, tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(durable, "fsync_dir", synced.append)
+
+    _write(study, tmp_path / "outbox" / "1.2.3")
+
+    assert tmp_path / "outbox" in synced, "the study folder's entry in outbox/"
+
+
+def test_the_spool_knows_results_written_into_its_outbox_by_their_uid(study, tmp_path):
+    # What the SCP checks when a PACS forwards a result back with its Manufacturer rewritten.
+    spool = Spool(tmp_path / "var")
+    sources, _, _ = study
+    study_uid = str(sources[0].StudyInstanceUID)
+    result = _write(study, spool.outbox_dir / study_uid)
+
+    for path in result.paths:
+        assert spool.wrote_result(study_uid, str(pydicom.dcmread(path).SOPInstanceUID)), path.name
+    assert not spool.wrote_result(study_uid, str(sources[0].SOPInstanceUID))
+    spool.close()

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+import dicomnode.spool.instances as instances
+from dicomnode.flow import ObjectReference, ReportVersion
 from dicomnode.privacy import uid_tag
 from dicomnode.spool import Spool, SpoolError, SpoolFull, StudyRecord, is_valid_uid
 from tests.conftest import umask
@@ -496,7 +498,31 @@ def test_a_journal_of_the_first_schema_is_migrated_in_place(tmp_path):
 
     study = spool.claim_quiet_study(0)
     assert study is not None and study.attempts == 0
-    assert spool._db().execute("PRAGMA user_version").fetchone()[0] == 1
+    assert spool._db().execute("PRAGMA user_version").fetchone()[0] == 2
+
+
+def test_a_journal_of_schema_1_gains_report_versions_and_keeps_its_deliveries(tmp_path):
+    state = tmp_path / "var"
+    first = Spool(state)
+    first._db().executescript(
+        "DROP TABLE reports; DROP TABLE outbox; "
+        "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, study_instance_uid TEXT NOT NULL, "
+        "destination TEXT NOT NULL, path TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL "
+        "DEFAULT 0, next_attempt_at REAL NOT NULL, last_error TEXT, updated_at REAL NOT NULL, "
+        "UNIQUE (destination, path));"
+        f"INSERT INTO outbox VALUES (1, '{STUDY}', 'pacs', '/r.dcm', 'pending', 2, 0, 'down', 0);"
+        "PRAGMA user_version=1;"
+    )
+    first.close()
+
+    spool = Spool(state)
+
+    delivery = spool.next_delivery("pacs")
+    assert (delivery.id, delivery.attempts) == (1, 2)
+    spool.delivery_failed(delivery, "still down", retry_at=time.time() + 60)
+    assert spool._db().execute("SELECT first_failed_at FROM outbox").fetchone()[0] is not None
+    assert spool.latest_report(STUDY) is None
+    assert spool._db().execute("PRAGMA user_version").fetchone()[0] == 2
 
 
 def _finish(spool: Spool, sop: str, study: str, state: str, delivery_states: tuple[str, ...] = ()) -> None:
@@ -577,3 +603,222 @@ def test_a_purge_racing_late_instances_never_loses_an_acknowledged_one(spool):
     assert len(stored) == 58
     assert all(instance.path.exists() for instance in stored)
     assert {i.sop_instance_uid for i in spool.instances("1.2.9.1")} >= {i.sop_instance_uid for i in stored}
+
+
+def _version(number: int, replaces: ReportVersion | None = None, study: str = STUDY) -> ReportVersion:
+    def reference(kind: str) -> ObjectReference:
+        return ObjectReference(f"2.25.{number}1{kind}", f"2.25.{number}2{kind}", f"1.2.840.{kind}")
+
+    return ReportVersion(
+        study_instance_uid=study,
+        number=number,
+        content_key=f"2.25.{number}9",
+        sr=reference("1"),
+        sc=reference("2"),
+        replaces=None if replaces is None else replaces.sr,
+    )
+
+
+def test_finish_study_remembers_each_report_version_and_the_latest_is_the_highest(spool):
+    first, second = _version(1), _version(2, replaces=_version(1))
+    _store(spool, "1.2.3.1")
+    assert spool.finish_study(_claim(spool), state="done", report=first)
+    assert spool.latest_report(STUDY) == first
+    _store(spool, "1.2.3.2")
+    assert spool.finish_study(_claim(spool), state="done", report=second)
+    assert spool.reprocess(STUDY) == "done"
+    assert spool.finish_study(_claim(spool), state="done", report=second)  # written again
+
+    assert spool.latest_report(STUDY) == second
+    assert spool.latest_report(OTHER_STUDY) is None
+    assert spool._db().execute("SELECT count(*) FROM reports").fetchone()[0] == 2
+
+
+def test_a_version_written_while_a_late_instance_arrived_is_still_remembered(spool):
+    _store(spool, "1.2.3.1")
+    claimed = _claim(spool)
+    _store(spool, "1.2.3.2")
+
+    assert spool.finish_study(claimed, state="done", report=_version(1)) is False
+
+    assert spool.latest_report(STUDY) == _version(1), "it went to the PACS: the next one must replace it"
+
+
+def test_report_versions_outlive_the_purge_of_their_study(spool):
+    _finish(spool, "1.2.9.1.1", "1.2.9.1", "done", ("sent",))
+    version = _version(1, study="1.2.9.1")
+    _store(spool, "1.2.9.1.2", study="1.2.9.1")
+    spool.finish_study(spool.claim_quiet_study(0, now=time.time() + 1), state="done", report=version)
+
+    assert spool.purge_finished(time.time() + 1) == 1
+
+    assert spool.study("1.2.9.1") is None
+    assert spool.latest_report("1.2.9.1") == version
+
+
+@pytest.mark.parametrize("state", ["done", "failed", "ignored"])
+def test_reprocess_puts_a_finished_study_back_in_the_queue_quiet_already(spool, state):
+    _store(spool, "1.2.3.1")
+    claimed = _claim(spool)
+    spool.retry_study(claimed, "OSError: disk", delay_s=3600, max_attempts=5)
+    spool.finish_study(_claim_at(spool, time.time() + 3601), state=state, reason="why")
+
+    assert spool.reprocess(STUDY) == state
+
+    record = spool.study(STUDY)
+    assert (record.state, record.reason, record.attempts) == ("receiving", None, 0)
+    again = spool.claim_quiet_study(30.0, now=time.time() + 31)  # not after the retry delay
+    assert again is not None and again.generation == claimed.generation + 1
+
+
+def _claim_at(spool: Spool, now: float) -> StudyRecord:
+    study = spool.claim_quiet_study(0, now=now)
+    assert study is not None
+    return study
+
+
+def test_reprocess_during_processing_makes_the_worker_result_count_as_older_content(spool):
+    _store(spool, "1.2.3.1")
+    claimed = _claim(spool)
+
+    assert spool.reprocess(STUDY) == "processing"
+
+    assert spool.finish_study(claimed, state="done") is False
+    assert spool.study(STUDY).state == "receiving"
+
+
+def test_reprocess_leaves_a_waiting_study_and_knows_no_unknown_one(spool):
+    _store(spool, "1.2.3.1")
+    generation = spool.study(STUDY).generation
+
+    assert spool.reprocess(STUDY) == "receiving"
+    assert spool.reprocess(OTHER_STUDY) is None
+    assert spool.study(STUDY).generation == generation
+
+
+def test_requeue_failed_puts_only_failed_studies_back(spool):
+    _finish(spool, "1.2.9.1.1", "1.2.9.1", "failed")
+    _finish(spool, "1.2.9.2.1", "1.2.9.2", "done")
+    _finish(spool, "1.2.9.3.1", "1.2.9.3", "failed")
+
+    assert sorted(spool.requeue_failed()) == ["1.2.9.1", "1.2.9.3"]
+
+    assert [spool.study(uid).state for uid in ("1.2.9.1", "1.2.9.2", "1.2.9.3")] == [
+        "receiving",
+        "done",
+        "receiving",
+    ]
+    assert spool.requeue_failed() == []
+
+
+def _two_workers_on_one_study(spool: Spool) -> tuple[StudyRecord, StudyRecord]:
+    """v1 recorded; then worker A holds the study, a late instance re-opens it, B holds it too."""
+    _store(spool, "1.2.3.1")
+    assert spool.finish_study(_claim(spool), state="done", report=_version(1))
+    _store(spool, "1.2.3.2")
+    first = _claim(spool)
+    _store(spool, "1.2.3.3")
+    second = _claim(spool)
+    assert second.generation == first.generation + 1
+    return first, second
+
+
+def _versions_from(number: int, kind: str) -> ReportVersion:
+    """Version `number` replacing v1, from worker `kind`: other UIDs for each worker."""
+    base = _version(number, replaces=_version(1))
+    tagged = ObjectReference(
+        base.sr.series_instance_uid, f"{base.sr.sop_instance_uid}{kind}", base.sr.sop_class_uid
+    )
+    return ReportVersion(
+        base.study_instance_uid, number, f"{base.content_key}{kind}", tagged, base.sc, base.replaces
+    )
+
+
+def test_of_two_workers_on_one_study_the_stale_one_finishing_last_is_dropped(spool):
+    stale, fresh = _two_workers_on_one_study(spool)
+    fresh_report, stale_report = _versions_from(2, "7"), _versions_from(2, "8")
+
+    assert spool.finish_study(fresh, state="done", report=fresh_report, deliveries=[("pacs", Path("/v2b"))])
+    assert (
+        spool.finish_study(stale, state="done", report=stale_report, deliveries=[("pacs", Path("/v2a"))])
+        is False
+    )
+
+    assert spool.latest_report(STUDY) == fresh_report
+    assert spool.study(STUDY).state == "done"
+    assert spool.next_delivery("pacs").path == Path("/v2b")
+    assert spool.counts()["outbox"] == {"pacs:pending": 1}
+
+
+def test_of_two_workers_on_one_study_the_fresh_one_finishing_last_is_written_again_as_the_next(spool):
+    stale, fresh = _two_workers_on_one_study(spool)
+    stale_report, fresh_report = _versions_from(2, "8"), _versions_from(2, "7")
+
+    assert spool.finish_study(stale, state="done", report=stale_report) is False  # late instance
+    assert spool.finish_study(fresh, state="done", report=fresh_report) is False
+
+    assert spool.latest_report(STUDY) == stale_report, "it went out: the next version replaces it"
+    assert spool.study(STUDY).state == "receiving"
+    again = _claim(spool)
+    assert again.generation == fresh.generation
+    next_version = _version(3, replaces=stale_report)
+    assert spool.finish_study(again, state="done", report=next_version)
+    assert spool.latest_report(STUDY) == next_version
+
+
+def _received(spool: Spool, content: bytes, folder: Path | None = None) -> Path:
+    """A file as the SCP hands it over: received into incoming/ (or `folder`)."""
+    path = (folder or spool.incoming_dir) / f".received-{time.monotonic_ns()}.dcm"
+    path.write_bytes(content)
+    return path
+
+
+def test_a_received_file_is_moved_into_the_spool_by_a_rename(spool):
+    received = _received(spool, b"instance bytes" * 1000)
+    inode = received.stat().st_ino
+
+    stored = _store(spool, "1.2.3.4.5", content=received)
+
+    assert stored.path.stat().st_ino == inode
+    assert stored.path.read_bytes() == b"instance bytes" * 1000
+    assert not received.exists()
+
+
+def test_a_received_file_is_synced_before_it_takes_its_name_in_the_spool(spool, monkeypatch):
+    events = []
+    monkeypatch.setattr(instances, "fsync_file", lambda path: events.append(("fsync", path)))
+    monkeypatch.setattr(instances, "fsync_dir", lambda path: events.append(("fsync_dir", path)))
+    received = _received(spool, b"instance bytes")
+
+    stored = _store(spool, "1.2.3.4.5", content=received)
+
+    assert events == [("fsync", received), ("fsync_dir", stored.path.parent)]
+
+
+def test_a_received_resend_is_compared_chunk_by_chunk_same_size_different_bytes_replaces(spool, monkeypatch):
+    monkeypatch.setattr(instances, "_COMPARE_CHUNK", 7)  # many chunks, the difference in the last
+    first = bytes(100)
+    _store(spool, "1.2.3.4.5", content=_received(spool, first))
+    spool.finish_study(_claim(spool), state="done")
+
+    same = _received(spool, first)
+    _store(spool, "1.2.3.4.5", content=same)
+    assert spool.study(STUDY).state == "done", "byte-identical: nothing changes"
+    assert same.exists(), "left for the SCP to delete"
+
+    changed = first[:-1] + b"\x01"
+    _store(spool, "1.2.3.4.5", content=_received(spool, changed))
+    assert spool.study(STUDY).state == "receiving"
+    assert spool.instances(STUDY)[0].path.read_bytes() == changed
+
+
+def test_a_file_received_on_another_file_system_is_copied_durably(spool):
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == spool.instances_dir.stat().st_dev:
+        pytest.skip("needs /dev/shm on a file system other than the spool's")
+    received = _received(spool, b"from elsewhere", folder=shm)
+    try:
+        stored = _store(spool, "1.2.3.4.5", content=received)
+        assert stored.path.read_bytes() == b"from elsewhere"
+    finally:
+        received.unlink(missing_ok=True)

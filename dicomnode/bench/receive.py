@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
+import struct
 import subprocess
 import tempfile
 import time
@@ -18,9 +19,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicomnode.bench import BenchError, free_port, wait_for_port
 from dicomnode.config import ScpConfig
@@ -61,26 +63,78 @@ def make_instances(source: Path, count: int, folder: Path) -> list[Path]:
     return paths
 
 
-def _send(port: int, ae_title: str, paths: list[Path]) -> float:
+#: Multi-frame Grayscale Word Secondary Capture Image Storage: frames of any size and number.
+_MULTIFRAME_WORD_SC = "1.2.840.10008.5.1.4.1.1.7.3"
+_FRAME_SIDE = 1024
+
+
+def write_large_instance(path: Path, megabytes: int) -> Path:
+    """A multi-frame 16-bit instance of about `megabytes` MB (at least one frame of 2 MiB).
+
+    Written a frame at a time after its header, so that a gigabyte never sits in memory; the
+    frames differ from one another so that nothing along the way can compress them away.
+    """
+    frame_bytes = _FRAME_SIDE * _FRAME_SIDE * 2
+    frames = max(1, megabytes * 10**6 // frame_bytes)
+    ds = pydicom.Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = _MULTIFRAME_WORD_SC, generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.ConversionType = "OT", "WSD"
+    ds.PatientName, ds.PatientID, ds.StudyDate, ds.StudyTime = "", "", "", ""
+    ds.Rows = ds.Columns = _FRAME_SIDE
+    ds.NumberOfFrames = frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    ramp = np.arange(_FRAME_SIDE * _FRAME_SIDE, dtype=np.uint16)
+    with path.open("ab") as handle:
+        # (7FE0,0010) Pixel Data, explicit VR little endian: tag, "OW", 2 reserved, 4-byte length.
+        handle.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, frames * frame_bytes))
+        for frame in range(frames):
+            handle.write((ramp + frame).tobytes())
+    return path
+
+
+def _send(port: int, ae_title: str, paths: list[Path]) -> subprocess.Popen:
+    """Start storescu sending `paths` over one association, as its users run it."""
     command = [_tool("storescu"), "-aec", ae_title, "127.0.0.1", str(port), *map(str, paths)]
-    started = time.perf_counter()
-    done = subprocess.run(
-        command, capture_output=True, text=True, env={**os.environ, "TCP_NODELAY": "1"}, check=False
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TCP_NODELAY": "1"},
     )
+
+
+def _send_all(port: int, ae_title: str, paths: list[Path], associations: int) -> float:
+    """Seconds for `associations` storescu processes, started together, to send `paths` between them."""
+    started = time.perf_counter()
+    senders = [_send(port, ae_title, paths[i::associations]) for i in range(associations)]
+    errors = [sender.communicate()[1] for sender in senders]
     seconds = time.perf_counter() - started
-    if done.returncode != 0 or "Refused" in done.stderr or "Failed" in done.stderr:
-        raise BenchError(f"storescu to port {port} failed: {done.stderr.strip()[-300:]}")
+    for sender, stderr in zip(senders, errors, strict=True):
+        if sender.returncode != 0 or "Refused" in stderr or "Failed" in stderr:
+            raise BenchError(f"storescu to port {port} failed: {stderr.strip()[-300:]}")
     return seconds
 
 
 @contextmanager
-def _storescp(folder: Path) -> Iterator[int]:
+def _storescp(folder: Path, fork: bool) -> Iterator[int]:
+    """DCMTK's storescp as its users run it: TCP_NODELAY=1, --fork for concurrent senders.
+
+    Without TCP_NODELAY storescp's small responses wait on Nagle's algorithm and it looks
+    many times slower than it is.
+    """
     port = free_port()
     folder.mkdir(parents=True)
     process = subprocess.Popen(
-        [_tool("storescp"), "-aet", "STORESCP", "-od", str(folder), str(port)],
+        [_tool("storescp"), *(["--fork"] if fork else []), "-aet", "STORESCP", "-od", str(folder), str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, "TCP_NODELAY": "1"},
     )
     try:
         wait_for_port(port)
@@ -103,29 +157,105 @@ def _dicomnode_scp(folder: Path) -> Iterator[int]:
         spool.close()
 
 
-def bench_receive(source: Path, count: int, rounds: int, report: Callable[[str], None]) -> float:
-    """Median seconds of dicomnode over median seconds of storescp for `count` instances."""
+@dataclass(frozen=True)
+class Scenario:
+    """What storescu sends: `count` copies of `source`, over `associations` at once."""
+
+    name: str
+    source: Path
+    count: int
+    associations: int = 1
+
+
+def standard_scenarios(count: int | None = None) -> list[Scenario]:
+    """The issue's three: 500 CT slices of 39 KB, 40 radiographs of 7.2 MB, and the slices over 4
+    associations at once (pydicom's test files CT_small.dcm and RG1_UNCR.dcm)."""
+    from pydicom.data import get_testdata_file
+
+    ct, cr = (get_testdata_file(name, download=False) for name in ("CT_small.dcm", "RG1_UNCR.dcm"))
+    if ct is None or cr is None:
+        raise BenchError("pydicom's test files are not installed (package pydicom-data)")
+    return [
+        Scenario("small", Path(ct), count or 500),
+        Scenario("large", Path(cr), count or 40),
+        Scenario("concurrent", Path(ct), count or 500, associations=4),
+    ]
+
+
+def bench_receive(scenarios: list[Scenario], rounds: int, report: Callable[[str], None]) -> dict[str, float]:
+    """Speed of dicomnode relative to storescp (storescp's median time over dicomnode's) per scenario."""
+    speeds = {}
     with tempfile.TemporaryDirectory(prefix="dicomnode-bench-") as tmp:
-        root = Path(tmp)
-        (root / "in").mkdir()
-        paths = make_instances(source, count, root / "in")
-        megabytes = sum(p.stat().st_size for p in paths) / 1e6
-        report(f"receive: {count} instances of {source.name}, {megabytes:.1f} MB, {rounds} rounds each")
-        runs: list[ReceiveRun] = []
-        for round_number in range(rounds):
-            target = root / f"round{round_number}"
-            with _storescp(target / "storescp") as port:
-                runs.append(ReceiveRun("storescp", _send(port, "STORESCP", paths)))
-            with _dicomnode_scp(target / "dicomnode") as port:
-                runs.append(ReceiveRun("dicomnode", _send(port, "DICOMNODE", paths)))
-            shutil.rmtree(target)
-        medians = {
-            name: statistics.median(r.seconds for r in runs if r.receiver == name)
-            for name in ("storescp", "dicomnode")
-        }
-        for name, seconds in medians.items():
-            rate = f"{megabytes / seconds:8.1f} MB/s  {count / seconds:8.1f} instances/s"
-            report(f"  {name:10s} {seconds:7.3f} s  {rate}")
-        ratio = medians["dicomnode"] / medians["storescp"]
-        report(f"  ratio dicomnode/storescp (time): {ratio:.2f}")
-        return ratio
+        for scenario in scenarios:
+            speeds[scenario.name] = _bench_scenario(scenario, rounds, Path(tmp) / scenario.name, report)
+    return speeds
+
+
+def _bench_scenario(scenario: Scenario, rounds: int, root: Path, report: Callable[[str], None]) -> float:
+    (root / "in").mkdir(parents=True)
+    paths = make_instances(scenario.source, scenario.count, root / "in")
+    megabytes = sum(p.stat().st_size for p in paths) / 1e6
+    report(
+        f"receive {scenario.name}: {scenario.count} instances of {scenario.source.name}, "
+        f"{megabytes:.1f} MB, {scenario.associations} association(s), {rounds} rounds each"
+    )
+    runs: list[ReceiveRun] = []
+    concurrent = scenario.associations > 1
+    for round_number in range(rounds):
+        target = root / f"round{round_number}"
+        with _storescp(target / "storescp", fork=concurrent) as port:
+            runs.append(ReceiveRun("storescp", _send_all(port, "STORESCP", paths, scenario.associations)))
+        with _dicomnode_scp(target / "dicomnode") as port:
+            runs.append(ReceiveRun("dicomnode", _send_all(port, "DICOMNODE", paths, scenario.associations)))
+        shutil.rmtree(target)
+    times = {
+        name: sorted(r.seconds for r in runs if r.receiver == name) for name in ("storescp", "dicomnode")
+    }
+    for name, seconds in times.items():
+        median = statistics.median(seconds)
+        rate = f"{megabytes / median:8.1f} MB/s  {scenario.count / median:8.1f} instances/s"
+        report(f"  {name:10s} {median:7.3f} s  {rate}  (range {seconds[0]:.3f}-{seconds[-1]:.3f} s)")
+    speed = statistics.median(times["storescp"]) / statistics.median(times["dicomnode"])
+    report(f"  speed dicomnode/storescp: {speed:.2f}x")
+    return speed
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory since the last reset (VmHWM), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise BenchError("/proc/self/status has no VmHWM: peak memory is measured on Linux only")
+
+
+def _reset_peak_rss() -> None:
+    """Start a new peak (Linux: writing 5 to clear_refs resets VmHWM to the current RSS)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError as exc:
+        raise BenchError(f"cannot reset the peak memory of this process: {exc.strerror}") from None
+
+
+def bench_receive_memory(sizes_mb: list[int], report: Callable[[str], None]) -> dict[int, float]:
+    """Peak resident memory of the node's SCP and spool (this process) while storescu sends one
+    instance of each size, in MiB; it must not grow with the instance."""
+    with (
+        tempfile.TemporaryDirectory(prefix="dicomnode-bench-") as tmp,
+        _dicomnode_scp(Path(tmp) / "node") as port,
+    ):
+        return {megabytes: _peak_receiving(Path(tmp), port, megabytes, report) for megabytes in sizes_mb}
+
+
+def _peak_receiving(folder: Path, port: int, megabytes: int, report: Callable[[str], None]) -> float:
+    sent = write_large_instance(folder / f"{megabytes}.dcm", megabytes)
+    size = sent.stat().st_size / 2**20
+    _reset_peak_rss()
+    idle = _peak_rss_mib()
+    seconds = _send_all(port, "DICOMNODE", [sent], 1)
+    peak = _peak_rss_mib()
+    sent.unlink()
+    report(
+        f"receive memory: one instance of {size:7.1f} MiB in {seconds:6.2f} s: "
+        f"peak RSS {peak:6.1f} MiB ({peak - idle:+.1f} MiB over idle)"
+    )
+    return peak

@@ -65,6 +65,8 @@ def bench_study(cfg: NodeConfig, count: int, report: Callable[[str], None]) -> d
             update={
                 "state_dir": root / "state",
                 "destinations": (),
+                # The bench's node must not take the port of a node serving on this host.
+                "metrics": cfg.metrics.model_copy(update={"enabled": False}),
                 "scp": cfg.scp.model_copy(update={"host": "127.0.0.1", "port": port, "min_free_mb": 0}),
                 "studies": cfg.studies.model_copy(update={"quiet_period_s": 0.0, "poll_interval_s": 0.01}),
             }

@@ -3,24 +3,36 @@
 Handlers only translate. C-STORE answers success (0x0000) only after the spool made the
 instance durable; anything else gets the DICOM status that tells the sender what to do
 (0xA700 retry later, 0xC000 do not resend as is), with an Error Comment that says why.
-Association outcomes go to the audit log, without patient data.
+Association outcomes go to the audit log, without patient data: who is refused is decided
+by the access policy at the association request, and the audit states that decision's reason.
+
+Datasets are received to disk, not memory: pynetdicom writes each one, as it arrives, to a
+file in the spool's `incoming/` folder, the handler reads its header only, and the spool
+moves the file into place. Receiving a whole-slide level of a gigabyte needs no more memory
+than receiving a CT slice.
 """
 
 from __future__ import annotations
 
-import io
 import logging
+import ssl
+import tempfile
 import threading
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import pydicom
 from pydicom import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pydicom.dataelem import DataElement, RawDataElement
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, dimse_messages, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.config import ScpConfig
+from dicomnode.identity import NODE_MANUFACTURER
+from dicomnode.net.access import SERVICE_PROVIDER_PRESENTATION, AccessPolicy, Rejection, describe_rejection
+from dicomnode.net.tls import HandshakingServer
 from dicomnode.privacy import uid_tag
 from dicomnode.spool import Spool, SpoolFull, is_valid_uid
 
@@ -30,6 +42,11 @@ audit = logging.getLogger("dicomnode.audit")
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
+
+#: Largest PDU the SCP receives. pynetdicom's default (16 KiB) makes a 7 MB radiograph 440
+#: PDUs, each a trip through its state machine; at DCMTK's largest (128 KiB) the radiographs
+#: of `dicomnode bench receive` arrive about a third faster. A PDU is held in memory whole.
+MAX_PDU_BYTES = 128 << 10
 
 
 @dataclass(frozen=True)
@@ -46,9 +63,103 @@ class Refusal:
         return ds
 
 
-def _parse(encoded: bytes) -> Dataset:
-    """Parse what the peer sent, fully, so a truncated or malformed stream is caught now."""
-    return pydicom.dcmread(io.BytesIO(encoded))
+#: Values longer than this stay on disk when the handler reads a received dataset.
+_HEADER_VALUE_BYTES = 64 << 10
+
+
+class TruncatedDataset(ValueError):
+    """The received stream ends before the last element it announces."""
+
+
+def _read_header(path: Path) -> Dataset:
+    """Parse the received file's elements, leaving long values (pixel data) on disk.
+
+    The parse walks every top-level element, seeking past long values, so a malformed stream
+    fails here. A stream cut short is found at its end: the last element must end where the
+    file does, or, of undefined length (encapsulated pixel data, a sequence), the file must
+    end with its sequence delimiter (pydicom only warns when that is missing). A deflated
+    dataset is inflated by pydicom (in memory: deflate is for small objects such as SR),
+    whose zlib refuses a stream cut short. Raises on any of these.
+    """
+    ds = pydicom.dcmread(path, defer_size=_HEADER_VALUE_BYTES)
+    if not len(ds):  # also what pydicom returns when it reached the end before a delimiter
+        raise TruncatedDataset("no element could be read")
+    syntax = ds.file_meta.TransferSyntaxUID
+    if not syntax.is_deflated:
+        _check_complete(
+            path, ds.get_item(next(reversed(ds.keys())), keep_deferred=True), syntax.is_little_endian
+        )
+    return ds
+
+
+#: Sequence Delimitation Item (FFFE,E0DD) with its zero length, by byte order.
+_SEQUENCE_DELIMITER = {True: bytes.fromhex("feffdde000000000"), False: bytes.fromhex("fffee0dd00000000")}
+
+
+def _check_complete(path: Path, last: RawDataElement | DataElement, little_endian: bool) -> None:
+    """Raise TruncatedDataset unless the file ends where its last element says it does."""
+    size = path.stat().st_size
+    if isinstance(last, RawDataElement) and last.length != 0xFFFFFFFF:
+        if last.value_tell + last.length != size:
+            raise TruncatedDataset(
+                f"last element {last.tag} ends at byte {last.value_tell + last.length}, file has {size}"
+            )
+        return
+    with path.open("rb") as handle:
+        handle.seek(max(size - 8, 0))
+        if handle.read(8) != _SEQUENCE_DELIMITER[little_endian]:
+            raise TruncatedDataset(
+                f"last element {last.tag} has undefined length and the file no delimiter at its end"
+            )
+
+
+def _is_own_result(ds: Dataset, spool: Spool) -> bool:
+    """True for an object this node wrote, as a PACS that forwards everything sends it back.
+
+    Two signatures, either enough: the Manufacturer the results are signed with, and a SOP
+    Instance UID the node wrote into its outbox (a PACS may coerce attributes, but it keeps
+    the UID it stores an instance under).
+    """
+    if str(ds.get("Manufacturer", "")).strip() == NODE_MANUFACTURER:
+        return True
+    return spool.wrote_result(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
+
+
+def _receive_to_disk() -> None:
+    """Have pynetdicom write every received dataset to a file, in the spool's `incoming/`.
+
+    pynetdicom's switch is process-wide and its temporary file takes no folder, so its file
+    factory is replaced by one that asks the association which spool it serves.
+    """
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    dimse_messages.NamedTemporaryFile = _received_file
+
+
+def _received_file(*args, **kwargs):
+    """pynetdicom's temporary file for a dataset being received (private: created 0600)."""
+    return tempfile.NamedTemporaryFile(*args, dir=_incoming_dir(), prefix=".received-", **kwargs)
+
+
+def _incoming_dir() -> Path | None:
+    """The `incoming/` folder of the spool that the current association stores into.
+
+    pynetdicom decodes P-DATA in the association's DUL thread, which knows its association,
+    whose C-STORE handler is bound to our handlers. None (the system's temporary folder) for
+    an SCP that is not ours: the spool then copies instead of renaming.
+    """
+    assoc = getattr(threading.current_thread(), "assoc", None)
+    bound = assoc.get_handlers(evt.EVT_C_STORE) if assoc is not None else None
+    owner = getattr(bound[0], "__self__", None) if isinstance(bound, tuple) else None
+    return owner.spool.incoming_dir if isinstance(owner, StorageHandlers) else None
+
+
+def _discard_partial(assoc) -> None:
+    """Delete the file of a dataset whose association ended before it was complete."""
+    message = getattr(assoc.dimse, "message", None)
+    received = getattr(message, "_data_set_file", None)
+    if received is not None:
+        received.close()
+        Path(received.name).unlink(missing_ok=True)
 
 
 def _check_identity(ds: Dataset, affected_sop_instance_uid: str) -> Refusal | None:
@@ -69,8 +180,14 @@ class StorageHandlers:
     def __init__(self, spool: Spool, scp: ScpConfig) -> None:
         self.spool = spool
         self.scp = scp
+        self.policy = AccessPolicy(scp)
         self._counts: dict[int, Counter[str]] = {}
+        self._refusals: dict[int, str] = {}
         self._lock = threading.Lock()
+        _receive_to_disk()
+        cleared = spool.clear_incoming()
+        if cleared:
+            log.info("deleted %d instances a previous run left half-received", cleared)
 
     def _count(self, event: evt.Event, outcome: str) -> None:
         with self._lock:
@@ -81,21 +198,35 @@ class StorageHandlers:
         return SUCCESS
 
     def on_store(self, event: evt.Event) -> int | Dataset:
-        """C-STORE: parse, make durable, then acknowledge; refuse with the reason otherwise."""
+        """C-STORE: parse the header, make durable, then acknowledge; refuse with the reason otherwise.
+
+        The node's own results, forwarded back by a PACS, are acknowledged (or the PACS would
+        retry them forever) but not stored: they must never re-open their study.
+        """
         request = event.request
         affected = str(request.AffectedSOPInstanceUID)
-        encoded = event.encoded_dataset(include_meta=True)
+        received = event.dataset_path
         try:
-            ds = _parse(encoded)
+            ds = _read_header(received)
         except Exception as exc:  # pydicom raises many types for a bad stream; all mean the same
             log.warning("refused instance %s: cannot parse (%s)", uid_tag(affected), exc.__class__.__name__)
             self._count(event, "refused")
             return Refusal(CANNOT_UNDERSTAND, "dataset cannot be parsed").as_dataset()
         refusal = _check_identity(ds, affected)
+        if refusal is None and _is_own_result(ds, self.spool):
+            audit.info(
+                "own result not stored peer=%s calling=%s instance=%s study=%s",
+                event.assoc.requestor.address,
+                event.assoc.requestor.ae_title,
+                uid_tag(affected),
+                uid_tag(ds.StudyInstanceUID),
+            )
+            self._count(event, "own results")
+            return SUCCESS
         if refusal is None:
             try:
                 self.spool.store(
-                    encoded,
+                    received,
                     sop_instance_uid=ds.SOPInstanceUID,
                     sop_class_uid=ds.SOPClassUID,
                     study_instance_uid=ds.StudyInstanceUID,
@@ -115,33 +246,65 @@ class StorageHandlers:
         self._count(event, "stored")
         return SUCCESS
 
+    def on_requested(self, event: evt.Event) -> None:
+        """Decide, before pynetdicom negotiates, whether this peer may associate; refuse if not.
+
+        pynetdicom's own checks know AE titles only and leave no reason behind; the policy also
+        knows addresses, and the reason it gives is kept for the audit line of on_rejected.
+        """
+        assoc = event.assoc
+        request = assoc.requestor.primitive
+        try:
+            rejection = self.policy.check(
+                request.calling_ae_title.strip(), request.called_ae_title.strip(), assoc.requestor.address
+            )
+        except Exception as exc:  # pynetdicom swallows a handler's exception and would accept: fail closed
+            log.exception("access check failed")
+            rejection = Rejection(f"access check failed ({exc.__class__.__name__}); refused to be safe")
+        if rejection is None:
+            return
+        with self._lock:
+            self._refusals[id(assoc)] = rejection.reason
+        # As pynetdicom does when it refuses: reject, tell the handlers, end the association.
+        assoc.acse.send_reject(rejection.result, rejection.source, rejection.diagnostic)
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()
+
     def on_accepted(self, event: evt.Event) -> None:
-        """Audit the peer of every accepted association."""
+        """Audit the peer of every accepted association, and how it is secured."""
         requestor = event.assoc.requestor
         audit.info(
-            "association accepted peer=%s:%s calling=%s called=%s",
+            "association accepted peer=%s:%s calling=%s called=%s %s",
             requestor.address,
             requestor.port,
             requestor.ae_title,
             event.assoc.acceptor.ae_title,
+            _transport(event.assoc),
         )
 
     def on_rejected(self, event: evt.Event) -> None:
-        """Audit why an association was refused: such refusals look like timeouts to the peer."""
-        request = event.assoc.requestor.primitive
-        calling, called = request.calling_ae_title.strip(), request.called_ae_title.strip()
-        if self.scp.require_called_ae and called != self.scp.ae_title:
-            reason = f"called AE title {called!r} is not ours ({self.scp.ae_title!r})"
-        elif self.scp.allowed_calling_aes and calling not in self.scp.allowed_calling_aes:
-            reason = f"calling AE title {calling!r} is not in scp.allowed_calling_aes"
-        else:
-            reason = f"association limit of {self.scp.max_associations} reached"
+        """Audit why an association was refused: such refusals look like timeouts to the peer.
+
+        The reason is the policy's, recorded when it decided; failing that, pynetdicom decided,
+        and the codes of the A-ASSOCIATE-RJ it sent say why.
+        """
+        assoc = event.assoc
+        with self._lock:
+            reason = self._refusals.pop(id(assoc), None)
+        if reason is None:
+            sent = assoc.acceptor.primitive
+            source, diagnostic = sent.result_source, sent.diagnostic
+            if (source, diagnostic) == (SERVICE_PROVIDER_PRESENTATION, 0x02):
+                reason = f"association limit of {self.scp.max_associations} reached"
+            else:
+                reason = f"refused by pynetdicom: {describe_rejection(sent.result, source, diagnostic)}"
+        request = assoc.requestor.primitive
         audit.warning(
             "association rejected peer=%s:%s calling=%s called=%s: %s",
-            event.assoc.requestor.address,
-            event.assoc.requestor.port,
-            calling,
-            called,
+            assoc.requestor.address,
+            assoc.requestor.port,
+            request.calling_ae_title.strip(),
+            request.called_ae_title.strip(),
             reason,
         )
 
@@ -150,6 +313,12 @@ class StorageHandlers:
         with self._lock:
             counts = self._counts.pop(id(event.assoc), Counter())
         how = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        if how == "aborted":
+            _discard_partial(event.assoc)
+        # An association that broke down without an abort leaves its file behind; pynetdicom
+        # gives up on a peer silent for network_timeout_s, so one untouched for twice that
+        # belongs to no association.
+        self.spool.clear_incoming(untouched_for_s=2 * self.scp.network_timeout_s)
         audit.info(
             "association %s peer=%s calling=%s stored=%d refused=%d",
             how,
@@ -164,6 +333,7 @@ class StorageHandlers:
         return [
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_REQUESTED, self.on_requested),
             (evt.EVT_ACCEPTED, self.on_accepted),
             (evt.EVT_REJECTED, self.on_rejected),
             (evt.EVT_RELEASED, self.on_ended),
@@ -171,22 +341,49 @@ class StorageHandlers:
         ]
 
 
-def start_scp(spool: Spool, scp: ScpConfig) -> ThreadedAssociationServer:
-    """Start listening in the background; every storage SOP class, every transfer syntax."""
+def _transport(assoc) -> str:
+    """How the association is carried, for the audit: TLS version and client certificate."""
+    connection = getattr(assoc.dul.socket, "socket", None)
+    if not isinstance(connection, ssl.SSLSocket):
+        return "tls=no"
+    certificate = connection.getpeercert() or {}
+    subject = dict(pair for rdn in certificate.get("subject", ()) for pair in rdn)
+    return f"tls={connection.version()} client_certificate={subject.get('commonName', 'none')}"
+
+
+def start_scp(
+    spool: Spool, scp: ScpConfig, ssl_context: ssl.SSLContext | None = None
+) -> ThreadedAssociationServer:
+    """Start listening in the background; every storage SOP class, every transfer syntax.
+
+    With `ssl_context` (net.tls.scp_context) only DICOM TLS is spoken on the port.
+    """
     ae = AE(ae_title=scp.ae_title)
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.maximum_associations = scp.max_associations
-    ae.require_called_aet = scp.require_called_ae
-    ae.require_calling_aet = list(scp.allowed_calling_aes)
+    ae.maximum_pdu_size = MAX_PDU_BYTES
+    # AE titles and addresses are the access policy's to decide (StorageHandlers.on_requested).
+    ae.require_called_aet = False
+    ae.require_calling_aet = []
     ae.acse_timeout = scp.acse_timeout_s
     ae.dimse_timeout = scp.dimse_timeout_s
     ae.network_timeout = scp.network_timeout_s
     handlers = StorageHandlers(spool, scp)
     try:
-        server = ae.start_server((scp.host, scp.port), block=False, evt_handlers=handlers.bindings())
+        server = ae.make_server(
+            (scp.host, scp.port),
+            ssl_context=ssl_context,
+            evt_handlers=handlers.bindings(),
+            server_class=HandshakingServer,
+        )
     except OSError as exc:
         raise OSError(f"Storage SCP cannot listen on {scp.host}:{scp.port}: {exc.strerror}") from exc
-    log.info("Storage SCP %s listening on %s:%d", scp.ae_title, scp.host, scp.port)
+    # What ae.start_server(block=False) does with its server: serve from a daemon thread, and
+    # keep it in the AE's list that server.shutdown() removes it from.
+    threading.Thread(target=server.serve_forever, name=f"scp-{scp.port}", daemon=True).start()
+    ae._servers.append(server)
+    security = "DICOM TLS" if ssl_context else "plain TCP"
+    log.info("Storage SCP %s listening on %s:%d (%s)", scp.ae_title, scp.host, scp.port, security)
     return server

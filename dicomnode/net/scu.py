@@ -13,8 +13,11 @@ from pathlib import Path
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config, build_context, evt
-from pynetdicom.pdu import A_ASSOCIATE_RJ
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ
 from pynetdicom.sop_class import Verification
+
+from dicomnode.config import DestinationConfig
+from dicomnode.net.tls import ClientTls, destination_tls
 
 # Send files as stored, without decoding and re-encoding them (pynetdicom's documented switch).
 _config.STORE_SEND_CHUNKED_DATASET = True
@@ -22,6 +25,10 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 
 class AssociationFailed(ConnectionError):
     """The peer could not be reached or refused the association; names the peer."""
+
+
+class ContextsRejected(AssociationFailed):
+    """The peer answered but accepted none of the SOP classes offered: it will not take them."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,18 @@ class Peer:
     port: int
     ae_title: str
     timeout_s: float = 30.0
+    tls: ClientTls | None = None
+
+    @classmethod
+    def of(cls, destination: DestinationConfig) -> Peer:
+        """The peer a destination describes, with its TLS settings."""
+        return cls(
+            destination.host,
+            destination.port,
+            destination.ae_title,
+            destination.timeout_s,
+            destination_tls(destination),
+        )
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
@@ -44,12 +63,33 @@ class StoreOutcome:
     path: Path
     status: int | None
     comment: str = ""
+    context_rejected: bool = False
 
     @property
     def ok(self) -> bool:
         """True when the peer took the instance (success, or a warning status)."""
         return self.status is not None and (
             self.status == 0 or self.status in (0x0001, 0x0107, 0x0116) or (self.status & 0xF000) == 0xB000
+        )
+
+    @property
+    def refused(self) -> bool:
+        """True when the peer refused this object for good: sending it again cannot succeed.
+
+        It rejected the object's SOP class or transfer syntax in association negotiation, or
+        answered with a status that judges the object itself (PS3.4 B.2.3 and PS3.7 C):
+        0xA9xx data set does not match SOP class, 0xCxxx cannot understand, 0x0117 invalid
+        object instance, 0x0122 SOP class not supported, 0x0124 not authorised. Every other
+        failure (0xA7xx out of resources, 0x0110 processing failure, no answer) may pass.
+        """
+        if self.context_rejected:
+            return True
+        if self.status is None or self.ok:
+            return False
+        return (
+            (self.status & 0xFF00) == 0xA900
+            or (self.status & 0xF000) == 0xC000
+            or self.status in (0x0117, 0x0122, 0x0124)
         )
 
 
@@ -67,21 +107,32 @@ def _associate(ae: AE, peer: Peer, contexts: list | None = None):
     # before its requestor thread looks, report an abort instead of the rejection. The PDU
     # itself is the evidence: a rejection is reported as one whatever the race did.
     rejections: list[A_ASSOCIATE_RJ] = []
+    acceptances: list[A_ASSOCIATE_AC] = []
 
     def received(event: evt.Event) -> None:
         if isinstance(event.pdu, A_ASSOCIATE_RJ):
             rejections.append(event.pdu)
+        elif isinstance(event.pdu, A_ASSOCIATE_AC):
+            acceptances.append(event.pdu)
 
+    # A fresh context per association: certificates renewed on disk are used without a restart.
+    context = peer.tls.context() if peer.tls is not None else None
     assoc = ae.associate(
         peer.host,
         peer.port,
         contexts=contexts,
         ae_title=peer.ae_title,
         evt_handlers=[(evt.EVT_PDU_RECV, received)],
+        tls_args=(context, peer.host) if context is not None else None,
     )
     if not assoc.is_established:
         if assoc.is_rejected or rejections:
             raise AssociationFailed(f"{peer} rejected the association")
+        if context is not None and context.handshake_error:
+            raise AssociationFailed(f"{peer}: TLS handshake failed: {context.handshake_error}")
+        if acceptances:  # accepted, then aborted by pynetdicom: no presentation context was
+            offered = ", ".join(sorted({str(c.abstract_syntax.name) for c in contexts or []}))
+            raise ContextsRejected(f"{peer} accepted none of the SOP classes offered ({offered})")
         raise AssociationFailed(f"{peer} did not accept an association (unreachable or aborted)")
     return assoc
 
@@ -129,7 +180,7 @@ def store(peer: Peer, paths: Sequence[Path], calling_ae: str = "DICOMNODE") -> l
             try:
                 response = assoc.send_c_store(Path(path))
             except ValueError as exc:  # pynetdicom: no accepted context for this file
-                outcomes.append(StoreOutcome(Path(path), None, str(exc)))
+                outcomes.append(StoreOutcome(Path(path), None, str(exc), context_rejected=True))
                 continue
             status = int(response.Status) if "Status" in response else None
             comment = str(response.get("ErrorComment", "")) if status else ""

@@ -8,6 +8,13 @@ a frame of a volume or a tile of a slide; the results name the frames that drove
 Of a slide (`slide.py`) they also give each class's tissue area, outline the strongest tiles of
 the first class in the SR, and show the tiles' scores as a heat map on the slide in the SC.
 Nothing here knows about torch: the engine's output arrives as plain `Prediction` values.
+
+Versions: the caller passes the study's latest report version from the journal. Results made
+from the same content as that version are written again identically (same UIDs, same
+predecessor); results from other content are the next version: new UIDs (`uids.py`), an SR
+whose Predecessor Documents Sequence (PS3.3 C.17.2) references the SR it replaces, and series
+descriptions that say so ("v2, replaces v1"), so a radiologist never sees two reports of one
+study standing side by side unexplained.
 """
 
 from __future__ import annotations
@@ -22,12 +29,22 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from dicomnode.durable import write_durably
-from dicomnode.flow import Aggregation, Code, Finding, ModelIdentity, Prediction, ResultSet, Sample
+from dicomnode.durable import make_folder_durably, write_durably
+from dicomnode.flow import (
+    Aggregation,
+    Code,
+    Finding,
+    ModelIdentity,
+    ObjectReference,
+    Prediction,
+    ReportVersion,
+    ResultSet,
+    Sample,
+)
 from dicomnode.results import slide
 from dicomnode.results.sc import build_secondary_capture
 from dicomnode.results.sr import StudyFinding, build_report
-from dicomnode.results.uids import derive_uid
+from dicomnode.results.uids import content_key, derive_uid
 
 __all__ = ["ResultsError", "StudyFinding", "write_results"]
 
@@ -37,6 +54,8 @@ SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
 
 SERIES_DESCRIPTION = "dicomnode AI findings"
+IMAGE_DESCRIPTION = "dicomnode AI image"
+DEMO_SUFFIX = " - no clinical meaning"
 
 
 class ResultsError(ValueError):
@@ -53,42 +72,46 @@ def write_results(
     procedure: Code,
     model: ModelIdentity,
     aggregation: Aggregation | None = None,
+    latest: ReportVersion | None = None,
 ) -> ResultSet:
-    """Write the study's SR and SC into `out_dir` and return their paths (SR first).
+    """Write the study's SR and SC into `out_dir` and return their paths (SR first) and version.
 
     `sources[i]`, `samples[i]` and `predictions[i]` describe the same sample (the header of its
     instance, repeated for each frame or tile), and the probabilities of each prediction follow
     the order of `findings`; `aggregation` (default: the maximum) makes one per finding.
-    Re-running with the same source instances and the same prompt set writes objects with the
-    same UIDs, so a PACS replaces the earlier ones. Raises `ResultsError` naming the attribute
-    or UID at fault.
+    `latest` is the study's latest report version the journal remembers, None if it has none:
+    the same content writes that version again, byte for byte the same UIDs, so a PACS replaces
+    rather than duplicates; other content writes the next version, which supersedes `latest`.
+    Raises `ResultsError` naming the attribute or UID at fault.
     """
     _check_inputs(sources, samples, predictions, findings)
     instances = [_with_type2_patient_and_study(ds) for ds in _distinct(sources)]
     aggregation = aggregation or Aggregation()
     study_findings = _study_findings(findings, predictions, aggregation)
-    source_uids = [str(ds.SOPInstanceUID) for ds in instances]
+    study_instance_uid = str(instances[0].StudyInstanceUID)
+    content = content_key(source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in instances], model=model)
+    if latest is not None and latest.study_instance_uid != study_instance_uid:
+        raise ResultsError(
+            f"the latest report version given belongs to StudyInstanceUID {latest.study_instance_uid}, "
+            f"the sources to {study_instance_uid}"
+        )
+    if latest is not None and latest.content_key == content:
+        number, replaces = latest.number, latest.replaces
+    else:
+        number, replaces = (1, None) if latest is None else (latest.number + 1, latest.sr)
 
     def uid(role: str) -> str:
         return derive_uid(
-            source_sop_instance_uids=source_uids,
-            prompt_set_sha256=model.prompt_set_sha256,
-            role=role,
+            content=content, role=role, replaces=None if replaces is None else replaces.sop_instance_uid
         )
 
-    description = f"DEMO {SERIES_DESCRIPTION} - no clinical meaning" if model.demo else SERIES_DESCRIPTION
     regions = []
     if slide.is_slide(samples):
         tissue = slide.composition(samples, predictions, sources)
         areas = tissue.areas_mm2
         study_findings = [replace(f, area_mm2=a) for f, a in zip(study_findings, areas, strict=True)]
         regions = slide.tile_regions(
-            samples=samples,
-            predictions=predictions,
-            sources=sources,
-            finding=findings[0],
-            model=model,
-            source_uids=source_uids,
+            samples=samples, predictions=predictions, sources=sources, finding=findings[0], model=model
         )
     report = build_report(
         sources=instances,
@@ -98,7 +121,8 @@ def write_results(
         series_instance_uid=uid("sr-series"),
         sop_instance_uid=uid("sr-instance"),
         series_number=SR_SERIES_NUMBER,
-        series_description=description,
+        series_description=series_description(SERIES_DESCRIPTION, number, demo=model.demo),
+        replaces=None if replaces is None else _predecessor(replaces, study_instance_uid),
         regions=regions,
     )
     if slide.is_slide(samples):
@@ -119,13 +143,53 @@ def write_results(
         series_instance_uid=uid("sc-series"),
         sop_instance_uid=uid("sc-instance"),
         series_number=SC_SERIES_NUMBER,
-        series_description=f"{description} (image)",
+        series_description=series_description(IMAGE_DESCRIPTION, number, demo=model.demo),
     )
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder_durably(out_dir)  # synced to its parent: journal rows will point into it
     sr_path = _save(report, out_dir / f"sr-{report.SOPInstanceUID}.dcm")
     sc_path = _save(capture, out_dir / f"sc-{capture.SOPInstanceUID}.dcm")
-    return ResultSet(study_instance_uid=str(instances[0].StudyInstanceUID), paths=(sr_path, sc_path))
+    version = ReportVersion(
+        study_instance_uid=study_instance_uid,
+        number=number,
+        content_key=content,
+        sr=_reference(report),
+        sc=_reference(capture),
+        replaces=replaces,
+    )
+    return ResultSet(study_instance_uid=study_instance_uid, paths=(sr_path, sc_path), version=version)
+
+
+def series_description(kind: str, number: int, *, demo: bool) -> str:
+    """What a viewer's series list shows for one output of report version `number`.
+
+    "dicomnode AI findings" for the first version, "dicomnode AI findings v2, replaces v1" for
+    a later one; a DEMO model's outputs start with DEMO and say they have no clinical meaning
+    when that fits the 64 characters of a Long String (DEMO always fits).
+    """
+    description = kind if number == 1 else f"{kind} v{number}, replaces v{number - 1}"
+    if not demo:
+        return description
+    marked = f"DEMO {description}{DEMO_SUFFIX}"
+    return marked if len(marked) <= 64 else f"DEMO {description}"
+
+
+def _predecessor(replaces: ObjectReference, study_instance_uid: str) -> pydicom.Dataset:
+    """The earlier SR as the Predecessor Documents Sequence needs it: study, series, SOP."""
+    earlier = pydicom.Dataset()
+    earlier.StudyInstanceUID = study_instance_uid
+    earlier.SeriesInstanceUID = replaces.series_instance_uid
+    earlier.SOPInstanceUID = replaces.sop_instance_uid
+    earlier.SOPClassUID = replaces.sop_class_uid
+    return earlier
+
+
+def _reference(dataset: pydicom.Dataset) -> ObjectReference:
+    return ObjectReference(
+        series_instance_uid=str(dataset.SeriesInstanceUID),
+        sop_instance_uid=str(dataset.SOPInstanceUID),
+        sop_class_uid=str(dataset.SOPClassUID),
+    )
 
 
 #: Type 2 attributes of the Patient and General Study modules that the results copy from the

@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from dicomnode.flow import Finding, ModelIdentity, Prediction, Sample
 from dicomnode.results.sr import CERTAINTY_OF_FINDING, PERCENT, algorithm_identification
-from dicomnode.results.uids import derive_uid
+from dicomnode.results.uids import name_based_uid
 
 #: How many of the strongest tiles of the first class the SR outlines and the capture numbers.
 STRONGEST_TILES = 5
@@ -90,7 +90,6 @@ def tile_regions(
     sources: Sequence[pydicom.Dataset],
     finding: Finding,
     model: ModelIdentity,
-    source_uids: Sequence[str],
 ) -> list[PlanarROIMeasurementsAndQualitativeEvaluations]:
     """TID 1410 groups for the strongest tiles of `finding` (the first class), strongest first.
 
@@ -116,10 +115,10 @@ def tile_regions(
         )
         frames = [sample.frame] if sample.frame is not None else None
         name = f"{finding.name} tile {rank}"
-        tracking_uid = derive_uid(
-            source_sop_instance_uids=source_uids,
-            prompt_set_sha256=model.prompt_set_sha256,
-            role=f"sr-tile-{finding.name}-{rank}",
+        # Named like the findings' groups: the same tile rank of this prompt set in this study is
+        # the same tracked region in every version of the report.
+        tracking_uid = name_based_uid(
+            "sr-tile", str(source.StudyInstanceUID), model.prompt_set, f"{finding.name}-{rank}"
         )
         groups.append(
             PlanarROIMeasurementsAndQualitativeEvaluations(

@@ -31,7 +31,7 @@ from pydicom.sr.codedict import codes
 
 from dicomnode.flow import Code, Finding, ModelIdentity
 from dicomnode.identity import NODE_MANUFACTURER
-from dicomnode.results.uids import derive_uid, name_based_uid
+from dicomnode.results.uids import name_based_uid
 
 DEMO_NOTICE = "DEMO model, random weights, no clinical meaning"
 
@@ -88,15 +88,16 @@ def build_report(
     sop_instance_uid: str,
     series_number: int,
     series_description: str,
+    replaces: pydicom.Dataset | None = None,
     regions: Sequence[PlanarROIMeasurementsAndQualitativeEvaluations] = (),
 ) -> ComprehensiveSR:
     """A Comprehensive SR holding the TID 1500 report of `findings` on `sources`.
 
     Comprehensive SR rather than Comprehensive 3D SR: the report has no 3-D coordinates, and
-    more PACS and viewers accept the older SOP class. `regions` (TID 1410 groups, e.g. a
-    slide's strongest tiles) follow the findings' groups.
+    more PACS and viewers accept the older SOP class. `replaces` (study, series, SOP class and
+    instance UIDs of an earlier SR of the study) goes into the Predecessor Documents Sequence.
+    `regions` (TID 1410 groups, e.g. a slide's strongest tiles) follow the findings' groups.
     """
-    source_uids = [str(ds.SOPInstanceUID) for ds in sources]
     report = MeasurementReport(
         observation_context=_observation_context(model),
         # TID 1500 row 4, "Procedure reported": the prompt set's own code for its domain.
@@ -104,7 +105,7 @@ def build_report(
             value=procedure.value, scheme_designator=procedure.scheme, meaning=procedure.meaning
         ),
         imaging_measurements=[
-            *(_measurement_group(study_finding, sources, source_uids, model) for study_finding in findings),
+            *(_measurement_group(study_finding, sources, model) for study_finding in findings),
             *regions,
         ],
     )
@@ -122,6 +123,7 @@ def build_report(
         series_description=series_description,
         manufacturer_model_name=model.algorithm_name[:64],
         software_versions=model.algorithm_version[:64],
+        previous_versions=None if replaces is None else [replaces],
     )
 
 
@@ -144,17 +146,14 @@ def _observation_context(model: ModelIdentity) -> ObservationContext:
 def _measurement_group(
     study_finding: StudyFinding,
     sources: Sequence[pydicom.Dataset],
-    source_uids: Sequence[str],
     model: ModelIdentity,
 ) -> MeasurementsAndQualitativeEvaluations:
     """TID 1501 group: finding, algorithm, Present/Absent, probability, source images."""
     code = study_finding.code
-    # The tracking UID is derived like the SOP UIDs so that a re-run's group is the same
-    # tracked finding, not a new one.
-    tracking_uid = derive_uid(
-        source_sop_instance_uids=source_uids,
-        prompt_set_sha256=model.prompt_set_sha256,
-        role=f"sr-tracking-{study_finding.finding.name}",
+    # The tracking UID names the finding of this prompt set in this study, so that a re-run's
+    # group, and the same group in a later version of the report, is the same tracked finding.
+    tracking_uid = name_based_uid(
+        "sr-tracking", str(sources[0].StudyInstanceUID), model.prompt_set, study_finding.finding.name
     )
     return MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier=study_finding.finding.name),

@@ -45,15 +45,38 @@ CREATE TABLE IF NOT EXISTS outbox (
     next_attempt_at REAL NOT NULL,
     last_error TEXT,
     updated_at REAL NOT NULL,
+    first_failed_at REAL,
     UNIQUE (destination, path)
 );
+CREATE TABLE IF NOT EXISTS reports (
+    sr_sop_instance_uid TEXT PRIMARY KEY,
+    study_instance_uid TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    content_key TEXT NOT NULL,
+    sr_series_instance_uid TEXT NOT NULL,
+    sr_sop_class_uid TEXT NOT NULL,
+    sc_series_instance_uid TEXT NOT NULL,
+    sc_sop_instance_uid TEXT NOT NULL,
+    sc_sop_class_uid TEXT NOT NULL,
+    replaces_series_instance_uid TEXT,
+    replaces_sop_instance_uid TEXT,
+    replaces_sop_class_uid TEXT,
+    written_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reports_by_study ON reports(study_instance_uid, number);
 """
 
 #: Version 1: retry bookkeeping (attempts, not_before) on studies.
-SCHEMA_VERSION = 1
-_ADDED_STUDY_COLUMNS = {
-    "attempts": "INTEGER NOT NULL DEFAULT 0",
-    "not_before": "REAL NOT NULL DEFAULT 0",
+#: Version 2: the report versions written per study (table `reports`, created above when
+#: missing) and when a delivery first failed (`outbox.first_failed_at`, for `retry_for_hours`).
+SCHEMA_VERSION = 2
+_ADDED_COLUMNS = {
+    "studies": {
+        "attempts": "INTEGER NOT NULL DEFAULT 0",
+        "not_before": "REAL NOT NULL DEFAULT 0",
+    },
+    # NULL for deliveries queued before version 2: their retry window starts at their next failure.
+    "outbox": {"first_failed_at": "REAL"},
 }
 
 _UID_CHARS = frozenset("0123456789.")
@@ -81,6 +104,9 @@ def is_valid_uid(uid: str) -> bool:
 class Journal:
     """Instance files under `state_dir/spool` and the journal `state_dir/journal.sqlite`.
 
+    `state_dir/incoming` holds instances while they are being received: on the spool's file
+    system, so that storing one is a rename, not a copy.
+
     Safe to use from several threads: each thread gets its own SQLite connection.
     """
 
@@ -88,9 +114,10 @@ class Journal:
         self.state_dir = Path(state_dir)
         self.instances_dir = self.state_dir / "spool"
         self.outbox_dir = self.state_dir / "outbox"
+        self.incoming_dir = self.state_dir / "incoming"
         self.min_free_bytes = min_free_bytes
         self.journal_path = self.state_dir / "journal.sqlite"
-        for folder in (self.state_dir, self.instances_dir, self.outbox_dir):
+        for folder in (self.state_dir, self.instances_dir, self.outbox_dir, self.incoming_dir):
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         # SQLite would create the journal under the umask of whoever opens it first, and gives
         # its -wal and -shm files the journal's own mode: created 0600 here, all three stay
@@ -108,10 +135,11 @@ class Journal:
     def _migrate(self) -> None:
         """Bring a journal written by an earlier version up to this schema, in place."""
         db = self._db()
-        columns = {row["name"] for row in db.execute("PRAGMA table_info(studies)")}
-        for column, definition in _ADDED_STUDY_COLUMNS.items():
-            if column not in columns:
-                db.execute(f"ALTER TABLE studies ADD COLUMN {column} {definition}")
+        for table, added in _ADDED_COLUMNS.items():
+            columns = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
+            for column, definition in added.items():
+                if column not in columns:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _db(self) -> sqlite3.Connection:

@@ -36,6 +36,7 @@ class OutboxQueue(Journal):
             destination=row["destination"],
             path=Path(row["path"]),
             attempts=row["attempts"],
+            first_failed_at=row["first_failed_at"],
         )
 
     def delivery_sent(self, delivery: Delivery) -> None:
@@ -48,19 +49,29 @@ class OutboxQueue(Journal):
             )
 
     def delivery_failed(self, delivery: Delivery, error: str, *, retry_at: float | None) -> None:
-        """Record a failed attempt; `retry_at` None sends the delivery to the dead letter."""
+        """Record a failed attempt; `retry_at` None sends the delivery to the dead letter.
+
+        The first failure since the delivery was queued (or requeued) starts its retry window.
+        """
+        now = time.time()
         with self._transaction() as db:
             db.execute(
                 "UPDATE outbox SET state=?, attempts=attempts+1, last_error=?, next_attempt_at=?, "
-                "updated_at=? WHERE id=?",
+                "first_failed_at=coalesce(first_failed_at, ?), updated_at=? WHERE id=?",
                 (
                     "dead" if retry_at is None else "pending",
                     error,
-                    retry_at if retry_at is not None else time.time(),
-                    time.time(),
+                    retry_at if retry_at is not None else now,
+                    now,
+                    now,
                     delivery.id,
                 ),
             )
+
+    def delivery_state(self, delivery_id: int) -> str | None:
+        """The state of a delivery (pending, sent, dead), or None once purged."""
+        row = self._db().execute("SELECT state FROM outbox WHERE id=?", (delivery_id,)).fetchone()
+        return None if row is None else row["state"]
 
     def requeue_dead(self, destination: str | None = None) -> int:
         """Give dead deliveries (to one destination, or all) a fresh set of attempts, now.
@@ -71,8 +82,8 @@ class OutboxQueue(Journal):
         now = time.time()
         with self._transaction() as db:
             cursor = db.execute(
-                "UPDATE outbox SET state='pending', attempts=0, next_attempt_at=?, updated_at=? "
-                "WHERE state='dead' AND (? IS NULL OR destination=?)",
+                "UPDATE outbox SET state='pending', attempts=0, next_attempt_at=?, first_failed_at=NULL, "
+                "updated_at=? WHERE state='dead' AND (? IS NULL OR destination=?)",
                 (now, now, destination, destination),
             )
             return cursor.rowcount

@@ -2,7 +2,9 @@
 
 States of a study: receiving -> processing -> done | ignored | failed. A late instance puts
 any study back to receiving (and bumps its generation, so a worker that is still processing
-the older content does not mark it done).
+the older content does not mark it done); so does an operator's `reprocess` or `requeue
+--studies`. Each report version written for a study is remembered (table `reports`), also
+after the study is purged, so that a later version can name the one it supersedes.
 """
 
 from __future__ import annotations
@@ -14,7 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from dicomnode.flow import ObjectReference, ReportVersion
 from dicomnode.spool.journal import Journal
+
+#: The SET clause that puts a study back in the queue at once (parameter: now): a new
+#: generation, so a worker still processing it does not mark it finished, and fresh attempts.
+_REQUEUED = "state='receiving', generation=generation+1, attempts=0, not_before=0, reason=NULL, updated_at=?"
 
 #: Condition on a study row `s` (parameter: finished before): done or ignored, every result sent.
 _FINISHED = (
@@ -73,22 +80,38 @@ class StudyState(Journal):
         reason: str | None = None,
         prompt_set: str | None = None,
         deliveries: Sequence[tuple[str, Path]] = (),
+        report: ReportVersion | None = None,
     ) -> bool:
-        """Record the outcome of processing and queue its deliveries, in one transaction.
+        """Record the outcome of processing, the report version and its deliveries, in one transaction.
 
         If a late instance arrived while the study was processed (its generation moved on),
-        the deliveries are still queued (they are correct for what was processed) but the
-        study stays in `receiving` so the new content is processed too. Returns whether the
-        study reached `state`.
+        the deliveries are still queued (they are correct for what was processed) and the
+        version is remembered, but the study stays in `receiving` so the new content is
+        processed too, as the next version. Returns whether the study reached `state`.
+
+        A report version is only recorded, and its deliveries only queued, if it builds on
+        the study's latest version: two workers can hold one study at once (a late instance
+        re-opens it while the first still works), and both would write a "v2" replacing v1.
+        The second to finish drops its objects instead; if its content is the newest, the
+        study goes back to the queue to be written as the next version.
         """
         now = time.time()
         with self._transaction() as db:
+            if report is not None and not _builds_on_latest(db, report):
+                db.execute(
+                    "UPDATE studies SET state='receiving', updated_at=? "
+                    "WHERE study_instance_uid=? AND generation=? AND state='processing'",
+                    (now, study.study_instance_uid, study.generation),
+                )
+                return False
+            if report is not None:
+                _remember(db, report, now)
             for destination, path in deliveries:
                 db.execute(
                     "INSERT INTO outbox (study_instance_uid, destination, path, state, attempts, "
                     "next_attempt_at, updated_at) VALUES (?, ?, ?, 'pending', 0, ?, ?) "
                     "ON CONFLICT(destination, path) DO UPDATE SET state='pending', attempts=0, "
-                    "next_attempt_at=excluded.next_attempt_at, last_error=NULL, "
+                    "next_attempt_at=excluded.next_attempt_at, last_error=NULL, first_failed_at=NULL, "
                     "updated_at=excluded.updated_at",
                     (study.study_instance_uid, destination, str(path), now, now),
                 )
@@ -130,6 +153,53 @@ class StudyState(Journal):
             )
             return retry
 
+    def latest_report(self, study_instance_uid: str) -> ReportVersion | None:
+        """The study's most recent report version, None if none was ever written."""
+        row = (
+            self._db()
+            .execute(
+                "SELECT * FROM reports WHERE study_instance_uid=? ORDER BY number DESC, written_at DESC "
+                "LIMIT 1",
+                (study_instance_uid,),
+            )
+            .fetchone()
+        )
+        return None if row is None else _report(row)
+
+    def reprocess(self, study_instance_uid: str) -> str | None:
+        """Put a study back in the queue, quiet already, to be processed with today's prompt sets.
+
+        For a done, ignored or failed study (after a prompt-set upgrade, or once the cause of a
+        failure is fixed), and for one in work (its worker's outcome then counts as that of
+        older content, like a late instance's). Returns the state the study was in (a study
+        already `receiving` is left as it is), or None for a study the journal does not hold.
+        """
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT state FROM studies WHERE study_instance_uid=?", (study_instance_uid,)
+            ).fetchone()
+            if row is None:
+                return None
+            if row["state"] != "receiving":
+                db.execute(
+                    f"UPDATE studies SET {_REQUEUED} WHERE study_instance_uid=?",
+                    (time.time(), study_instance_uid),
+                )
+            return row["state"]
+
+    def requeue_failed(self) -> list[str]:
+        """Put every failed study back in the queue, like `requeue_dead` for deliveries.
+
+        Returns the Study Instance UIDs requeued (for the caller to report, hashed).
+        """
+        with self._transaction() as db:
+            uids = [
+                row["study_instance_uid"]
+                for row in db.execute("SELECT study_instance_uid FROM studies WHERE state='failed'")
+            ]
+            db.execute(f"UPDATE studies SET {_REQUEUED} WHERE state='failed'", (time.time(),))
+        return uids
+
     def study(self, study_instance_uid: str) -> StudyRecord | None:
         """The journal row of one study, or None."""
         row = (
@@ -146,7 +216,9 @@ class StudyState(Journal):
         dead delivery, a failed study (an operator may want to look) and one still in work
         are kept whatever their age. The PACS holds the originals and now the results, so
         this loses nothing. Rows go first, in one transaction; a crash before the files are
-        removed leaves only unreferenced files. Returns the number of studies purged.
+        removed leaves only unreferenced files. The study's report versions stay (a few UIDs):
+        should the study come back, its next report still supersedes the one the PACS holds.
+        Returns the number of studies purged.
         """
         candidates = [
             row["study_instance_uid"]
@@ -183,4 +255,62 @@ def _study(row: sqlite3.Row, state: str | None = None) -> StudyRecord:
         prompt_set=row["prompt_set"],
         reason=row["reason"],
         attempts=row["attempts"],
+    )
+
+
+def _builds_on_latest(db: sqlite3.Connection, report: ReportVersion) -> bool:
+    """True when `report` is the study's latest version again, or the one that follows it."""
+    row = db.execute(
+        "SELECT sr_sop_instance_uid FROM reports WHERE study_instance_uid=? "
+        "ORDER BY number DESC, written_at DESC LIMIT 1",
+        (report.study_instance_uid,),
+    ).fetchone()
+    latest = None if row is None else row["sr_sop_instance_uid"]
+    builds_on = None if report.replaces is None else report.replaces.sop_instance_uid
+    return latest in (report.sr.sop_instance_uid, builds_on)
+
+
+def _remember(db: sqlite3.Connection, report: ReportVersion, now: float) -> None:
+    """Record a report version; a version written again (same SR UID) keeps its first row."""
+    replaces = report.replaces
+    db.execute(
+        "INSERT INTO reports VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT(sr_sop_instance_uid) DO NOTHING",
+        (
+            report.sr.sop_instance_uid,
+            report.study_instance_uid,
+            report.number,
+            report.content_key,
+            report.sr.series_instance_uid,
+            report.sr.sop_class_uid,
+            report.sc.series_instance_uid,
+            report.sc.sop_instance_uid,
+            report.sc.sop_class_uid,
+            None if replaces is None else replaces.series_instance_uid,
+            None if replaces is None else replaces.sop_instance_uid,
+            None if replaces is None else replaces.sop_class_uid,
+            now,
+        ),
+    )
+
+
+def _report(row: sqlite3.Row) -> ReportVersion:
+    def reference(prefix: str) -> ObjectReference | None:
+        if row[f"{prefix}_sop_instance_uid"] is None:
+            return None
+        return ObjectReference(
+            series_instance_uid=row[f"{prefix}_series_instance_uid"],
+            sop_instance_uid=row[f"{prefix}_sop_instance_uid"],
+            sop_class_uid=row[f"{prefix}_sop_class_uid"],
+        )
+
+    sr, sc = reference("sr"), reference("sc")
+    assert sr is not None and sc is not None  # NOT NULL columns
+    return ReportVersion(
+        study_instance_uid=row["study_instance_uid"],
+        number=row["number"],
+        content_key=row["content_key"],
+        sr=sr,
+        sc=sc,
+        replaces=reference("replaces"),
     )

@@ -1,0 +1,70 @@
+"""What the administrators watch, attached to a node's stages: metrics, /healthz, alerts, watchdog.
+
+`Node` makes one `Monitor` and hands it its SCP, engine and workers when they start; the
+stages themselves only keep a heartbeat (`health.Heartbeat`) and call an `observe` hook, so the
+monitoring lives here and in `health.py` and `metrics.py`, not in the stages' code.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from dicomnode.config import NodeConfig
+from dicomnode.health import DiskFloor, Heartbeat, Liveness, Unreachable, Watchdog, beat_on_accept_loop
+from dicomnode.metrics import MetricsServer, NodeMetrics
+from dicomnode.notify import SystemdNotifier
+from dicomnode.outbox import DestinationWorker
+
+if TYPE_CHECKING:
+    from pynetdicom.transport import ThreadedAssociationServer
+
+    from dicomnode.engine import Engine
+    from dicomnode.spool import Spool
+
+
+class Monitor:
+    """A node's liveness, metrics and alerts; serves them once started, until stopped."""
+
+    def __init__(self, cfg: NodeConfig, spool: Spool, notifier: SystemdNotifier | None = None) -> None:
+        self.cfg = cfg
+        self.notifier = notifier or SystemdNotifier(None)
+        self.liveness = Liveness(cfg.alerts.stuck_after_s)
+        self.disk = DiskFloor(spool.instances_dir, spool.min_free_bytes)
+        self.unreachable = Unreachable([d.name for d in cfg.destinations], cfg.alerts.unreachable_after_s)
+        self.metrics = NodeMetrics(spool, self.liveness, self.disk, self.unreachable)
+        self.server: MetricsServer | None = None
+        self._stop = threading.Event()
+        self.watchdog = Watchdog(self.liveness, self.unreachable, self.notifier, self._stop)
+
+    def listen(self) -> None:
+        """Serve /metrics and /healthz (unless `metrics.enabled` is false), before the SCP listens."""
+        if self.cfg.metrics.enabled:
+            self.server = MetricsServer(self.metrics, self.cfg.metrics)
+
+    def start(
+        self, scp: ThreadedAssociationServer, engine: Engine, workers: Sequence[threading.Thread]
+    ) -> None:
+        """Watch the running SCP, the engine and the (not yet started) workers; start the watchdog."""
+        scp_heartbeat = Heartbeat("scp", always_working=True)
+        beat_on_accept_loop(scp, scp_heartbeat)
+        self.metrics.watch_scp(scp)
+        self.liveness.track([scp_heartbeat, *engine.heartbeats.values()])
+        engine.observe_batch = self.metrics.batch_done
+        for worker in workers:
+            self.liveness.track([worker.heartbeat])
+            if isinstance(worker, DestinationWorker):
+                worker.observe = self.metrics.delivery_attempted
+            else:
+                worker.observe = self.metrics.study_processed
+        self.watchdog.start()
+
+    def stop(self) -> None:
+        """Stop the watchdog and the endpoint."""
+        self._stop.set()
+        if self.watchdog.is_alive():
+            self.watchdog.join(timeout=10)
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
