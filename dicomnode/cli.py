@@ -231,10 +231,12 @@ def infer(
         result = classify(engine, prompt_sets[name], paths)
         for path, problem in result.problems.items():
             typer.echo(f"{path}: not classified: {problem}")
-        for path, prediction in zip(result.paths, result.predictions, strict=True):
+        for path, sample, prediction in zip(result.paths, result.samples, result.predictions, strict=True):
             classified_any = True
-            frame = "" if prediction.frame is None else f" frame {prediction.frame}"
-            typer.echo(f"{path}{frame}: prompt set {name}")
+            where = "" if prediction.frame is None else f" frame {prediction.frame}"
+            if sample.region is not None:
+                where += f" tile at column {sample.region.column}, row {sample.region.row}"
+            typer.echo(f"{path}{where}: prompt set {name}")
             for finding, probability in zip(
                 prompt_sets[name].findings, prediction.probabilities, strict=True
             ):
@@ -724,6 +726,52 @@ def bench_train_command(
         typer.echo(f"cannot load the backbone: {exc}", err=True)
         raise typer.Exit(2) from None
     document = bench_train(backbone, cfg.prompts_dir / "cxr", batch, steps, typer.echo, epoch_images)
+    if json_file is not None:
+        json_file.write_text(json.dumps(document, indent=2) + "\n")
+        typer.echo(f"wrote {json_file}")
+
+
+@bench_app.command("imaging")
+def bench_imaging_command(
+    config: ConfigOption = DEFAULT_CONFIG,
+    device: Annotated[
+        str | None, typer.Option(help="auto, cpu or cuda (default: the configured one).")
+    ] = None,
+    radiograph: Annotated[
+        Path | None,
+        typer.Option(help="Compressed radiograph to prepare (default: pydicom-data's RG1_J2KR.dcm)."),
+    ] = None,
+    rounds: Annotated[int, typer.Option(min=1, help="Timed preparations of each input.")] = 3,
+    batch: Annotated[int, typer.Option(min=1, help="Batch of the engine's rate.")] = 32,
+    slide_side: Annotated[int, typer.Option(min=512, help="Side of the benchmark slide in pixels.")] = 8192,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Also write the figures as JSON here.")
+    ] = None,
+) -> None:
+    """Samples/s of decode + preprocessing per input kind beside the engine's images/s."""
+    import json
+
+    from dicomnode.bench import BenchError
+    from dicomnode.bench.imaging import bench_imaging
+    from dicomnode.model.backbone import BackboneError, load_backbone
+
+    cfg = _config(config)
+    if radiograph is None:
+        from pydicom.data import get_testdata_file
+
+        found = get_testdata_file("RG1_J2KR.dcm", download=False)
+        if found is None:
+            typer.echo("no --radiograph given and pydicom-data is not installed", err=True)
+            raise typer.Exit(2)
+        radiograph = Path(found)
+    try:
+        backbone = load_backbone(cfg.model.model_copy(update={"device": device} if device else {}))
+        document = bench_imaging(
+            backbone, typer.echo, radiograph=radiograph, rounds=rounds, batch=batch, slide_side=slide_side
+        )
+    except (BenchError, BackboneError) as exc:
+        typer.echo(f"benchmark failed: {exc}", err=True)
+        raise typer.Exit(1) from None
     if json_file is not None:
         json_file.write_text(json.dumps(document, indent=2) + "\n")
         typer.echo(f"wrote {json_file}")

@@ -248,7 +248,9 @@ class StudyWorker(threading.Thread):
                     classified.problems[instance.path],
                 )
         if not classified.samples:
-            raise StudyFailed("no image could be prepared: " + "; ".join(classified.problems.values()))
+            # A slide's instances share one reason: say it once.
+            reasons = dict.fromkeys(classified.problems.values())
+            raise StudyFailed("no image could be prepared: " + "; ".join(reasons))
         return write_results(
             out_dir=self.spool.outbox_dir / job.study_instance_uid,
             sources=classified.sources,

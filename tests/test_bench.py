@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from tests.conftest import run_cli
 
 
@@ -113,3 +115,40 @@ def test_bench_study_measures_receipt_to_results_against_the_engine_alone(tmp_pa
     assert document["studies"] == 2
     assert document["p95_ms"] >= document["p50_ms"] > document["engine_ms"] > 0
     assert re.search(r"receipt to SR: p50\s+[\d.]+ ms\s+p95\s+[\d.]+ ms", done.stdout)
+
+
+def test_bench_imaging_sets_each_inputs_preparation_rate_beside_the_engine(tmp_path, tiny_architecture):
+    import json
+
+    from tests.conftest import free_port, write_node_config
+
+    config = write_node_config(tmp_path, tiny_architecture, scp_port=free_port())
+    figures = tmp_path / "imaging.json"
+
+    done = run_cli(
+        "bench",
+        "imaging",
+        "--config",
+        str(config),
+        "--rounds",
+        "1",
+        "--batch",
+        "2",
+        "--slide-side",
+        "2048",
+        "--json",
+        str(figures),
+    )
+
+    assert done.returncode == 0, done.stderr
+    document = json.loads(figures.read_text())
+    rows = {row["input"]: row for row in document["results"]}
+    assert list(rows) == ["radiograph", "oct", "wsi"]
+    assert rows["oct"]["samples_per_unit"] == 128
+    assert rows["radiograph"]["samples_per_unit"] == 1 and "RG1_J2KR.dcm" in rows["radiograph"]["description"]
+    assert rows["wsi"]["samples_per_unit"] > 1
+    for row in rows.values():
+        assert row["engine_images_per_s"] == document["engine_images_per_s"] > 0
+        assert row["samples_per_s"] == pytest.approx(row["samples_per_unit"] / (row["unit_ms"] / 1e3))
+        assert row["workers_to_feed_engine"] >= 1
+    assert re.search(r"wsi\s+\d+ samples/unit .* engine/imaging\s+[\d.]+x", done.stdout)

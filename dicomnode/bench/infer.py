@@ -66,7 +66,7 @@ def _synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(run: Callable[[], object], device: torch.device, iterations: int, warmup: int) -> list[float]:
+def time_calls(run: Callable[[], object], device: torch.device, iterations: int, warmup: int) -> list[float]:
     """Seconds per call, each call synchronised so latencies are real."""
     for _ in range(warmup):
         run()
@@ -131,11 +131,11 @@ def matmul_peak(device: torch.device) -> float | None:
     n = 8192
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    seconds = _time(lambda: a @ b, device, iterations=10, warmup=3)
+    seconds = time_calls(lambda: a @ b, device, iterations=10, warmup=3)
     return 2 * n**3 / statistics.median(seconds)
 
 
-def _autocast(backbone: Backbone):
+def backbone_autocast(backbone: Backbone):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=backbone.autocast)
 
 
@@ -199,11 +199,11 @@ def bench_infer(
                     forward = torch.compile(forward)
 
                 def run(forward=forward, pixels=pixels):
-                    with torch.inference_mode(), _autocast(backbone):
+                    with torch.inference_mode(), backbone_autocast(backbone):
                         return forward(pixels)
 
                 warmup = 3 if device.type == "cuda" else 2
-                seconds = _time(run, device, iterations, warmup)
+                seconds = time_calls(run, device, iterations, warmup)
                 images = batch * (ENGINE_IN_FLIGHT if method == "engine-zeroshot" else 1)
                 rate = images * len(seconds) / sum(seconds)
                 if method == "backbone":

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicomnode.flow import InputSpec, Sample
-from dicomnode.imaging import cxr, oct
+from dicomnode.imaging import cxr, oct, pathology
 from dicomnode.imaging.common import ImagingError
 
 __all__ = ["DOMAINS", "Domain", "ImagingError", "prepare", "prepare_unit", "units"]
@@ -36,6 +36,7 @@ class Domain:
 DOMAINS: dict[str, Domain] = {
     "cxr": Domain(cxr.prepare_each),
     "oct": Domain(oct.prepare, options=oct.OPTIONS),
+    "pathology": Domain(pathology.prepare, group=pathology.group_by_series, options=pathology.OPTIONS),
 }
 
 

@@ -5,6 +5,8 @@ consistently, decides each finding for the study (the samples' probabilities agg
 prompt set says, against the finding's threshold), builds the SR (`sr.py`) and the SC (`sc.py`)
 in two new series of the source study, and writes both files atomically. A sample is an image,
 a frame of a volume or a tile of a slide; the results name the frames that drove each finding.
+Of a slide (`slide.py`) they also give each class's tissue area, outline the strongest tiles of
+the first class in the SR, and show the tiles' scores as a heat map on the slide in the SC.
 Nothing here knows about torch: the engine's output arrives as plain `Prediction` values.
 
 Versions: the caller passes the study's latest report version from the journal. Results made
@@ -20,6 +22,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +41,7 @@ from dicomnode.flow import (
     ResultSet,
     Sample,
 )
+from dicomnode.results import slide
 from dicomnode.results.sc import build_secondary_capture
 from dicomnode.results.sr import StudyFinding, build_report
 from dicomnode.results.uids import content_key, derive_uid
@@ -101,6 +105,14 @@ def write_results(
             content=content, role=role, replaces=None if replaces is None else replaces.sop_instance_uid
         )
 
+    regions = []
+    if slide.is_slide(samples):
+        tissue = slide.composition(samples, predictions, sources)
+        areas = tissue.areas_mm2
+        study_findings = [replace(f, area_mm2=a) for f, a in zip(study_findings, areas, strict=True)]
+        regions = slide.tile_regions(
+            samples=samples, predictions=predictions, sources=sources, finding=findings[0], model=model
+        )
     report = build_report(
         sources=instances,
         findings=study_findings,
@@ -111,15 +123,22 @@ def write_results(
         series_number=SR_SERIES_NUMBER,
         series_description=series_description(SERIES_DESCRIPTION, number, demo=model.demo),
         replaces=None if replaces is None else _predecessor(replaces, study_instance_uid),
+        regions=regions,
     )
-    shown = _shown_samples(study_findings, samples)
+    if slide.is_slide(samples):
+        display, shown, basis = _slide_capture(samples, predictions, sources, findings, aggregation)
+    else:
+        shown = _shown_samples(study_findings, samples)
+        display = _side_by_side([samples[i] for i in shown])
+        kind = "frames" if samples[shown[0]].frame is not None else "images"
+        basis = f"{aggregation.describe()} over {len(samples)} {kind}"
     frames = [samples[i].frame for i in shown if samples[i].frame is not None]
     capture = build_secondary_capture(
         source=next(ds for ds in instances if ds.SOPInstanceUID == samples[shown[0]].sop_instance_uid),
-        display=_side_by_side([samples[i] for i in shown]),
+        display=display,
         findings=study_findings,
         model=model,
-        basis=f"{aggregation.describe()} over {len(samples)} {'frames' if frames else 'images'}",
+        basis=basis,
         frames=frames,
         series_instance_uid=uid("sc-series"),
         sop_instance_uid=uid("sc-instance"),
@@ -299,6 +318,31 @@ def _shown_samples(findings: Sequence[StudyFinding], samples: Sequence[Sample]) 
     if samples[shown[0]].frame is None:
         return shown[:1]
     return [i for i in shown if samples[i].frame is not None][:EVIDENCE_SAMPLES]
+
+
+def _slide_capture(
+    samples: Sequence[Sample],
+    predictions: Sequence[Prediction],
+    sources: Sequence[pydicom.Dataset],
+    findings: Sequence[Finding],
+    aggregation: Aggregation,
+) -> tuple[np.ndarray, list[int], str]:
+    """A slide's heat map, the tile it centres on (the strongest of the first class) and its basis.
+
+    Of a study with several slides, the capture shows the slide holding that tile.
+    """
+    first = slide.strongest(predictions)[0]
+    kept = slide.slide_samples(samples, sources, first)
+    display = slide.heat_map(
+        samples=[samples[i] for i in kept],
+        predictions=[predictions[i] for i in kept],
+        sources=[sources[i] for i in kept],
+        findings=findings,
+        shares=slide.composition(
+            [samples[i] for i in kept], [predictions[i] for i in kept], [sources[i] for i in kept]
+        ),
+    )
+    return display, [first], f"{aggregation.describe()} over {len(samples)} tissue tiles"
 
 
 def _side_by_side(samples: Sequence[Sample]) -> np.ndarray:

@@ -119,8 +119,8 @@ def render_findings(
 
 
 def _scaled(display: np.ndarray) -> Image.Image:
-    """The display image resized so that its longer side is IMAGE_SIDE pixels."""
-    image = Image.fromarray(np.ascontiguousarray(display, dtype=np.uint8), mode="L")
+    """The display image (grey, or RGB as a slide's heat map) resized to IMAGE_SIDE on its longer side."""
+    image = Image.fromarray(np.ascontiguousarray(display, dtype=np.uint8))
     scale = IMAGE_SIDE / max(image.width, image.height)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     return image.resize(size, Image.Resampling.LANCZOS)

@@ -22,6 +22,7 @@ from highdicom.sr import (
     MeasurementsAndQualitativeEvaluations,
     ObservationContext,
     ObserverContext,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
     SourceImageForMeasurementGroup,
     TrackingIdentifier,
@@ -41,6 +42,11 @@ DEMO_NOTICE = "DEMO model, random weights, no clinical meaning"
 CERTAINTY_OF_FINDING = codes.DCM.CertaintyOfFinding
 PERCENT = codes.UCUM.Percent
 
+# (SCT 131184002, "Area of defined region"), CID 7470 "Area Measurement": of a slide, the tissue
+# area a class covers, in square millimetres.
+AREA = codes.SCT.AreaOfDefinedRegion
+SQUARE_MILLIMETRE = CodedConcept(value="mm2", scheme_designator="UCUM", meaning="square millimeter")
+
 # CID 241 "Present-Absent Only".
 PRESENT = codes.SCT.Present
 ABSENT = codes.SCT.Absent
@@ -54,6 +60,8 @@ class StudyFinding:
     probability: float
     #: The samples that drove the finding, strongest first: (SOP Instance UID, frame or None).
     evidence: tuple[tuple[str, int | None], ...] = ()
+    #: Of a slide: the tissue area of the tiles whose most probable class this is, in mm2.
+    area_mm2: float | None = None
 
     @property
     def present(self) -> bool:
@@ -81,12 +89,14 @@ def build_report(
     series_number: int,
     series_description: str,
     replaces: pydicom.Dataset | None = None,
+    regions: Sequence[PlanarROIMeasurementsAndQualitativeEvaluations] = (),
 ) -> ComprehensiveSR:
     """A Comprehensive SR holding the TID 1500 report of `findings` on `sources`.
 
     Comprehensive SR rather than Comprehensive 3D SR: the report has no 3-D coordinates, and
     more PACS and viewers accept the older SOP class. `replaces` (study, series, SOP class and
     instance UIDs of an earlier SR of the study) goes into the Predecessor Documents Sequence.
+    `regions` (TID 1410 groups, e.g. a slide's strongest tiles) follow the findings' groups.
     """
     report = MeasurementReport(
         observation_context=_observation_context(model),
@@ -95,7 +105,8 @@ def build_report(
             value=procedure.value, scheme_designator=procedure.scheme, meaning=procedure.meaning
         ),
         imaging_measurements=[
-            _measurement_group(study_finding, sources, model) for study_finding in findings
+            *(_measurement_group(study_finding, sources, model) for study_finding in findings),
+            *regions,
         ],
     )
     return ComprehensiveSR(
@@ -147,7 +158,7 @@ def _measurement_group(
     return MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier=study_finding.finding.name),
         finding_type=code,
-        algorithm_id=_algorithm_identification(model),
+        algorithm_id=algorithm_identification(model),
         qualitative_evaluations=[
             QualitativeEvaluation(name=code, value=PRESENT if study_finding.present else ABSENT)
         ],
@@ -156,7 +167,8 @@ def _measurement_group(
                 name=CERTAINTY_OF_FINDING,
                 value=round(100.0 * study_finding.probability, 4),
                 unit=PERCENT,
-            )
+            ),
+            *_area(study_finding),
         ],
         source_images=_source_images(study_finding, sources),
     )
@@ -181,7 +193,14 @@ def _source_images(
     return references
 
 
-def _algorithm_identification(model: ModelIdentity) -> AlgorithmIdentification:
+def _area(study_finding: StudyFinding) -> list[Measurement]:
+    """A slide's tissue area for the class, as (SCT 131184002, "Area of defined region") in mm2."""
+    if study_finding.area_mm2 is None:
+        return []
+    return [Measurement(name=AREA, value=round(study_finding.area_mm2, 6), unit=SQUARE_MILLIMETRE)]
+
+
+def algorithm_identification(model: ModelIdentity) -> AlgorithmIdentification:
     """TID 4019: name, version and the prompt set and backbone it ran with."""
     return AlgorithmIdentification(
         name=_algorithm_name(model),
