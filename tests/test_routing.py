@@ -46,6 +46,7 @@ from tests.prompt_sets import spec, write_prompt_set
 from tests.synthetic import oct_volume
 from tests.test_cli import cli
 from tests.test_end_to_end import _results_in, _sr_text
+from tests.wsi import slide_image, tiled_pyramid
 
 CHEST = "RG1_UNCR.dcm"
 EXTREMITY = "RG3_UNCR.dcm"
@@ -996,3 +997,21 @@ def test_a_chest_radiograph_and_an_oct_of_one_study_come_back_with_a_report_from
     record = spool.study(pa.study_instance_uid)
     spool.close()
     assert (record.prompt_set, record.reason) == ("cxr,oct", f"left out: {LATERAL}")
+
+
+def test_a_slide_pyramid_goes_to_pathology_without_its_label(tmp_path):
+    levels = tiled_pyramid(slide_image(512, seed=3), tmp_path / "slide", levels=2, study_instance_uid=STUDY)
+    label = pydicom.dcmread(levels[-1])
+    label.SOPInstanceUID = label.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    label.ImageType = ["ORIGINAL", "PRIMARY", "LABEL", "NONE"]
+    instances = [on_disk(pydicom.dcmread(path), tmp_path / "in") for path in levels]
+    instances.append(on_disk(label, tmp_path / "in"))
+
+    routed = route_study(SHIPPED, STUDY, instances)
+
+    assert routed == Routed(
+        STUDY,
+        (StudyJob(STUDY, "pathology", "whole-slide", tuple(instances[:-1])),),
+        left_out="rule 'slide-label-or-overview': slide label or overview photograph, no tissue at "
+        "magnification",
+    )
