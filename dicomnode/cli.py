@@ -381,11 +381,12 @@ def check_config(config: ConfigOption = DEFAULT_CONFIG) -> None:
     from dicomnode.model.backbone import BackboneError, load_backbone
     from dicomnode.model.classifier import describe
     from dicomnode.model.promptset import PromptSetError, load_prompt_set
+    from dicomnode.net.stow import check_endpoints
     from dicomnode.net.tls import check_tls
 
     cfg = _config(config)
     try:
-        tls = check_tls(cfg)
+        tls = check_tls(cfg) + check_endpoints(cfg)
         routing = load_routing(cfg.routing)
         names = dict.fromkeys(rule.prompt_set for rule in routing.rules if rule.prompt_set is not None)
         prompt_sets = [load_prompt_set(cfg.prompts_dir / name) for name in names]

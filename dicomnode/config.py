@@ -9,9 +9,11 @@ same configuration the same way.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -19,6 +21,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -162,8 +165,63 @@ class ModelConfig(_Strict):
     compile: bool = False
 
 
+class Secret(_Strict):
+    """A password or token: written in the configuration (`value`), or read at start-up from a
+    file (`file`, e.g. a systemd credential) or an environment variable (`env`). Never logged,
+    never shown back in an error."""
+
+    value: SecretStr | None = None
+    file: Path | None = None
+    env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Secret:
+        if sum(source is not None for source in (self.value, self.file, self.env)) != 1:
+            raise ValueError("give exactly one of value, file or env")
+        return self
+
+    def reveal(self, where: str) -> str:
+        """The secret itself; ConfigError naming `where` when its file or variable is missing or empty."""
+        if self.value is not None:
+            secret = self.value.get_secret_value()
+        elif self.file is not None:
+            try:
+                secret = self.file.read_bytes().decode("utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(f"{where}.file: cannot read {self.file}: {exc.strerror}") from None
+            except UnicodeDecodeError:
+                raise ConfigError(f"{where}.file: {self.file} is not UTF-8 text") from None
+        else:
+            secret = os.environ.get(self.env, "").strip()
+            if not secret:
+                raise ConfigError(f"{where}.env: environment variable {self.env} is not set or empty")
+        if not secret:
+            raise ConfigError(f"{where}: the secret is empty")
+        return secret
+
+
+class BasicAuth(_Strict):
+    username: str = Field(min_length=1, pattern=r"^[^:]+$")
+    password: Secret
+
+
+class WebAuthConfig(_Strict):
+    """HTTP authentication towards a STOW-RS endpoint: a bearer token or a user and password."""
+
+    bearer: Secret | None = None
+    basic: BasicAuth | None = None
+
+    @model_validator(mode="after")
+    def _one_scheme(self) -> WebAuthConfig:
+        if (self.bearer is None) == (self.basic is None):
+            raise ValueError("give exactly one of bearer or basic")
+        return self
+
+
 class DestinationConfig(_Strict):
-    """A DICOM node that receives the results by C-STORE.
+    """Where the results go: a DICOM node by C-STORE (`host`, `port`, `ae_title`) or a DICOMweb
+    service by STOW-RS (`stow_url`, the service's base URL, e.g. https://pacs/dicom-web, with
+    optional `auth`). `tls` is DICOM TLS for the former and HTTPS verification for the latter.
 
     A destination that cannot be reached (or is out of resources) is retried, backing off from
     `backoff_s` to `max_backoff_s`, for `retry_for_hours` after the first failure (three days by
@@ -173,15 +231,49 @@ class DestinationConfig(_Strict):
     """
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    host: str = Field(min_length=1)
-    port: Port
-    ae_title: AETitle
+    host: str | None = Field(default=None, min_length=1)
+    port: Port | None = None
+    ae_title: AETitle | None = None
+    stow_url: str | None = None
+    auth: WebAuthConfig | None = None
     retry_for_hours: float = Field(default=72.0, gt=0)
     max_attempts: int | None = Field(default=None, ge=1)
     backoff_s: float = Field(default=5.0, gt=0)
     max_backoff_s: float = Field(default=600.0, gt=0)
     timeout_s: float = Field(default=30.0, gt=0)
     tls: DestinationTlsConfig | None = None
+
+    @field_validator("stow_url")
+    @classmethod
+    def _web_address(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        url = urlsplit(value)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError("give the DICOMweb base URL, e.g. https://pacs.example.org/dicom-web")
+        if url.username is not None or url.password is not None:
+            # A URL is shown in logs and status; credentials belong in auth, which never is.
+            raise ValueError("credentials in the URL would be logged: put them in auth")
+        if url.query or url.fragment:
+            raise ValueError("the base URL takes no query or fragment")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _dicom_or_web(self) -> DestinationConfig:
+        dicom = [key for key in ("host", "port", "ae_title") if getattr(self, key) is not None]
+        if self.stow_url is not None:
+            if dicom:
+                raise ValueError(f"stow_url sends by STOW-RS: remove {', '.join(dicom)} (C-STORE settings)")
+            if self.tls is not None and not self.stow_url.startswith("https://"):
+                raise ValueError("tls is set but stow_url is not https://")
+        elif len(dicom) != 3:
+            missing = sorted({"host", "port", "ae_title"} - set(dicom))
+            raise ValueError(
+                f"give host, port and ae_title (C-STORE) or stow_url (STOW-RS); missing: {', '.join(missing)}"
+            )
+        elif self.auth is not None:
+            raise ValueError("auth is for stow_url; a DICOM destination is identified by its AE title")
+        return self
 
 
 class MetricsConfig(_Strict):
@@ -407,7 +499,10 @@ def load_config(path: Path) -> NodeConfig:
             "model": model,
             "scp": cfg.scp.model_copy(update={"tls": _resolve_files(base, cfg.scp.tls)}),
             "destinations": tuple(
-                d.model_copy(update={"tls": _resolve_files(base, d.tls)}) for d in cfg.destinations
+                d.model_copy(
+                    update={"tls": _resolve_files(base, d.tls), "auth": _resolve_secrets(base, d.auth)}
+                )
+                for d in cfg.destinations
             ),
         }
     )
@@ -423,6 +518,21 @@ def _resolve_files(base: Path, tls: TlsSettings | None) -> TlsSettings | None:
         return None
     keys = ("certificate", "private_key", "ca_certificates")
     return tls.model_copy(update={key: _resolve(base, getattr(tls, key)) for key in keys})
+
+
+def _resolve_secrets(base: Path, auth: WebAuthConfig | None) -> WebAuthConfig | None:
+    """Secret files made absolute; they are read where they are used (`serve`, `dicomnode config`)."""
+    if auth is None:
+        return None
+
+    def resolved(secret: Secret) -> Secret:
+        return secret.model_copy(update={"file": _resolve(base, secret.file)})
+
+    if auth.bearer is not None:
+        return auth.model_copy(update={"bearer": resolved(auth.bearer)})
+    return auth.model_copy(
+        update={"basic": auth.basic.model_copy(update={"password": resolved(auth.basic.password)})}
+    )
 
 
 def load_routing(path: Path) -> RoutingConfig:

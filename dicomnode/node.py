@@ -27,6 +27,7 @@ from dicomnode.model.library import PromptSetLibrary
 from dicomnode.model.promptset import PromptSet, PromptSetError
 from dicomnode.monitor import Monitor
 from dicomnode.net.scp import start_scp
+from dicomnode.net.stow import check_endpoints
 from dicomnode.net.tls import check_tls, scp_context
 from dicomnode.notify import SystemdNotifier
 from dicomnode.outbox import DestinationWorker
@@ -253,6 +254,7 @@ class Node:
         # First, before the model loads: a bad certificate or key fails start-up in a second,
         # and a destination's fails it too rather than its first delivery.
         check_tls(cfg)
+        check_endpoints(cfg)
         self.stop_event = threading.Event()
         self.spool = Spool(cfg.state_dir, min_free_bytes=cfg.scp.min_free_mb << 20)
         self.routing = load_routing(cfg.routing)

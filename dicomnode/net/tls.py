@@ -213,7 +213,8 @@ def check_tls(cfg: NodeConfig) -> list[str]:
         tls = destination_tls(destination, f"{cfg.source}: destinations.{index}.tls")
         if tls is not None:
             tls.check()
-            lines.append(f"destination {destination.name}: DICOM TLS, {destination.tls.min_version} or newer")
+            kind = "HTTPS" if destination.stow_url is not None else "DICOM TLS"
+            lines.append(f"destination {destination.name}: {kind}, {destination.tls.min_version} or newer")
     return lines
 
 
