@@ -260,15 +260,31 @@ def infer(
     raise typer.Exit(0 if classified_any else 1)
 
 
+def _journal(cfg, *, read_only: bool):
+    """The node's journal as it is (no schema change, no new file or mode); exit 2 when unusable."""
+    from dicomnode.spool import Spool, SpoolError
+
+    try:
+        return Spool.open_existing(cfg.state_dir, read_only=read_only)
+    except SpoolError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def status(
     config: ConfigOption = DEFAULT_CONFIG,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object, for monitoring.")] = False,
+    last: Annotated[int, typer.Option(min=1, max=1000, help="How many recent studies to list.")] = 10,
 ) -> None:
-    """Counts of studies and deliveries, and the latest problems, from the journal."""
+    """The live node: its health, the queue of each destination, the last studies, the problems.
+
+    Reads the journal without changing it (safe beside the running node, as root too); studies
+    are named by hashed UID only.
+    """
     import json
 
-    from dicomnode.spool import Spool
+    from dicomnode.status import render
 
     cfg = _config(config)
     if not (cfg.state_dir / "journal.sqlite").exists():
@@ -277,20 +293,13 @@ def status(
         else:
             typer.echo(f"no journal in {cfg.state_dir}: the node has not run yet")
         raise typer.Exit(0)
-    spool = Spool(cfg.state_dir)
-    counts = spool.counts()
-    if as_json:
-        problems = [{"kind": k, "study": s, "reason": r} for k, s, r in spool.problems()]
-        typer.echo(json.dumps({"journal": True, **counts, "problems": problems}, sort_keys=True))
+    spool = _journal(cfg, read_only=True)
+    if not as_json:
+        render(cfg, spool, limit=last)
         return
-    for section, values in counts.items():
-        shown = ", ".join(f"{k}={v}" for k, v in sorted(values.items())) or "none"
-        typer.echo(f"{section}: {shown}")
-    problems = spool.problems()
-    if problems:
-        typer.echo("recent problems:")
-        for kind, study, reason in problems:
-            typer.echo(f"  {kind} study {study}: {reason}")
+    counts = spool.counts()
+    problems = [{"kind": k, "study": s, "reason": r} for k, s, r in spool.problems()]
+    typer.echo(json.dumps({"journal": True, **counts, "problems": problems}, sort_keys=True))
 
 
 @app.command()
@@ -307,7 +316,6 @@ def requeue(
     the running node processes them again.
     """
     from dicomnode.privacy import uid_tag
-    from dicomnode.spool import Spool
 
     cfg = _config(config)
     known = {d.name for d in cfg.destinations}
@@ -322,7 +330,7 @@ def requeue(
     if not (cfg.state_dir / "journal.sqlite").exists():
         typer.echo(f"no journal in {cfg.state_dir}: the node has not run yet")
         raise typer.Exit(0)
-    spool = Spool(cfg.state_dir)
+    spool = _journal(cfg, read_only=False)
     if not studies:
         count = spool.requeue_dead(destination)
         typer.echo(f"{count} dead deliveries requeued")
@@ -346,7 +354,7 @@ def reprocess(
     named in the output by hashed UID only. Exits 1 if a study is not in the journal.
     """
     from dicomnode.privacy import uid_tag
-    from dicomnode.spool import Spool, is_valid_uid
+    from dicomnode.spool import is_valid_uid
 
     for index, uid in enumerate(study_instance_uids, start=1):
         if not is_valid_uid(uid):
@@ -356,7 +364,7 @@ def reprocess(
     if not (cfg.state_dir / "journal.sqlite").exists():
         typer.echo(f"no journal in {cfg.state_dir}: the node has not run yet", err=True)
         raise typer.Exit(1)
-    spool = Spool(cfg.state_dir)
+    spool = _journal(cfg, read_only=False)
     missing = False
     for uid in study_instance_uids:
         previous = spool.reprocess(uid)

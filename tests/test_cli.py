@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import stat
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -359,13 +361,29 @@ def test_status_before_the_node_ever_ran_says_so_and_creates_nothing(node_config
     assert not state_dir.exists()
 
 
-def test_status_of_an_empty_journal_shows_zero_counts_and_no_problems(node_config):
-    Spool(state_dir_of(node_config)).close()
+def table_row(stdout: str, first_cell: str) -> list[str]:
+    """The cells of the table row of `dicomnode status` whose first cell is `first_cell`."""
+    for line in stdout.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("│").split("│")]
+        if cells and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no row {first_cell!r} in:\n{stdout}")
 
-    outcome = cli("status", "--config", node_config)
+
+def test_status_of_an_empty_journal_shows_the_empty_queues_and_no_problems(tmp_path, tiny_architecture):
+    destination = {"name": "pacs", "host": "127.0.0.1", "port": 104, "ae_title": "PACS"}
+    config = write_node_config(tmp_path, tiny_architecture, scp_port=free_port(), destinations=[destination])
+    Spool(state_dir_of(config)).close()
+
+    outcome = cli("status", "--config", config)
 
     assert outcome.exit_code == 0
-    assert outcome.stdout == "studies: none\noutbox: none\ninstances: stored=0\n"
+    lines = outcome.stdout.splitlines()
+    assert lines[0].startswith(f"node DICOMNODE ({config}): health not answering at http://127.0.0.1:")
+    # destination, pending, failing for, sent, dead, last error
+    assert table_row(outcome.stdout, "pacs") == ["pacs", "0", "", "0", "0", ""]
+    assert "Last 10 studies" in outcome.stdout
+    assert lines[-1] == "no problems"
 
 
 def journal_ct_study(config: Path, study_uid: str, **outcome) -> Spool:
@@ -417,13 +435,11 @@ def test_status_lists_an_ignored_study_by_hashed_uid_only(node_config, tmp_path)
     outcome = cli("status", "--config", node_config)
 
     assert outcome.exit_code == 0
-    assert outcome.stdout.splitlines() == [
-        "studies: ignored=1",
-        "outbox: none",
-        "instances: stored=1",
-        "recent problems:",
-        f"  study ignored study {uid_tag(PATIENT['StudyInstanceUID'])}: {PATIENT_CT_REASON}",
-    ]
+    tag = uid_tag(PATIENT["StudyInstanceUID"])
+    assert table_row(outcome.stdout, tag)[1:3] == ["ignored", "not routed"]
+    lines = outcome.stdout.splitlines()
+    assert lines[1:4] == ["studies: ignored=1", "outbox: none", "instances: stored=1"]
+    assert lines[-2:] == ["recent problems:", f"  study ignored study {tag}: {PATIENT_CT_REASON}"]
     for value in PATIENT.values():
         assert value not in outcome.stdout, value
 
@@ -677,7 +693,7 @@ def test_requeue_puts_dead_deliveries_back_and_refuses_an_unknown_destination(tm
     outcome = cli("requeue", "--config", config, "--destination", "pacs")
     assert outcome.exit_code == 0
     assert outcome.stdout == "1 dead deliveries requeued\n"
-    assert "outbox: pacs:pending=1" in cli("status", "--config", config).stdout
+    assert table_row(cli("status", "--config", config).stdout, "pacs")[1:5:3] == ["1", "0"]  # pending, dead
 
 
 def test_status_and_requeue_from_a_permissive_shell_leave_the_journal_private(tmp_path, tiny_architecture):
@@ -700,12 +716,97 @@ def test_status_and_requeue_from_a_permissive_shell_leave_the_journal_private(tm
         # The -wal and -shm these commands' connections created, if they are still open.
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in state_dir.glob("journal.sqlite*")}
 
-    assert status.exit_code == 0 and "outbox: pacs:dead=1" in status.stdout
+    assert status.exit_code == 0 and table_row(status.stdout, "pacs")[4] == "1"  # dead
     assert requeue.stdout == "1 dead deliveries requeued\n"
     assert "journal.sqlite" in modes
     assert set(modes.values()) == {0o600}, modes
     for folder in (state_dir, state_dir / "spool", state_dir / "outbox"):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+
+
+def schema_of(journal: Path) -> tuple[int, list[tuple[str, str]]]:
+    """The journal's schema version and table definitions, read through a connection of its own."""
+    with closing(sqlite3.connect(journal)) as db:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        return version, sorted(db.execute("SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL"))
+
+
+def test_status_and_requeue_change_neither_the_schema_nor_the_files_of_the_journal(
+    tmp_path, tiny_architecture
+):
+    destination = {"name": "pacs", "host": "127.0.0.1", "port": 104, "ae_title": "PACS"}
+    config = write_node_config(tmp_path, tiny_architecture, scp_port=free_port(), destinations=[destination])
+    state_dir = state_dir_of(config)
+    journal = state_dir / "journal.sqlite"
+    spool = journal_ct_study(
+        config,
+        "1.2.826.0.1.3680043.8.498.82",
+        state="done",
+        deliveries=[("pacs", state_dir / "outbox" / "a")],
+    )
+    spool.delivery_failed(spool.next_delivery("pacs"), "PACS@127.0.0.1:104 rejected", retry_at=None)
+    spool.close()
+    for folder in ("spool", "incoming", "outbox"):
+        shutil.rmtree(state_dir / folder)
+    before, mode = schema_of(journal), stat.S_IMODE(journal.stat().st_mode)
+
+    assert cli("status", "--config", config).exit_code == 0
+    assert cli("status", "--config", config, "--json").exit_code == 0
+    assert cli("requeue", "--config", config).stdout == "1 dead deliveries requeued\n"
+
+    assert schema_of(journal) == before
+    assert stat.S_IMODE(journal.stat().st_mode) == mode
+    assert sorted(p.name for p in state_dir.iterdir()) == [
+        "journal.sqlite",
+        "journal.sqlite-shm",
+        "journal.sqlite-wal",
+    ]
+
+
+def test_status_and_requeue_leave_a_journal_of_another_schema_version_as_it_is(tmp_path, tiny_architecture):
+    config = write_node_config(tmp_path, tiny_architecture, scp_port=free_port())
+    journal = state_dir_of(config) / "journal.sqlite"
+    Spool(state_dir_of(config)).close()
+    with closing(sqlite3.connect(journal)) as db:  # as version 1 wrote it: no reports, no first_failed_at
+        db.executescript(
+            "DROP TABLE reports; ALTER TABLE outbox DROP COLUMN first_failed_at; PRAGMA user_version=1;"
+        )
+    before = schema_of(journal)
+
+    status, requeue = cli("status", "--config", config), cli("requeue", "--config", config)
+
+    for outcome in (status, requeue):
+        assert outcome.exit_code == 2
+        assert f"the journal {journal} has schema version 1, this dicomnode reads version 2" in outcome.stderr
+    assert schema_of(journal) == before
+
+
+def test_status_shows_queues_and_last_studies_with_route_outcome_and_timing(tmp_path, tiny_architecture):
+    destination = {"name": "pacs", "host": "127.0.0.1", "port": 104, "ae_title": "PACS"}
+    config = write_node_config(tmp_path, tiny_architecture, scp_port=free_port(), destinations=[destination])
+    outbox = state_dir_of(config) / "outbox"
+    study = "1.2.826.0.1.3680043.8.498.83"
+    spool = journal_ct_study(
+        config,
+        study,
+        state="done",
+        prompt_set="cxr",
+        deliveries=[("pacs", outbox / "sr"), ("pacs", outbox / "sc")],
+    )
+    spool.delivery_sent(spool.next_delivery("pacs"))
+    spool.delivery_failed(spool.next_delivery("pacs"), "PACS@127.0.0.1:104 [down]", retry_at=2e9)
+    spool.close()
+
+    outcome = cli("status", "--config", config)
+
+    assert outcome.exit_code == 0, outcome.stderr
+    pending, failing, sent, dead, error = table_row(outcome.stdout, "pacs")[1:]
+    assert (pending, sent, dead, error) == ("1", "1", "0", "PACS@127.0.0.1:104 [down]")
+    assert failing.endswith(" s")
+    tag, outcome_, route, received, took, delivered = table_row(outcome.stdout, uid_tag(study))
+    assert (outcome_, route, delivered) == ("done", "cxr", "1/2")
+    assert took.endswith(" s") and received[:2] == "20"
+    assert study not in outcome.stdout
 
 
 def test_requeue_studies_puts_failed_studies_back_naming_them_by_hashed_uid(tmp_path, tiny_architecture):

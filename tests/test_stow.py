@@ -20,6 +20,7 @@ from dicomnode.config import ConfigError, DestinationConfig
 from dicomnode.net.stow import StowEndpoint
 from dicomnode.outbox import DestinationWorker
 from tests.conftest import (
+    dcmtk,
     free_port,
     run_cli,
     start_orthanc,
@@ -293,3 +294,26 @@ def test_dicomnode_config_reports_the_endpoint_and_an_unset_token_with_file_and_
         "destination web: STOW-RS to https://pacs.example.org/dicom-web, basic authentication" in done.stdout
     )
     assert PASSWORD not in done.stdout + done.stderr
+
+
+def test_the_node_sends_its_sr_and_sc_by_stow_rs_and_status_shows_the_queue(web_pacs, node_factory, chest_cr):
+    destination = _web(web_pacs.dicomweb_url).model_dump(exclude_none=True, mode="json")
+    destination["auth"]["basic"]["password"] = {"value": PASSWORD}  # model_dump masks a SecretStr
+    node = node_factory(destinations=[destination | {"backoff_s": 0.5}])
+
+    sent = dcmtk(
+        "storescu", "-aec", "DICOMNODE", "-aet", "MODALITY", "127.0.0.1", str(node.port), str(chest_cr)
+    )
+    assert sent.returncode == 0, sent.stderr
+
+    status = wait_until(lambda: "web:sent=2" in (s := node.cli("status").stdout) and s, 120, what="delivery")
+    source = pydicom.dcmread(chest_cr, stop_before_pixels=True)
+    found = requests.post(
+        web_pacs.url + "/tools/find",
+        json={"Level": "Series", "Query": {"StudyInstanceUID": source.StudyInstanceUID}},
+        auth=("dicomnode", PASSWORD),
+        timeout=10,
+    ).json()
+    assert len(found) == 2, "a series for the SR and one for the SC"
+    assert [cell for cell in status.splitlines() if cell.strip().startswith("│ web")]
+    assert PASSWORD not in node.log.read_text() + status

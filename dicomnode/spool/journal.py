@@ -12,6 +12,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Self
+from urllib.parse import quote
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -125,8 +127,44 @@ class Journal:
         os.close(os.open(self.journal_path, os.O_WRONLY | os.O_CREAT, 0o600))
         self._local = threading.local()
         self._study_locks = [threading.Lock() for _ in range(_STUDY_LOCKS)]
+        self._uri = f"file:{quote(str(self.journal_path))}?mode=rwc"
         self._db().executescript(_SCHEMA)
         self._migrate()
+
+    @classmethod
+    def open_existing(cls, state_dir: Path, *, read_only: bool) -> Self:
+        """A node's journal opened as it is, for `status` and `requeue` beside the running node.
+
+        Unlike the constructor, it creates no folder or file, adds no table or column, and changes
+        no mode: an administrator running it as root must not leave a file the service user cannot
+        open, nor upgrade a journal that an older node still runs on. SQLite gives the -wal and
+        -shm files it may create the journal's own mode and owner. Raises SpoolError when the
+        journal is missing or of another schema version.
+        """
+        journal = cls.__new__(cls)
+        journal.state_dir = Path(state_dir)
+        journal.instances_dir = journal.state_dir / "spool"
+        journal.outbox_dir = journal.state_dir / "outbox"
+        journal.incoming_dir = journal.state_dir / "incoming"
+        journal.min_free_bytes = 0
+        journal.journal_path = journal.state_dir / "journal.sqlite"
+        if not journal.journal_path.is_file():
+            raise SpoolError(f"no journal at {journal.journal_path}: the node has not run yet")
+        journal._local = threading.local()
+        journal._study_locks = [threading.Lock() for _ in range(_STUDY_LOCKS)]
+        journal._uri = f"file:{quote(str(journal.journal_path))}?mode={'ro' if read_only else 'rw'}"
+        try:
+            version = journal._db().execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.Error as exc:
+            journal.close()
+            raise SpoolError(f"cannot open the journal {journal.journal_path}: {exc}") from None
+        if version != SCHEMA_VERSION:
+            journal.close()
+            raise SpoolError(
+                f"the journal {journal.journal_path} has schema version {version}, this dicomnode reads"
+                f" version {SCHEMA_VERSION}: run `dicomnode serve` of this version once to upgrade it"
+            )
+        return journal
 
     def _study_lock(self, study_instance_uid: str) -> threading.Lock:
         """One of a fixed set of locks, picked by study: stores of other studies run in parallel."""
@@ -145,8 +183,9 @@ class Journal:
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.journal_path, timeout=30, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
+            db = sqlite3.connect(self._uri, uri=True, timeout=30, isolation_level=None)
+            if not self._uri.endswith("mode=ro"):
+                db.execute("PRAGMA journal_mode=WAL")
             # FULL: a committed row survives power loss, which the C-STORE ack promises.
             db.execute("PRAGMA synchronous=FULL")
             db.row_factory = sqlite3.Row
