@@ -300,6 +300,38 @@ class AlertsConfig(_Strict):
     stuck_after_s: float = Field(default=900.0, gt=0)
 
 
+class AuditConfig(_Strict):
+    """The audit log (associations accepted and refused, with the reasons): always to
+    logs/audit.log, and also to syslog when `syslog` is true, at `address` (a socket path such as
+    /dev/log, or udp://host:514 or tcp://host:601) with `facility`."""
+
+    syslog: bool = False
+    address: str = "/dev/log"
+    facility: str = "auth"
+
+    @field_validator("address")
+    @classmethod
+    def _syslog_address(cls, value: str) -> str:
+        if value.startswith(("udp://", "tcp://")):
+            host, _, port = value[6:].rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("give udp://host:port or tcp://host:port, e.g. udp://siem.example.org:514")
+        elif not value.startswith("/"):
+            raise ValueError("give a socket path such as /dev/log, or udp://host:port or tcp://host:port")
+        return value
+
+    @field_validator("facility")
+    @classmethod
+    def _known_facility(cls, value: str) -> str:
+        from logging.handlers import SysLogHandler
+
+        if value not in SysLogHandler.facility_names:
+            raise ValueError(
+                f"unknown syslog facility; one of {', '.join(sorted(SysLogHandler.facility_names))}"
+            )
+        return value
+
+
 class NodeConfig(_Strict):
     """The whole node, as read from dicomnode.yaml."""
 
@@ -308,6 +340,9 @@ class NodeConfig(_Strict):
     prompts_dir: Path = Path("../prompts")
     routing: Path = Path("routing.yaml")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # json: one JSON object per line on stderr and in logs/, for log shippers.
+    log_format: Literal["text", "json"] = "text"
+    audit: AuditConfig = AuditConfig()
     scp: ScpConfig = ScpConfig()
     studies: StudiesConfig = StudiesConfig()
     model: ModelConfig = ModelConfig()
