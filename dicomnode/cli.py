@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -393,17 +394,43 @@ def check_config(config: ConfigOption = DEFAULT_CONFIG) -> None:
     from dicomnode.net.tls import check_tls
 
     cfg = _config(config)
-    try:
-        tls = check_tls(cfg) + check_endpoints(cfg)
-        routing = load_routing(cfg.routing)
-        names = dict.fromkeys(rule.prompt_set for rule in routing.rules if rule.prompt_set is not None)
-        prompt_sets = [load_prompt_set(cfg.prompts_dir / name) for name in names]
-        # Checked on the CPU: a running node may hold the GPU, and the shapes are the same.
-        engine = Engine(load_backbone(cfg.model.model_copy(update={"device": "cpu"})))
-        classifiers = [engine.classifier(prompt_set) for prompt_set in prompt_sets]
-    except (ConfigError, PromptSetError, BackboneError, EngineError) as exc:
-        typer.echo(f"configuration error:\n{exc}", err=True)
-        raise typer.Exit(2) from None
+    problems: list[str] = []
+
+    def check(step: Callable[[], Any], default: Any) -> Any:
+        """Run one check; its problem is collected, so that every problem is reported at once."""
+        try:
+            return step()
+        except (ConfigError, PromptSetError, BackboneError, EngineError) as exc:
+            problems.append(str(exc))
+            return default
+
+    tls = check(lambda: check_tls(cfg), []) + check(lambda: check_endpoints(cfg), [])
+    routing = check(lambda: load_routing(cfg.routing), None)
+    prompt_sets, seen = [], set()
+    for index, rule in enumerate(routing.rules if routing is not None else ()):
+        if rule.prompt_set is None or rule.prompt_set in seen:
+            continue
+        seen.add(rule.prompt_set)
+        folder = cfg.prompts_dir / rule.prompt_set
+        if not folder.is_dir():
+            there = ", ".join(sorted(p.name for p in cfg.prompts_dir.glob("*/") if p.is_dir())) or "none"
+            problems.append(
+                f"{cfg.routing}: rules.{index}.prompt_set: no prompt set {rule.prompt_set!r} in"
+                f" {cfg.prompts_dir} (there: {there})"
+            )
+            continue
+        prompt_sets.append(check(lambda folder=folder: load_prompt_set(folder), None))
+    prompt_sets = [p for p in prompt_sets if p is not None]
+    # Checked on the CPU: a running node may hold the GPU, and the shapes are the same.
+    engine = check(lambda: Engine(load_backbone(cfg.model.model_copy(update={"device": "cpu"}))), None)
+    classifiers = []
+    if engine is not None:
+        classifiers = [
+            c for p in prompt_sets if (c := check(lambda p=p: engine.classifier(p), None)) is not None
+        ]
+    if problems:
+        typer.echo("configuration error:\n" + "\n".join(problems), err=True)
+        raise typer.Exit(2)
     demo = "" if cfg.model.checkpoint else " (no checkpoint: DEMO model, no clinical meaning)"
     typer.echo(f"{config}: valid; {len(routing.rules)} routing rules; model {cfg.model.architecture}{demo}")
     for line in describe(classifiers):

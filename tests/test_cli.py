@@ -253,13 +253,51 @@ def test_config_invalid_routing_exits_2_naming_routing_file_and_rule_key(node_co
     assert f"{routing}: rules.0.match.BodyPart: not a DICOM attribute keyword" in outcome.stderr
 
 
-def test_config_rule_naming_a_missing_prompt_set_exits_2_naming_its_file(node_config):
-    with_routing(node_config, "rules: [{name: r, match: {Modality: CT}, prompt_set: no-such-set}]\n")
+def test_config_rule_naming_a_missing_prompt_set_exits_2_naming_routing_file_and_rule(node_config):
+    routing = with_routing(
+        node_config, "rules: [{name: r, match: {Modality: CR}, prompt_set: cxr},\n"
+        "        {name: s, match: {Modality: CT}, prompt_set: no-such-set}]\n",
+    )  # fmt: skip
 
     outcome = cli("config", "--config", node_config)
 
     assert outcome.exit_code == 2
-    assert str(REPO / "prompts" / "no-such-set" / "promptset.yaml") in outcome.stderr
+    assert (
+        f"{routing}: rules.1.prompt_set: no prompt set 'no-such-set' in {REPO / 'prompts'} (there: cxr,"
+        in outcome.stderr
+    )
+
+
+def test_config_reports_every_problem_at_once_each_with_file_and_key(node_config, tmp_path, monkeypatch):
+    monkeypatch.delenv("NO_SUCH_TOKEN", raising=False)
+    routing = with_routing(
+        node_config, "rules: [{name: s, match: {Modality: CT}, prompt_set: no-such-set}]\n"
+    )
+    not_a_certificate = tmp_path / "ca.crt"
+    not_a_certificate.write_text("not a certificate\n")
+    content = yaml.safe_load(node_config.read_text())
+    content["destinations"] = [
+        {
+            "name": "pacs",
+            "host": "pacs",
+            "port": 2762,
+            "ae_title": "PACS",
+            "tls": {"ca_certificates": str(not_a_certificate)},
+        },
+        {"name": "web", "stow_url": "https://pacs/dicom-web", "auth": {"bearer": {"env": "NO_SUCH_TOKEN"}}},
+    ]
+    node_config.write_text(yaml.safe_dump(content))
+
+    outcome = cli("config", "--config", node_config)
+
+    assert outcome.exit_code == 2
+    problems = outcome.stderr.splitlines()
+    assert problems[0] == "configuration error:"
+    assert problems[1].startswith(f"{node_config}: destinations.0.tls.ca_certificates: {not_a_certificate}")
+    assert problems[2].startswith(
+        f"{node_config}: destinations.1.auth.bearer.env: environment variable NO_SUCH_TOKEN"
+    )
+    assert problems[3].startswith(f"{routing}: rules.0.prompt_set: no prompt set 'no-such-set'")
 
 
 def test_config_ignore_rules_need_no_prompt_set(node_config):

@@ -21,7 +21,7 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from requests.adapters import HTTPAdapter
 
-from dicomnode.config import DestinationConfig, NodeConfig
+from dicomnode.config import ConfigError, DestinationConfig, NodeConfig
 from dicomnode.net.scu import StoreOutcome
 from dicomnode.net.tls import ClientTls, destination_tls
 
@@ -125,15 +125,22 @@ class StowEndpoint:
 def check_endpoints(cfg: NodeConfig) -> list[str]:
     """Read every STOW-RS destination's secrets and TLS files; one line per endpoint.
 
-    Raises ConfigError naming the file and the key (never the secret) at the first that cannot
-    be used: start-up and `dicomnode config` fail on it, not the first delivery.
+    Raises ConfigError, one line per endpoint that cannot be used, naming the file and the key
+    (never the secret): start-up and `dicomnode config` fail on them, not the first delivery.
     """
-    lines = []
+    lines, problems = [], []
     for index, destination in enumerate(cfg.destinations):
-        if destination.stow_url is not None:
+        if destination.stow_url is None:
+            continue
+        try:
             endpoint = StowEndpoint.of(destination, f"{cfg.source}: destinations.{index}")
-            auth = "no authentication" if endpoint.auth is None else f"{_scheme(destination)} authentication"
-            lines.append(f"destination {destination.name}: STOW-RS to {endpoint.url}, {auth}")
+        except ConfigError as exc:
+            problems.append(str(exc))
+            continue
+        auth = "no authentication" if endpoint.auth is None else f"{_scheme(destination)} authentication"
+        lines.append(f"destination {destination.name}: STOW-RS to {endpoint.url}, {auth}")
+    if problems:
+        raise ConfigError("\n".join(problems))
     return lines
 
 

@@ -202,19 +202,31 @@ def scp_context(cfg: NodeConfig) -> ssl.SSLContext | None:
 def check_tls(cfg: NodeConfig) -> list[str]:
     """Build every TLS context the configuration asks for; one line per side that uses TLS.
 
-    Raises ConfigError, naming the file, the key and the certificate or key file, at the first
-    that cannot be used: start-up and `dicomnode config` fail on it, not the first delivery.
+    Raises ConfigError, one line per side that cannot be used, naming the file, the key and the
+    certificate or key file: start-up and `dicomnode config` fail on them, not the first delivery.
     """
-    lines = []
-    if scp_context(cfg) is not None:
-        verify = "client certificates required" if cfg.scp.tls.ca_certificates else "no client certificates"
-        lines.append(f"scp: DICOM TLS, {cfg.scp.tls.min_version} or newer, {verify}")
+    lines, problems = [], []
+    try:
+        if scp_context(cfg) is not None:
+            verify = (
+                "client certificates required" if cfg.scp.tls.ca_certificates else "no client certificates"
+            )
+            lines.append(f"scp: DICOM TLS, {cfg.scp.tls.min_version} or newer, {verify}")
+    except ConfigError as exc:
+        problems.append(str(exc))
     for index, destination in enumerate(cfg.destinations):
         tls = destination_tls(destination, f"{cfg.source}: destinations.{index}.tls")
-        if tls is not None:
+        if tls is None:
+            continue
+        try:
             tls.check()
-            kind = "HTTPS" if destination.stow_url is not None else "DICOM TLS"
-            lines.append(f"destination {destination.name}: {kind}, {destination.tls.min_version} or newer")
+        except ConfigError as exc:
+            problems.append(str(exc))
+            continue
+        kind = "HTTPS" if destination.stow_url is not None else "DICOM TLS"
+        lines.append(f"destination {destination.name}: {kind}, {destination.tls.min_version} or newer")
+    if problems:
+        raise ConfigError("\n".join(problems))
     return lines
 
 
