@@ -7,6 +7,7 @@ The files are real YAML written to a temporary folder and read through `load_con
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -665,3 +666,35 @@ def test_a_node_listens_on_the_port_its_environment_gives(tmp_path, tiny_archite
         assert node.process.poll() is None
     finally:
         stop_process(node.process)
+
+
+def _keys(schema: type, prefix: str = "") -> set[str]:
+    """Every key of a configuration schema, as dotted paths (list entries and mappings as *)."""
+    from pydantic import BaseModel
+
+    from dicomnode.config import _unwrap
+
+    found = set()
+    for name, field in schema.model_fields.items():
+        if name == "source":
+            continue
+        path = f"{prefix}{name}"
+        found.add(path)
+        for kind in _unwrap(field.annotation):
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                found |= _keys(kind, path + ".")
+            elif getattr(kind, "__origin__", None) is tuple:
+                for item in _unwrap(kind.__args__[0]):
+                    if isinstance(item, type) and issubclass(item, BaseModel):
+                        found |= _keys(item, path + ".*.")
+    return found
+
+
+def test_every_key_is_documented_in_the_embedded_example():
+    text = (REPO / "conf" / "dicomnode.yaml").read_text()
+    # A key is documented where it is written, set or commented out, as `key:` or `{key: ...`.
+    written = set(re.findall(r"(?:^|[{,\s])([a-z_]+):", text, flags=re.MULTILINE))
+
+    missing = sorted(path for path in _keys(NodeConfig) if path.rsplit(".", 1)[-1] not in written)
+
+    assert not missing, f"conf/dicomnode.yaml does not show: {', '.join(missing)}"
