@@ -136,14 +136,19 @@ def send(
     if not paths:
         typer.echo("no files to send", err=True)
         raise typer.Exit(2)
+    from dicomnode.progress import progress
+
+    bar = progress(paths, description="send", unit="file")
     try:
-        outcomes = store(peer, paths, calling_ae=aet)
+        outcomes = store(peer, paths, calling_ae=aet, sent=lambda _: bar.update())
     except AssociationFailed as exc:  # first: it is a ConnectionError, hence an OSError
         typer.echo(f"send failed: {exc}", err=True)
         raise typer.Exit(1) from None
     except (InvalidDicomError, OSError, ValueError) as exc:
         typer.echo(f"cannot send: {exc}", err=True)
         raise typer.Exit(2) from None
+    finally:
+        bar.close()
     for outcome in outcomes:
         status = "no status" if outcome.status is None else f"0x{outcome.status:04X}"
         typer.echo(f"{outcome.path}: {status} {outcome.comment}".rstrip())
@@ -596,15 +601,15 @@ def _require_train_extra() -> None:
 
 
 def _progress_bar():
-    """A progress line on stderr: epoch, loss, images/s and time left (tqdm)."""
-    from tqdm import tqdm
+    """A progress line on a terminal's stderr: epoch, loss, images/s and time left."""
+    from dicomnode.progress import progress
 
     state: dict = {}
 
     def update(epoch: int, epochs: int, loss: float, rate: float, left: float) -> None:
         bar = state.get("bar")
         if bar is None:
-            bar = state["bar"] = tqdm(total=epochs, unit="epoch", dynamic_ncols=True)
+            bar = state["bar"] = progress(range(epochs), description="train", unit="epoch")
         bar.n = epoch - 1
         bar.set_postfix_str(f"loss {loss:.4f}, {rate:.0f} img/s, {left:.0f} s left")
 

@@ -9,6 +9,7 @@ contract: 0 success, 1 the peer or a file failed, 2 the command cannot run as gi
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sqlite3
 import stat
@@ -619,6 +620,47 @@ def test_send_files_and_folders_to_orthanc_stores_each_instance(pacs, tmp_path):
         "3 sent, 0 failed",
     ]
     wait_until(lambda: sent <= stored_in(pacs), 30, what="the three instances in Orthanc")
+
+
+def _send_folder(pacs: Orthanc, folder: Path, stderr) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "dicomnode", "send", "127.0.0.1", str(pacs.dicom_port), str(folder)]
+    return subprocess.run(
+        [*command, "--aec", pacs.ae_title], stdout=subprocess.PIPE, stderr=stderr, timeout=120
+    )
+
+
+def test_send_of_a_folder_shows_a_progress_bar_on_a_terminal_and_none_in_a_pipe(pacs, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    folder = tmp_path / "study"
+    folder.mkdir()
+    for name in (CT, EXTREMITY, CHEST):
+        shutil.copy(shipped_file(name), folder / f"{name}.dcm")
+    terminal, stderr = pty.openpty()
+    # A terminal of 24 rows and 100 columns: a fresh pty has none, and tqdm would draw nothing.
+    fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+
+    on_terminal = _send_folder(pacs, folder, stderr)
+    os.close(stderr)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(terminal, 65536)
+        except OSError:  # EIO: the terminal's other end is closed and drained
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(terminal)
+    in_a_pipe = _send_folder(pacs, folder, subprocess.PIPE)
+
+    assert on_terminal.returncode == 0 and in_a_pipe.returncode == 0
+    assert re.search(rb"send: +\d+%.*\| *\d/3 \[", shown), shown
+    assert on_terminal.stdout == in_a_pipe.stdout, "the results on stdout are the same"
+    assert in_a_pipe.stderr == b""
 
 
 def test_send_with_a_called_ae_title_orthanc_does_not_have_exits_1_and_stores_nothing(pacs):
