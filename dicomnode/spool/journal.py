@@ -113,21 +113,13 @@ class Journal:
     """
 
     def __init__(self, state_dir: Path, min_free_bytes: int = 0) -> None:
-        self.state_dir = Path(state_dir)
-        self.instances_dir = self.state_dir / "spool"
-        self.outbox_dir = self.state_dir / "outbox"
-        self.incoming_dir = self.state_dir / "incoming"
-        self.min_free_bytes = min_free_bytes
-        self.journal_path = self.state_dir / "journal.sqlite"
+        self._locate(state_dir, min_free_bytes, "rwc")
         for folder in (self.state_dir, self.instances_dir, self.outbox_dir, self.incoming_dir):
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         # SQLite would create the journal under the umask of whoever opens it first, and gives
         # its -wal and -shm files the journal's own mode: created 0600 here, all three stay
         # private whatever the umask. An existing journal is opened as it is, its mode kept.
         os.close(os.open(self.journal_path, os.O_WRONLY | os.O_CREAT, 0o600))
-        self._local = threading.local()
-        self._study_locks = [threading.Lock() for _ in range(_STUDY_LOCKS)]
-        self._uri = f"file:{quote(str(self.journal_path))}?mode=rwc"
         self._db().executescript(_SCHEMA)
         self._migrate()
 
@@ -142,17 +134,9 @@ class Journal:
         journal is missing or of another schema version.
         """
         journal = cls.__new__(cls)
-        journal.state_dir = Path(state_dir)
-        journal.instances_dir = journal.state_dir / "spool"
-        journal.outbox_dir = journal.state_dir / "outbox"
-        journal.incoming_dir = journal.state_dir / "incoming"
-        journal.min_free_bytes = 0
-        journal.journal_path = journal.state_dir / "journal.sqlite"
+        journal._locate(state_dir, 0, "ro" if read_only else "rw")
         if not journal.journal_path.is_file():
             raise SpoolError(f"no journal at {journal.journal_path}: the node has not run yet")
-        journal._local = threading.local()
-        journal._study_locks = [threading.Lock() for _ in range(_STUDY_LOCKS)]
-        journal._uri = f"file:{quote(str(journal.journal_path))}?mode={'ro' if read_only else 'rw'}"
         try:
             version = journal._db().execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.Error as exc:
@@ -165,6 +149,18 @@ class Journal:
                 f" version {SCHEMA_VERSION}: run `dicomnode serve` of this version once to upgrade it"
             )
         return journal
+
+    def _locate(self, state_dir: Path, min_free_bytes: int, mode: str) -> None:
+        """Where everything lives, and how the journal is opened (SQLite URI mode rwc, rw or ro)."""
+        self.state_dir = Path(state_dir)
+        self.instances_dir = self.state_dir / "spool"
+        self.outbox_dir = self.state_dir / "outbox"
+        self.incoming_dir = self.state_dir / "incoming"
+        self.min_free_bytes = min_free_bytes
+        self.journal_path = self.state_dir / "journal.sqlite"
+        self._uri = f"file:{quote(str(self.journal_path))}?mode={mode}"
+        self._local = threading.local()
+        self._study_locks = [threading.Lock() for _ in range(_STUDY_LOCKS)]
 
     def _study_lock(self, study_instance_uid: str) -> threading.Lock:
         """One of a fixed set of locks, picked by study: stores of other studies run in parallel."""
