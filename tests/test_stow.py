@@ -242,6 +242,13 @@ def test_a_secret_that_cannot_be_read_names_its_key_not_its_value(tmp_path, monk
 
     token = tmp_path / "token"
     token.write_text(TOKEN + "\n")
+    token.chmod(0o644)
+    readable = DestinationConfig.model_validate(absent.model_dump() | {"auth": {"bearer": {"file": token}}})
+    with pytest.raises(
+        ConfigError, match=r"auth\.bearer\.file: others may access .* a file holding a secret must"
+    ):
+        StowEndpoint.of(readable)
+    token.chmod(0o600)
     endpoint = StowEndpoint.of(
         DestinationConfig.model_validate(absent.model_dump() | {"auth": {"bearer": {"file": token}}})
     )

@@ -21,9 +21,9 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from requests.adapters import HTTPAdapter
 
-from dicomnode.config import ConfigError, DestinationConfig, NodeConfig
+from dicomnode.config import ConfigError, DestinationConfig, NodeConfig, Secret
 from dicomnode.net.scu import StoreOutcome
-from dicomnode.net.tls import ClientTls, destination_tls
+from dicomnode.net.tls import ClientTls, check_private, destination_tls
 
 # dicomweb-client logs every request at INFO ("store instances of study <UID>"): a UID is
 # patient data in our logs' terms, and the outbox logs each delivery itself.
@@ -96,11 +96,11 @@ class StowEndpoint:
         where = where or f"destinations[{destination.name}]"
         auth: requests.auth.AuthBase | tuple[str, str] | None = None
         if destination.auth is not None and destination.auth.bearer is not None:
-            auth = _Bearer(destination.auth.bearer.reveal(f"{where}.auth.bearer"))
+            auth = _Bearer(_reveal(destination.auth.bearer, f"{where}.auth.bearer"))
         elif destination.auth is not None:
             basic = destination.auth.basic
             auth = requests.auth.HTTPBasicAuth(
-                basic.username, basic.password.reveal(f"{where}.auth.basic.password")
+                basic.username, _reveal(basic.password, f"{where}.auth.basic.password")
             )
         tls = destination_tls(destination, f"{where}.tls")
         if tls is not None:
@@ -120,6 +120,13 @@ class StowEndpoint:
         client = DICOMwebClient(self.url, session=session, timeout=self.timeout_s)
         client.set_http_retry_params(retry=False)
         return client
+
+
+def _reveal(secret: Secret, where: str) -> str:
+    """The secret; a file holding it must be as private as a TLS key."""
+    if secret.file is not None and secret.file.exists():
+        check_private(secret.file, f"{where}.file", "a file holding a secret")
+    return secret.reveal(where)
 
 
 def check_endpoints(cfg: NodeConfig) -> list[str]:

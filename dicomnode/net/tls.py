@@ -91,7 +91,8 @@ def _read(path: Path, key: str) -> bytes:
         raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from exc
 
 
-def _check_private(path: Path, where: str) -> None:
+def check_private(path: Path, where: str, what: str = "a private key") -> None:
+    """Raise ConfigError naming `where` unless only the service user (or root's group) may read `path`."""
     try:
         info = path.stat()
     except OSError as exc:
@@ -99,8 +100,8 @@ def _check_private(path: Path, where: str) -> None:
     allowed = stat.S_IRWXU | (stat.S_IRGRP if info.st_uid == 0 else 0)
     if stat.S_IMODE(info.st_mode) & ~allowed & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(
-            f"{where}: others may access {path} (mode {stat.S_IMODE(info.st_mode):04o}): a private"
-            f" key must be 0600, owned by the service user (or 0640 owned by root, group of the service)"
+            f"{where}: others may access {path} (mode {stat.S_IMODE(info.st_mode):04o}): {what}"
+            f" must be 0600, owned by the service user (or 0640 owned by root, group of the service)"
         )
     if not os.access(path, os.R_OK):
         raise ConfigError(f"{where}: cannot read {path}: permission denied")
@@ -110,7 +111,7 @@ def _load_chain(context: ssl.SSLContext, certificate: Path, private_key: Path, w
     """Our certificate and its key into `context`; each problem named by the key that has it."""
     if b"-----BEGIN CERTIFICATE-----" not in _read(certificate, f"{where}.certificate"):
         raise ConfigError(f"{where}.certificate: {certificate} holds no PEM certificate")
-    _check_private(private_key, f"{where}.private_key")
+    check_private(private_key, f"{where}.private_key")
     key = _read(private_key, f"{where}.private_key")
     if b"ENCRYPTED" in key:
         raise ConfigError(
