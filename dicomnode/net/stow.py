@@ -25,9 +25,9 @@ from dicomnode.config import ConfigError, DestinationConfig, NodeConfig, Secret
 from dicomnode.net.scu import StoreOutcome
 from dicomnode.net.tls import ClientTls, check_private, destination_tls
 
-# dicomweb-client logs every request at INFO ("store instances of study <UID>"): a UID is
-# patient data in our logs' terms, and the outbox logs each delivery itself.
-logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
+# dicomweb-client logs UIDs (INFO "store instances of study <UID>", ERROR "storage of instance
+# <UID> failed"): patient data in our logs' terms. The outbox logs each delivery itself.
+logging.getLogger("dicomweb_client").setLevel(logging.CRITICAL)
 # Its retry decorator logs each failed request with a traceback even when retries are off; the
 # outbox logs the failure once, with what it will do about it.
 logging.getLogger("retrying").setLevel(logging.ERROR)
