@@ -322,5 +322,6 @@ def test_the_node_sends_its_sr_and_sc_by_stow_rs_and_status_shows_the_queue(web_
         timeout=10,
     ).json()
     assert len(found) == 2, "a series for the SR and one for the SC"
-    assert [cell for cell in status.splitlines() if cell.strip().startswith("│ web")]
+    assert status.splitlines()[0] == f"node DICOMNODE ({node.config}): health ok", "the live node's /healthz"
+    assert [row for row in status.splitlines() if row.strip().startswith("│ web ")]
     assert PASSWORD not in node.log.read_text() + status
