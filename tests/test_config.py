@@ -626,7 +626,7 @@ def test_environment_variables_override_keys_typed_by_the_schema(tmp_path):
         (
             "DICOMNODE_SCP__PORTS",
             "1",
-            "environment variable DICOMNODE_SCP__PORTS: scp has no key 'ports' (keys: host,",
+            "environment variable DICOMNODE_SCP__PORTS: scp has no key 'ports' (host,",
         ),
         ("DICOMNODE_SCP__PORT__X", "1", "environment variable DICOMNODE_SCP__PORT__X: scp.port is a value"),
         (
@@ -672,7 +672,7 @@ def _keys(schema: type, prefix: str = "") -> set[str]:
     """Every key of a configuration schema, as dotted paths (list entries and mappings as *)."""
     from pydantic import BaseModel
 
-    from dicomnode.config import _unwrap
+    from dicomnode.environment import unwrap
 
     found = set()
     for name, field in schema.model_fields.items():
@@ -680,11 +680,11 @@ def _keys(schema: type, prefix: str = "") -> set[str]:
             continue
         path = f"{prefix}{name}"
         found.add(path)
-        for kind in _unwrap(field.annotation):
+        for kind in unwrap(field.annotation):
             if isinstance(kind, type) and issubclass(kind, BaseModel):
                 found |= _keys(kind, path + ".")
             elif getattr(kind, "__origin__", None) is tuple:
-                for item in _unwrap(kind.__args__[0]):
+                for item in unwrap(kind.__args__[0]):
                     if isinstance(item, type) and issubclass(item, BaseModel):
                         found |= _keys(item, path + ".*.")
     return found
