@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -135,14 +136,19 @@ def send(
     if not paths:
         typer.echo("no files to send", err=True)
         raise typer.Exit(2)
+    from dicomnode.progress import progress
+
+    bar = progress(paths, description="send", unit="file")
     try:
-        outcomes = store(peer, paths, calling_ae=aet)
+        outcomes = store(peer, paths, calling_ae=aet, sent=lambda _: bar.update())
     except AssociationFailed as exc:  # first: it is a ConnectionError, hence an OSError
         typer.echo(f"send failed: {exc}", err=True)
         raise typer.Exit(1) from None
     except (InvalidDicomError, OSError, ValueError) as exc:
         typer.echo(f"cannot send: {exc}", err=True)
         raise typer.Exit(2) from None
+    finally:
+        bar.close()
     for outcome in outcomes:
         status = "no status" if outcome.status is None else f"0x{outcome.status:04X}"
         typer.echo(f"{outcome.path}: {status} {outcome.comment}".rstrip())
@@ -262,15 +268,31 @@ def infer(
     raise typer.Exit(0 if classified_any else 1)
 
 
+def _journal(cfg, *, read_only: bool):
+    """The node's journal as it is (no schema change, no new file or mode); exit 2 when unusable."""
+    from dicomnode.spool import Spool, SpoolError
+
+    try:
+        return Spool.open_existing(cfg.state_dir, read_only=read_only)
+    except SpoolError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def status(
     config: ConfigOption = DEFAULT_CONFIG,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object, for monitoring.")] = False,
+    last: Annotated[int, typer.Option(min=1, max=1000, help="How many recent studies to list.")] = 10,
 ) -> None:
-    """Counts of studies and deliveries, and the latest problems, from the journal."""
+    """The live node: its health, the queue of each destination, the last studies, the problems.
+
+    Reads the journal without changing it (safe beside the running node, as root too); studies
+    are named by hashed UID only.
+    """
     import json
 
-    from dicomnode.spool import Spool
+    from dicomnode.status import render
 
     cfg = _config(config)
     if not (cfg.state_dir / "journal.sqlite").exists():
@@ -279,20 +301,13 @@ def status(
         else:
             typer.echo(f"no journal in {cfg.state_dir}: the node has not run yet")
         raise typer.Exit(0)
-    spool = Spool(cfg.state_dir)
-    counts = spool.counts()
-    if as_json:
-        problems = [{"kind": k, "study": s, "reason": r} for k, s, r in spool.problems()]
-        typer.echo(json.dumps({"journal": True, **counts, "problems": problems}, sort_keys=True))
+    spool = _journal(cfg, read_only=True)
+    if not as_json:
+        render(cfg, spool, limit=last)
         return
-    for section, values in counts.items():
-        shown = ", ".join(f"{k}={v}" for k, v in sorted(values.items())) or "none"
-        typer.echo(f"{section}: {shown}")
-    problems = spool.problems()
-    if problems:
-        typer.echo("recent problems:")
-        for kind, study, reason in problems:
-            typer.echo(f"  {kind} study {study}: {reason}")
+    counts = spool.counts()
+    problems = [{"kind": k, "study": s, "reason": r} for k, s, r in spool.problems()]
+    typer.echo(json.dumps({"journal": True, **counts, "problems": problems}, sort_keys=True))
 
 
 @app.command()
@@ -309,7 +324,6 @@ def requeue(
     the running node processes them again.
     """
     from dicomnode.privacy import uid_tag
-    from dicomnode.spool import Spool
 
     cfg = _config(config)
     known = {d.name for d in cfg.destinations}
@@ -324,7 +338,7 @@ def requeue(
     if not (cfg.state_dir / "journal.sqlite").exists():
         typer.echo(f"no journal in {cfg.state_dir}: the node has not run yet")
         raise typer.Exit(0)
-    spool = Spool(cfg.state_dir)
+    spool = _journal(cfg, read_only=False)
     if not studies:
         count = spool.requeue_dead(destination)
         typer.echo(f"{count} dead deliveries requeued")
@@ -348,7 +362,7 @@ def reprocess(
     named in the output by hashed UID only. Exits 1 if a study is not in the journal.
     """
     from dicomnode.privacy import uid_tag
-    from dicomnode.spool import Spool, is_valid_uid
+    from dicomnode.spool import is_valid_uid
 
     for index, uid in enumerate(study_instance_uids, start=1):
         if not is_valid_uid(uid):
@@ -358,7 +372,7 @@ def reprocess(
     if not (cfg.state_dir / "journal.sqlite").exists():
         typer.echo(f"no journal in {cfg.state_dir}: the node has not run yet", err=True)
         raise typer.Exit(1)
-    spool = Spool(cfg.state_dir)
+    spool = _journal(cfg, read_only=False)
     missing = False
     for uid in study_instance_uids:
         previous = spool.reprocess(uid)
@@ -383,20 +397,47 @@ def check_config(config: ConfigOption = DEFAULT_CONFIG) -> None:
     from dicomnode.model.backbone import BackboneError, load_backbone
     from dicomnode.model.classifier import describe
     from dicomnode.model.promptset import PromptSetError, load_prompt_set
+    from dicomnode.net.stow import check_endpoints
     from dicomnode.net.tls import check_tls
 
     cfg = _config(config)
-    try:
-        tls = check_tls(cfg)
-        routing = load_routing(cfg.routing)
-        names = dict.fromkeys(rule.prompt_set for rule in routing.rules if rule.prompt_set is not None)
-        prompt_sets = [load_prompt_set(cfg.prompts_dir / name) for name in names]
-        # Checked on the CPU: a running node may hold the GPU, and the shapes are the same.
-        engine = Engine(load_backbone(cfg.model.model_copy(update={"device": "cpu"})))
-        classifiers = [engine.classifier(prompt_set) for prompt_set in prompt_sets]
-    except (ConfigError, PromptSetError, BackboneError, EngineError) as exc:
-        typer.echo(f"configuration error:\n{exc}", err=True)
-        raise typer.Exit(2) from None
+    problems: list[str] = []
+
+    def check(step: Callable[[], Any], default: Any) -> Any:
+        """Run one check; its problem is collected, so that every problem is reported at once."""
+        try:
+            return step()
+        except (ConfigError, PromptSetError, BackboneError, EngineError) as exc:
+            problems.append(str(exc))
+            return default
+
+    tls = check(lambda: check_tls(cfg), []) + check(lambda: check_endpoints(cfg), [])
+    routing = check(lambda: load_routing(cfg.routing), None)
+    prompt_sets, seen = [], set()
+    for index, rule in enumerate(routing.rules if routing is not None else ()):
+        if rule.prompt_set is None or rule.prompt_set in seen:
+            continue
+        seen.add(rule.prompt_set)
+        folder = cfg.prompts_dir / rule.prompt_set
+        if not folder.is_dir():
+            there = ", ".join(sorted(p.name for p in cfg.prompts_dir.glob("*/") if p.is_dir())) or "none"
+            problems.append(
+                f"{cfg.routing}: rules.{index}.prompt_set: no prompt set {rule.prompt_set!r} in"
+                f" {cfg.prompts_dir} (there: {there})"
+            )
+            continue
+        prompt_sets.append(check(lambda folder=folder: load_prompt_set(folder), None))
+    prompt_sets = [p for p in prompt_sets if p is not None]
+    # Checked on the CPU: a running node may hold the GPU, and the shapes are the same.
+    engine = check(lambda: Engine(load_backbone(cfg.model.model_copy(update={"device": "cpu"}))), None)
+    classifiers = []
+    if engine is not None:
+        classifiers = [
+            c for p in prompt_sets if (c := check(lambda p=p: engine.classifier(p), None)) is not None
+        ]
+    if problems:
+        typer.echo("configuration error:\n" + "\n".join(problems), err=True)
+        raise typer.Exit(2)
     demo = "" if cfg.model.checkpoint else " (no checkpoint: DEMO model, no clinical meaning)"
     typer.echo(f"{config}: valid; {len(routing.rules)} routing rules; model {cfg.model.architecture}{demo}")
     for line in describe(classifiers):
@@ -562,15 +603,15 @@ def _require_train_extra() -> None:
 
 
 def _progress_bar():
-    """A progress line on stderr: epoch, loss, images/s and time left (tqdm)."""
-    from tqdm import tqdm
+    """A progress line on a terminal's stderr: epoch, loss, images/s and time left."""
+    from dicomnode.progress import progress
 
     state: dict = {}
 
     def update(epoch: int, epochs: int, loss: float, rate: float, left: float) -> None:
         bar = state.get("bar")
         if bar is None:
-            bar = state["bar"] = tqdm(total=epochs, unit="epoch", dynamic_ncols=True)
+            bar = state["bar"] = progress(range(epochs), description="train", unit="epoch")
         bar.n = epoch - 1
         bar.set_postfix_str(f"loss {loss:.4f}, {rate:.0f} img/s, {left:.0f} s left")
 

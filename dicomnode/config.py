@@ -9,9 +9,12 @@ same configuration the same way.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -19,10 +22,13 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
 )
+
+from dicomnode.environment import VariableError, apply, environment_overrides
 
 DEFAULT_CONFIG = Path("conf/dicomnode.yaml")
 
@@ -162,8 +168,63 @@ class ModelConfig(_Strict):
     compile: bool = False
 
 
+class Secret(_Strict):
+    """A password or token: written in the configuration (`value`), or read at start-up from a
+    file (`file`, e.g. a systemd credential) or an environment variable (`env`). Never logged,
+    never shown back in an error."""
+
+    value: SecretStr | None = None
+    file: Path | None = None
+    env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Secret:
+        if sum(source is not None for source in (self.value, self.file, self.env)) != 1:
+            raise ValueError("give exactly one of value, file or env")
+        return self
+
+    def reveal(self, where: str) -> str:
+        """The secret itself; ConfigError naming `where` when its file or variable is missing or empty."""
+        if self.value is not None:
+            secret = self.value.get_secret_value()
+        elif self.file is not None:
+            try:
+                secret = self.file.read_bytes().decode("utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(f"{where}.file: cannot read {self.file}: {exc.strerror}") from None
+            except UnicodeDecodeError:
+                raise ConfigError(f"{where}.file: {self.file} is not UTF-8 text") from None
+        else:
+            secret = os.environ.get(self.env, "").strip()
+            if not secret:
+                raise ConfigError(f"{where}.env: environment variable {self.env} is not set or empty")
+        if not secret:
+            raise ConfigError(f"{where}: the secret is empty")
+        return secret
+
+
+class BasicAuth(_Strict):
+    username: str = Field(min_length=1, pattern=r"^[^:]+$")
+    password: Secret
+
+
+class WebAuthConfig(_Strict):
+    """HTTP authentication towards a STOW-RS endpoint: a bearer token or a user and password."""
+
+    bearer: Secret | None = None
+    basic: BasicAuth | None = None
+
+    @model_validator(mode="after")
+    def _one_scheme(self) -> WebAuthConfig:
+        if (self.bearer is None) == (self.basic is None):
+            raise ValueError("give exactly one of bearer or basic")
+        return self
+
+
 class DestinationConfig(_Strict):
-    """A DICOM node that receives the results by C-STORE.
+    """Where the results go: a DICOM node by C-STORE (`host`, `port`, `ae_title`) or a DICOMweb
+    service by STOW-RS (`stow_url`, the service's base URL, e.g. https://pacs/dicom-web, with
+    optional `auth`). `tls` is DICOM TLS for the former and HTTPS verification for the latter.
 
     A destination that cannot be reached (or is out of resources) is retried, backing off from
     `backoff_s` to `max_backoff_s`, for `retry_for_hours` after the first failure (three days by
@@ -173,15 +234,49 @@ class DestinationConfig(_Strict):
     """
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    host: str = Field(min_length=1)
-    port: Port
-    ae_title: AETitle
+    host: str | None = Field(default=None, min_length=1)
+    port: Port | None = None
+    ae_title: AETitle | None = None
+    stow_url: str | None = None
+    auth: WebAuthConfig | None = None
     retry_for_hours: float = Field(default=72.0, gt=0)
     max_attempts: int | None = Field(default=None, ge=1)
     backoff_s: float = Field(default=5.0, gt=0)
     max_backoff_s: float = Field(default=600.0, gt=0)
     timeout_s: float = Field(default=30.0, gt=0)
     tls: DestinationTlsConfig | None = None
+
+    @field_validator("stow_url")
+    @classmethod
+    def _web_address(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        url = urlsplit(value)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError("give the DICOMweb base URL, e.g. https://pacs.example.org/dicom-web")
+        if url.username is not None or url.password is not None:
+            # A URL is shown in logs and status; credentials belong in auth, which never is.
+            raise ValueError("credentials in the URL would be logged: put them in auth")
+        if url.query or url.fragment:
+            raise ValueError("the base URL takes no query or fragment")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _dicom_or_web(self) -> DestinationConfig:
+        dicom = [key for key in ("host", "port", "ae_title") if getattr(self, key) is not None]
+        if self.stow_url is not None:
+            if dicom:
+                raise ValueError(f"stow_url sends by STOW-RS: remove {', '.join(dicom)} (C-STORE settings)")
+            if self.tls is not None and not self.stow_url.startswith("https://"):
+                raise ValueError("tls is set but stow_url is not https://")
+        elif len(dicom) != 3:
+            missing = sorted({"host", "port", "ae_title"} - set(dicom))
+            raise ValueError(
+                f"give host, port and ae_title (C-STORE) or stow_url (STOW-RS); missing: {', '.join(missing)}"
+            )
+        elif self.auth is not None:
+            raise ValueError("auth is for stow_url; a DICOM destination is identified by its AE title")
+        return self
 
 
 class MetricsConfig(_Strict):
@@ -208,6 +303,38 @@ class AlertsConfig(_Strict):
     stuck_after_s: float = Field(default=900.0, gt=0)
 
 
+class AuditConfig(_Strict):
+    """The audit log (associations accepted and refused, with the reasons): always to
+    logs/audit.log, and also to syslog when `syslog` is true, at `address` (a socket path such as
+    /dev/log, or udp://host:514 or tcp://host:601) with `facility`."""
+
+    syslog: bool = False
+    address: str = "/dev/log"
+    facility: str = "auth"
+
+    @field_validator("address")
+    @classmethod
+    def _syslog_address(cls, value: str) -> str:
+        if value.startswith(("udp://", "tcp://")):
+            host, _, port = value[6:].rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("give udp://host:port or tcp://host:port, e.g. udp://siem.example.org:514")
+        elif not value.startswith("/"):
+            raise ValueError("give a socket path such as /dev/log, or udp://host:port or tcp://host:port")
+        return value
+
+    @field_validator("facility")
+    @classmethod
+    def _known_facility(cls, value: str) -> str:
+        from logging.handlers import SysLogHandler
+
+        if value not in SysLogHandler.facility_names:
+            raise ValueError(
+                f"unknown syslog facility; one of {', '.join(sorted(SysLogHandler.facility_names))}"
+            )
+        return value
+
+
 class NodeConfig(_Strict):
     """The whole node, as read from dicomnode.yaml."""
 
@@ -216,6 +343,9 @@ class NodeConfig(_Strict):
     prompts_dir: Path = Path("../prompts")
     routing: Path = Path("routing.yaml")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # json: one JSON object per line on stderr and in logs/, for log shippers.
+    log_format: Literal["text", "json"] = "text"
+    audit: AuditConfig = AuditConfig()
     scp: ScpConfig = ScpConfig()
     studies: StudiesConfig = StudiesConfig()
     model: ModelConfig = ModelConfig()
@@ -366,14 +496,23 @@ def _named(content: Any, loc: tuple[Any, ...]) -> str:
     return "" if name is None else f"in {name!r}: "
 
 
-def _explain(path: Path, exc: ValidationError, content: Any = None) -> ConfigError:
+def _explain(
+    path: Path, exc: ValidationError, content: Any = None, origins: Mapping[str, str] | None = None
+) -> ConfigError:
+    """One line per error, `file: key: message`; a key set by an environment variable (`origins`:
+    dotted key -> variable) names the variable instead of the file."""
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         given = err.get("input")
         # A whole mapping or list quoted back would bury the message (and is the file itself).
         shown = "" if err["type"] == "missing" or isinstance(given, dict | list) else f" (got {given!r})"
-        lines.append(f"{path}: {key}: {_named(content, err['loc'])}{err['msg']}{shown}")
+        where = next(
+            (f"environment variable {name}" for set_key, name in (origins or {}).items()
+             if key == set_key or key.startswith(set_key + ".")),
+            str(path),
+        )  # fmt: skip
+        lines.append(f"{where}: {key}: {_named(content, err['loc'])}{err['msg']}{shown}")
     return ConfigError("\n".join(lines))
 
 
@@ -422,10 +561,22 @@ def parse_validated(
         raise error(str(_explain(path, exc, content))) from None
 
 
-def load_config(path: Path) -> NodeConfig:
-    """Read and validate dicomnode.yaml; relative paths become absolute against its folder."""
+def load_config(path: Path, environ: Mapping[str, str] | None = None) -> NodeConfig:
+    """Read and validate dicomnode.yaml with the DICOMNODE_* overrides of `environ` (the process's
+    environment by default); relative paths become absolute against the file's folder."""
     path = Path(path)
-    cfg = read_validated(path, NodeConfig, source=path)
+    content = _parse_yaml(path, read_bytes(path, "configuration"))
+    try:
+        overrides = environment_overrides(os.environ if environ is None else environ, NodeConfig)
+        for name, (keys, value) in overrides.items():
+            apply(content, keys, value, name)
+    except VariableError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        cfg = NodeConfig.model_validate(content | {"source": path})
+    except ValidationError as exc:
+        origins = {".".join(map(str, keys)): name for name, (keys, _) in overrides.items()}
+        raise _explain(path, exc, content, origins) from None
     base = path.resolve().parent
     model = cfg.model.model_copy(
         update={
@@ -447,7 +598,10 @@ def load_config(path: Path) -> NodeConfig:
             "model": model,
             "scp": cfg.scp.model_copy(update={"tls": _resolve_files(base, cfg.scp.tls)}),
             "destinations": tuple(
-                d.model_copy(update={"tls": _resolve_files(base, d.tls)}) for d in cfg.destinations
+                d.model_copy(
+                    update={"tls": _resolve_files(base, d.tls), "auth": _resolve_secrets(base, d.auth)}
+                )
+                for d in cfg.destinations
             ),
         }
     )
@@ -463,6 +617,21 @@ def _resolve_files(base: Path, tls: TlsSettings | None) -> TlsSettings | None:
         return None
     keys = ("certificate", "private_key", "ca_certificates")
     return tls.model_copy(update={key: _resolve(base, getattr(tls, key)) for key in keys})
+
+
+def _resolve_secrets(base: Path, auth: WebAuthConfig | None) -> WebAuthConfig | None:
+    """Secret files made absolute; they are read where they are used (`serve`, `dicomnode config`)."""
+    if auth is None:
+        return None
+
+    def resolved(secret: Secret) -> Secret:
+        return secret.model_copy(update={"file": _resolve(base, secret.file)})
+
+    if auth.bearer is not None:
+        return auth.model_copy(update={"bearer": resolved(auth.bearer)})
+    return auth.model_copy(
+        update={"basic": auth.basic.model_copy(update={"password": resolved(auth.basic.password)})}
+    )
 
 
 def load_routing(path: Path) -> RoutingConfig:

@@ -12,21 +12,24 @@ import logging
 import logging.handlers
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from pathlib import Path
 
-from dicomnode.config import ConfigError, NodeConfig, RoutingConfig, load_routing
+from dicomnode.config import AuditConfig, ConfigError, NodeConfig, RoutingConfig, load_routing
 from dicomnode.engine import Engine, EngineError
 from dicomnode.flow import ResultSet, StudyJob
 from dicomnode.health import Heartbeat
+from dicomnode.logs import formatter, syslog_handler
 from dicomnode.model.backbone import BackboneError
 from dicomnode.model.library import PromptSetLibrary
 from dicomnode.model.promptset import PromptSet, PromptSetError
 from dicomnode.monitor import Monitor
 from dicomnode.net.scp import start_scp
+from dicomnode.net.stow import check_endpoints
 from dicomnode.net.tls import check_tls, scp_context
 from dicomnode.notify import SystemdNotifier
 from dicomnode.outbox import DestinationWorker
@@ -56,8 +59,11 @@ class StartupError(RuntimeError):
     """The node cannot start; the message says what to fix and was logged."""
 
 
-def configure_logging(state_dir: Path, level: str) -> None:
-    """Log to stderr (journald under systemd) and to files under state_dir/logs.
+def configure_logging(
+    state_dir: Path, level: str, log_format: str = "text", audit: AuditConfig | None = None
+) -> None:
+    """Log to stderr (journald under systemd) and to files under state_dir/logs, as text or JSON
+    lines; the audit also to syslog when `audit.syslog` is set.
 
     The DICOM libraries are silenced: pynetdicom's debug output dumps datasets, and pydicom
     and highdicom quote attribute values (names included) in their messages. The node logs
@@ -65,7 +71,7 @@ def configure_logging(state_dir: Path, level: str) -> None:
     """
     logs = state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fmt = formatter(log_format)
     root = logging.getLogger()
     # Libraries log at WARNING and above only: highdicom's INFO lines quote raw UIDs.
     root.setLevel(logging.WARNING)
@@ -81,6 +87,8 @@ def configure_logging(state_dir: Path, level: str) -> None:
     audit_file = logging.handlers.RotatingFileHandler(logs / "audit.log", maxBytes=20 << 20, backupCount=10)
     audit_file.setFormatter(fmt)
     logging.getLogger("dicomnode.audit").addHandler(audit_file)
+    if audit is not None and audit.syslog:
+        logging.getLogger("dicomnode.audit").addHandler(syslog_handler(audit))
     for library in ("pynetdicom", "pydicom", "highdicom"):
         logging.getLogger(library).setLevel(logging.CRITICAL)
     withhold_warning_texts()
@@ -272,6 +280,7 @@ class Node:
         # First, before the model loads: a bad certificate or key fails start-up in a second,
         # and a destination's fails it too rather than its first delivery.
         check_tls(cfg)
+        check_endpoints(cfg)
         self.stop_event = threading.Event()
         self.spool = Spool(cfg.state_dir, min_free_bytes=cfg.scp.min_free_mb << 20)
         self.routing = load_routing(cfg.routing)
@@ -337,7 +346,12 @@ class Node:
 def serve(cfg: NodeConfig) -> None:
     """Run the node until SIGTERM or SIGINT."""
     os.umask(0o077)  # state, spool and logs are private to the service user
-    configure_logging(cfg.state_dir, cfg.log_level)
+    try:
+        configure_logging(cfg.state_dir, cfg.log_level, cfg.log_format, cfg.audit)
+    except OSError as exc:  # the syslog socket; the log is not set up, so stderr it is
+        message = f"{cfg.source}: audit.address: cannot reach syslog at {cfg.audit.address}: {exc}"
+        print(f"cannot start: {message}", file=sys.stderr)
+        raise StartupError(message) from None
     notifier = SystemdNotifier.from_environment()
     try:
         node = Node(cfg, notifier)

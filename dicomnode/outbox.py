@@ -11,7 +11,9 @@ back. An object the destination refuses (its SOP class rejected, a status that j
 object such as 0xA9xx or 0xCxxx) or a result file that cannot be sent will fail the same way
 every time: it goes to the dead letter at once, with the reason, instead of hiding for days
 among the retries. Dead letters show in `dicomnode status` until an operator runs `dicomnode
-requeue`.
+requeue`. A STOW-RS destination follows the same policy: no connection, timeouts, HTTP 5xx, 429
+and authentication failures are retried; 400, 409 and the other answers that judge the object
+are refused (net/stow.py).
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from pydicom.errors import InvalidDicomError
 
 from dicomnode.config import DestinationConfig
 from dicomnode.flow import Delivery
 from dicomnode.health import Heartbeat
-from dicomnode.net.scu import AssociationFailed, ContextsRejected, Peer, store
+from dicomnode.net.scu import AssociationFailed, ContextsRejected, Peer, StoreOutcome, store
+from dicomnode.net.stow import StowEndpoint, StowRefused, StowUnreachable, stow
 from dicomnode.privacy import uid_tag
 from dicomnode.spool import Spool
 
@@ -51,7 +55,10 @@ class DestinationWorker(threading.Thread):
         self.destination = destination
         self.calling_ae = calling_ae
         self.stop_event = stop
-        self.peer = Peer.of(destination)
+        # A C-STORE peer, or a STOW-RS endpoint (its secrets read here, at start-up).
+        self.peer: Peer | StowEndpoint = (
+            StowEndpoint.of(destination) if destination.stow_url is not None else Peer.of(destination)
+        )
         #: Liveness, and who learns the outbox state each attempt left (the node's metrics).
         self.heartbeat = Heartbeat(self.name)
         self.observe: Callable[[str, str | None], None] = lambda destination, state: None
@@ -72,7 +79,7 @@ class DestinationWorker(threading.Thread):
         self.spool.close()
 
     def deliver(self, delivery: Delivery) -> bool:
-        """One C-STORE attempt; records success, a retry time, or the dead letter."""
+        """One C-STORE or STOW-RS attempt; records success, a retry time, or the dead letter."""
         error, refused = self._attempt(delivery)
         if error is None:
             return True
@@ -108,10 +115,10 @@ class DestinationWorker(threading.Thread):
         if not delivery.path.is_file():
             return "result file is missing", True
         try:
-            outcome = store(self.peer, [delivery.path], calling_ae=self.calling_ae)[0]
-        except ContextsRejected as exc:  # it will not take this SOP class
+            outcome = self._send(delivery.path)
+        except (ContextsRejected, StowRefused) as exc:  # it will not take this SOP class or object
             return self._log_safe(str(exc), delivery), True
-        except (AssociationFailed, OSError) as exc:
+        except (AssociationFailed, StowUnreachable, OSError) as exc:
             # Unreachable, rejected or aborted: the destination may be back later.
             return self._log_safe(str(exc), delivery), False
         # A file that is not DICOM (or not sendable) will never be: the dead letter at once,
@@ -125,6 +132,11 @@ class DestinationWorker(threading.Thread):
         if outcome.status is None:
             return self._log_safe(outcome.comment, delivery), outcome.refused
         return f"status 0x{outcome.status:04X} {outcome.comment}".rstrip(), outcome.refused
+
+    def _send(self, path: Path) -> StoreOutcome:
+        if isinstance(self.peer, StowEndpoint):
+            return stow(self.peer, path)
+        return store(self.peer, [path], calling_ae=self.calling_ae)[0]
 
     @staticmethod
     def _log_safe(error: str, delivery: Delivery) -> str:

@@ -148,6 +148,11 @@ class Orthanc:
         response.raise_for_status()
         return response
 
+    @property
+    def dicomweb_url(self) -> str:
+        """The base URL of its DICOMweb plugin (started with dicomweb=True)."""
+        return self.url + "/dicom-web"
+
     def instances(self) -> list[str]:
         return self.get("/instances").json()
 
@@ -161,19 +166,34 @@ class Orthanc:
         }
 
 
+#: Where Debian's orthanc-dicomweb puts the DICOMweb plugin.
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
 def start_orthanc(
-    folder: Path, dicom_port: int | None = None, modalities: dict | None = None, **settings
+    folder: Path,
+    dicom_port: int | None = None,
+    modalities: dict | None = None,
+    http_port: int | None = None,
+    dicomweb: bool = False,
+    **settings,
 ) -> Orthanc:
     """Start Orthanc on free loopback ports with its database under `folder`.
 
     `modalities` is Orthanc's DicomModalities: the nodes it may send to, {name: [AET, host, port]}.
-    `settings` are further Orthanc configuration options (e.g. LuaScripts).
+    `dicomweb` loads its DICOMweb plugin (STOW-RS at `Orthanc.dicomweb_url`).
+    `settings` are further Orthanc configuration options (e.g. LuaScripts, RegisteredUsers).
     """
     binary = shutil.which("Orthanc")
     if binary is None:
         pytest.fail("Orthanc is not installed (Debian package orthanc); .ci/run installs it")
+    if dicomweb and not DICOMWEB_PLUGIN.is_file():
+        pytest.fail("Orthanc's DICOMweb plugin is not installed (Debian package orthanc-dicomweb)")
     folder.mkdir(parents=True, exist_ok=True)
-    http_port, dicom_port = free_port(), dicom_port or free_port()
+    http_port, dicom_port = http_port or free_port(), dicom_port or free_port()
+    if dicomweb:
+        plugin = {"Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+        settings = plugin | settings
     config = {
         "Name": "dicomnode-test-pacs",
         "StorageDirectory": str(folder / "db"),

@@ -9,11 +9,14 @@ contract: 0 success, 1 the peer or a file failed, 2 the command cannot run as gi
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import sqlite3
 import stat
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from dicomnode.config import load_routing
 from dicomnode.privacy import uid_tag
 from dicomnode.routing import Ignored, route_study
 from dicomnode.spool import Spool
+from dicomnode.spool.journal import SCHEMA_VERSION
 from tests.conftest import (
     REPO,
     Orthanc,
@@ -251,13 +255,51 @@ def test_config_invalid_routing_exits_2_naming_routing_file_and_rule_key(node_co
     assert f"{routing}: rules.0.match.BodyPart: in 'r': not a DICOM attribute keyword" in outcome.stderr
 
 
-def test_config_rule_naming_a_missing_prompt_set_exits_2_naming_its_file(node_config):
-    with_routing(node_config, "rules: [{name: r, match: {Modality: CT}, prompt_set: no-such-set}]\n")
+def test_config_rule_naming_a_missing_prompt_set_exits_2_naming_routing_file_and_rule(node_config):
+    routing = with_routing(
+        node_config, "rules: [{name: r, match: {Modality: CR}, prompt_set: cxr},\n"
+        "        {name: s, match: {Modality: CT}, prompt_set: no-such-set}]\n",
+    )  # fmt: skip
 
     outcome = cli("config", "--config", node_config)
 
     assert outcome.exit_code == 2
-    assert str(REPO / "prompts" / "no-such-set" / "promptset.yaml") in outcome.stderr
+    assert (
+        f"{routing}: rules.1.prompt_set: no prompt set 'no-such-set' in {REPO / 'prompts'} (there: cxr,"
+        in outcome.stderr
+    )
+
+
+def test_config_reports_every_problem_at_once_each_with_file_and_key(node_config, tmp_path, monkeypatch):
+    monkeypatch.delenv("NO_SUCH_TOKEN", raising=False)
+    routing = with_routing(
+        node_config, "rules: [{name: s, match: {Modality: CT}, prompt_set: no-such-set}]\n"
+    )
+    not_a_certificate = tmp_path / "ca.crt"
+    not_a_certificate.write_text("not a certificate\n")
+    content = yaml.safe_load(node_config.read_text())
+    content["destinations"] = [
+        {
+            "name": "pacs",
+            "host": "pacs",
+            "port": 2762,
+            "ae_title": "PACS",
+            "tls": {"ca_certificates": str(not_a_certificate)},
+        },
+        {"name": "web", "stow_url": "https://pacs/dicom-web", "auth": {"bearer": {"env": "NO_SUCH_TOKEN"}}},
+    ]
+    node_config.write_text(yaml.safe_dump(content))
+
+    outcome = cli("config", "--config", node_config)
+
+    assert outcome.exit_code == 2
+    problems = outcome.stderr.splitlines()
+    assert problems[0] == "configuration error:"
+    assert problems[1].startswith(f"{node_config}: destinations.0.tls.ca_certificates: {not_a_certificate}")
+    assert problems[2].startswith(
+        f"{node_config}: destinations.1.auth.bearer.env: environment variable NO_SUCH_TOKEN"
+    )
+    assert problems[3].startswith(f"{routing}: rules.0.prompt_set: no prompt set 'no-such-set'")
 
 
 def test_config_ignore_rules_need_no_prompt_set(node_config):
@@ -359,13 +401,29 @@ def test_status_before_the_node_ever_ran_says_so_and_creates_nothing(node_config
     assert not state_dir.exists()
 
 
-def test_status_of_an_empty_journal_shows_zero_counts_and_no_problems(node_config):
-    Spool(state_dir_of(node_config)).close()
+def table_row(stdout: str, first_cell: str) -> list[str]:
+    """The cells of the table row of `dicomnode status` whose first cell is `first_cell`."""
+    for line in stdout.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("│").split("│")]
+        if cells and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no row {first_cell!r} in:\n{stdout}")
 
-    outcome = cli("status", "--config", node_config)
+
+def test_status_of_an_empty_journal_shows_the_empty_queues_and_no_problems(tmp_path, tiny_architecture):
+    destination = {"name": "pacs", "host": "127.0.0.1", "port": 104, "ae_title": "PACS"}
+    config = write_node_config(tmp_path, tiny_architecture, scp_port=free_port(), destinations=[destination])
+    Spool(state_dir_of(config)).close()
+
+    outcome = cli("status", "--config", config)
 
     assert outcome.exit_code == 0
-    assert outcome.stdout == "studies: none\noutbox: none\ninstances: stored=0\n"
+    lines = outcome.stdout.splitlines()
+    assert lines[0].startswith(f"node DICOMNODE ({config}): health not answering at http://127.0.0.1:")
+    # destination, pending, failing for, sent, dead, last error
+    assert table_row(outcome.stdout, "pacs") == ["pacs", "0", "", "0", "0", ""]
+    assert "Last 10 studies" in outcome.stdout
+    assert lines[-1] == "no problems"
 
 
 def journal_ct_study(config: Path, study_uid: str, **outcome) -> Spool:
@@ -417,13 +475,11 @@ def test_status_lists_an_ignored_study_by_hashed_uid_only(node_config, tmp_path)
     outcome = cli("status", "--config", node_config)
 
     assert outcome.exit_code == 0
-    assert outcome.stdout.splitlines() == [
-        "studies: ignored=1",
-        "outbox: none",
-        "instances: stored=1",
-        "recent problems:",
-        f"  study ignored study {uid_tag(PATIENT['StudyInstanceUID'])}: {PATIENT_CT_REASON}",
-    ]
+    tag = uid_tag(PATIENT["StudyInstanceUID"])
+    assert table_row(outcome.stdout, tag)[1:3] == ["ignored", "not routed"]
+    lines = outcome.stdout.splitlines()
+    assert lines[1:4] == ["studies: ignored=1", "outbox: none", "instances: stored=1"]
+    assert lines[-2:] == ["recent problems:", f"  study ignored study {tag}: {PATIENT_CT_REASON}"]
     for value in PATIENT.values():
         assert value not in outcome.stdout, value
 
@@ -567,6 +623,47 @@ def test_send_files_and_folders_to_orthanc_stores_each_instance(pacs, tmp_path):
     wait_until(lambda: sent <= stored_in(pacs), 30, what="the three instances in Orthanc")
 
 
+def _send_folder(pacs: Orthanc, folder: Path, stderr) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "dicomnode", "send", "127.0.0.1", str(pacs.dicom_port), str(folder)]
+    return subprocess.run(
+        [*command, "--aec", pacs.ae_title], stdout=subprocess.PIPE, stderr=stderr, timeout=120
+    )
+
+
+def test_send_of_a_folder_shows_a_progress_bar_on_a_terminal_and_none_in_a_pipe(pacs, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    folder = tmp_path / "study"
+    folder.mkdir()
+    for name in (CT, EXTREMITY, CHEST):
+        shutil.copy(shipped_file(name), folder / f"{name}.dcm")
+    terminal, stderr = pty.openpty()
+    # A terminal of 24 rows and 100 columns: a fresh pty has none, and tqdm would draw nothing.
+    fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+
+    on_terminal = _send_folder(pacs, folder, stderr)
+    os.close(stderr)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(terminal, 65536)
+        except OSError:  # EIO: the terminal's other end is closed and drained
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(terminal)
+    in_a_pipe = _send_folder(pacs, folder, subprocess.PIPE)
+
+    assert on_terminal.returncode == 0 and in_a_pipe.returncode == 0
+    assert re.search(rb"send: +\d+%.*\| *\d/3 \[", shown), shown
+    assert on_terminal.stdout == in_a_pipe.stdout, "the results on stdout are the same"
+    assert in_a_pipe.stderr == b""
+
+
 def test_send_with_a_called_ae_title_orthanc_does_not_have_exits_1_and_stores_nothing(pacs):
     before = len(pacs.instances())
 
@@ -677,7 +774,7 @@ def test_requeue_puts_dead_deliveries_back_and_refuses_an_unknown_destination(tm
     outcome = cli("requeue", "--config", config, "--destination", "pacs")
     assert outcome.exit_code == 0
     assert outcome.stdout == "1 dead deliveries requeued\n"
-    assert "outbox: pacs:pending=1" in cli("status", "--config", config).stdout
+    assert table_row(cli("status", "--config", config).stdout, "pacs")[1:5:3] == ["1", "0"]  # pending, dead
 
 
 def test_status_and_requeue_from_a_permissive_shell_leave_the_journal_private(tmp_path, tiny_architecture):
@@ -700,12 +797,98 @@ def test_status_and_requeue_from_a_permissive_shell_leave_the_journal_private(tm
         # The -wal and -shm these commands' connections created, if they are still open.
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in state_dir.glob("journal.sqlite*")}
 
-    assert status.exit_code == 0 and "outbox: pacs:dead=1" in status.stdout
+    assert status.exit_code == 0 and table_row(status.stdout, "pacs")[4] == "1"  # dead
     assert requeue.stdout == "1 dead deliveries requeued\n"
     assert "journal.sqlite" in modes
     assert set(modes.values()) == {0o600}, modes
     for folder in (state_dir, state_dir / "spool", state_dir / "outbox"):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+
+
+def schema_of(journal: Path) -> tuple[int, list[tuple[str, str]]]:
+    """The journal's schema version and table definitions, read through a connection of its own."""
+    with closing(sqlite3.connect(journal)) as db:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        return version, sorted(db.execute("SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL"))
+
+
+def test_status_and_requeue_change_neither_the_schema_nor_the_files_of_the_journal(
+    tmp_path, tiny_architecture
+):
+    destination = {"name": "pacs", "host": "127.0.0.1", "port": 104, "ae_title": "PACS"}
+    config = write_node_config(tmp_path, tiny_architecture, scp_port=free_port(), destinations=[destination])
+    state_dir = state_dir_of(config)
+    journal = state_dir / "journal.sqlite"
+    spool = journal_ct_study(
+        config,
+        "1.2.826.0.1.3680043.8.498.82",
+        state="done",
+        deliveries=[("pacs", state_dir / "outbox" / "a")],
+    )
+    spool.delivery_failed(spool.next_delivery("pacs"), "PACS@127.0.0.1:104 rejected", retry_at=None)
+    spool.close()
+    for folder in ("spool", "incoming", "outbox"):
+        shutil.rmtree(state_dir / folder)
+    before, mode = schema_of(journal), stat.S_IMODE(journal.stat().st_mode)
+
+    assert cli("status", "--config", config).exit_code == 0
+    assert cli("status", "--config", config, "--json").exit_code == 0
+    assert cli("requeue", "--config", config).stdout == "1 dead deliveries requeued\n"
+
+    assert schema_of(journal) == before
+    assert stat.S_IMODE(journal.stat().st_mode) == mode
+    assert sorted(p.name for p in state_dir.iterdir()) == [
+        "journal.sqlite",
+        "journal.sqlite-shm",
+        "journal.sqlite-wal",
+    ]
+
+
+def test_status_and_requeue_leave_a_journal_of_another_schema_version_as_it_is(tmp_path, tiny_architecture):
+    config = write_node_config(tmp_path, tiny_architecture, scp_port=free_port())
+    journal = state_dir_of(config) / "journal.sqlite"
+    Spool(state_dir_of(config)).close()
+    with closing(sqlite3.connect(journal)) as db:  # as version 1 wrote it: no reports, no first_failed_at
+        db.executescript(
+            "DROP TABLE reports; ALTER TABLE outbox DROP COLUMN first_failed_at; PRAGMA user_version=1;"
+        )
+    before = schema_of(journal)
+
+    status, requeue = cli("status", "--config", config), cli("requeue", "--config", config)
+
+    for outcome in (status, requeue):
+        assert outcome.exit_code == 2
+        expected = f"the journal {journal} has schema version 1, this dicomnode reads version "
+        assert expected + str(SCHEMA_VERSION) in outcome.stderr
+    assert schema_of(journal) == before
+
+
+def test_status_shows_queues_and_last_studies_with_route_outcome_and_timing(tmp_path, tiny_architecture):
+    destination = {"name": "pacs", "host": "127.0.0.1", "port": 104, "ae_title": "PACS"}
+    config = write_node_config(tmp_path, tiny_architecture, scp_port=free_port(), destinations=[destination])
+    outbox = state_dir_of(config) / "outbox"
+    study = "1.2.826.0.1.3680043.8.498.83"
+    spool = journal_ct_study(
+        config,
+        study,
+        state="done",
+        prompt_set="cxr",
+        deliveries=[("pacs", outbox / "sr"), ("pacs", outbox / "sc")],
+    )
+    spool.delivery_sent(spool.next_delivery("pacs"))
+    spool.delivery_failed(spool.next_delivery("pacs"), "PACS@127.0.0.1:104 [down]", retry_at=2e9)
+    spool.close()
+
+    outcome = cli("status", "--config", config)
+
+    assert outcome.exit_code == 0, outcome.stderr
+    pending, failing, sent, dead, error = table_row(outcome.stdout, "pacs")[1:]
+    assert (pending, sent, dead, error) == ("1", "1", "0", "PACS@127.0.0.1:104 [down]")
+    assert failing.endswith(" s")
+    tag, outcome_, route, received, took, delivered = table_row(outcome.stdout, uid_tag(study))
+    assert (outcome_, route, delivered) == ("done", "cxr", "1/2")
+    assert took.endswith(" s") and received[:2] == "20"
+    assert study not in outcome.stdout
 
 
 def test_requeue_studies_puts_failed_studies_back_naming_them_by_hashed_uid(tmp_path, tiny_architecture):

@@ -7,6 +7,7 @@ The files are real YAML written to a temporary folder and read through `load_con
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -304,8 +305,9 @@ def test_destination_missing_a_required_key_is_rejected_naming_it(tmp_path):
 
     message = config_error(path)
 
-    assert_names(message, path, "destinations.0.ae_title")
-    assert "Field required" in message
+    # Either C-STORE (host, port, ae_title) or STOW-RS (stow_url): the destination says which it lacks.
+    assert_names(message, path, "destinations.0")
+    assert "give host, port and ae_title (C-STORE) or stow_url (STOW-RS); missing: ae_title" in message
 
 
 def test_missing_checkpoint_file_is_rejected_naming_the_key_and_resolved_path(tmp_path):
@@ -575,3 +577,124 @@ def test_metrics_and_alerts_default_to_a_loopback_endpoint_on_9464_and_generous_
 def test_bad_metrics_or_alerts_value_is_rejected_naming_the_key(tmp_path, section, key, given):
     path = write(tmp_path / "dicomnode.yaml", {section: {key: given}})
     assert_names(config_error(path), path, f"{section}.{key}")
+
+
+# -- environment variables (containers) ---------------------------------------------------------
+
+PACS = {"name": "pacs", "host": "pacs.example.org", "port": 104, "ae_title": "PACS"}
+
+
+def test_environment_variables_override_keys_typed_by_the_schema(tmp_path):
+    path = write(tmp_path / "dicomnode.yaml", {"scp": {"port": 11112}, "destinations": [PACS]})
+    environ = {
+        "DICOMNODE_SCP__PORT": "11113",
+        "DICOMNODE_SCP__AE_TITLE": "NO",  # text for a text key: YAML would have made it False
+        "DICOMNODE_SCP__ALLOWED_CALLING_AES": "[PACS, CT1]",
+        "DICOMNODE_SCP__REQUIRE_CALLED_AE": "false",
+        "DICOMNODE_DESTINATIONS__0__HOST": "10.1.2.3",
+        "DICOMNODE_PROMPT_SET_VERSIONS__cxr": "20261125-101500",  # a mapping's key keeps its case
+        "DICOMNODE_LOG_FORMAT": "json",
+        "DICOMNODE_METRICS__ENABLED": "no",
+        "DICOMNODE_CONFIG": "/etc/dicomnode/dicomnode.yaml",  # the CLI's, not a key
+        "PATH": "/usr/bin",
+    }
+
+    cfg = load_config(path, environ)
+
+    assert (cfg.scp.port, cfg.scp.ae_title, cfg.scp.allowed_calling_aes) == (11113, "NO", ("PACS", "CT1"))
+    assert cfg.scp.require_called_ae is False and cfg.metrics.enabled is False
+    assert cfg.destinations[0].host == "10.1.2.3" and cfg.destinations[0].port == 104
+    assert cfg.prompt_set_versions == {"cxr": "20261125-101500"}
+    assert cfg.log_format == "json"
+    assert load_config(path, {}).scp.port == 11112, "the file is not changed"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        (
+            "DICOMNODE_SCP__PORT",
+            "70000",
+            "environment variable DICOMNODE_SCP__PORT: scp.port: Input should be less",
+        ),
+        ("DICOMNODE_SCP__PORT", "[1", "environment variable DICOMNODE_SCP__PORT: not a YAML value"),
+        (
+            "DICOMNODE_SCPP__PORT",
+            "1",
+            "environment variable DICOMNODE_SCPP__PORT: the configuration has no key 'scpp'",
+        ),
+        (
+            "DICOMNODE_SCP__PORTS",
+            "1",
+            "environment variable DICOMNODE_SCP__PORTS: scp has no key 'ports' (host,",
+        ),
+        ("DICOMNODE_SCP__PORT__X", "1", "environment variable DICOMNODE_SCP__PORT__X: scp.port is a value"),
+        (
+            "DICOMNODE_SOURCE",
+            "x",
+            "environment variable DICOMNODE_SOURCE: the configuration has no key 'source'",
+        ),
+        (
+            "DICOMNODE_DESTINATIONS__1__HOST",
+            "h",
+            "environment variable DICOMNODE_DESTINATIONS__1__HOST: destinations has entries 0 to 0, not 1",
+        ),
+        (
+            "DICOMNODE_DESTINATIONS__X__HOST",
+            "h",
+            "environment variable DICOMNODE_DESTINATIONS__X__HOST: destinations is a list",
+        ),
+    ],
+)
+def test_an_environment_variable_that_is_wrong_is_named(tmp_path, variable, value, message):
+    path = write(tmp_path / "dicomnode.yaml", {"destinations": [PACS]})
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {variable: value})
+
+    assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_a_node_listens_on_the_port_its_environment_gives(tmp_path, tiny_architecture):
+    from tests.conftest import free_port, start_node, stop_process, write_node_config
+
+    in_file, from_environment = free_port(), free_port()
+    config = write_node_config(tmp_path, tiny_architecture, scp_port=in_file)
+
+    node = start_node(config, from_environment, env={"DICOMNODE_SCP__PORT": str(from_environment)})
+    try:
+        assert node.process.poll() is None
+    finally:
+        stop_process(node.process)
+
+
+def _keys(schema: type, prefix: str = "") -> set[str]:
+    """Every key of a configuration schema, as dotted paths (list entries and mappings as *)."""
+    from pydantic import BaseModel
+
+    from dicomnode.environment import unwrap
+
+    found = set()
+    for name, field in schema.model_fields.items():
+        if name == "source":
+            continue
+        path = f"{prefix}{name}"
+        found.add(path)
+        for kind in unwrap(field.annotation):
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                found |= _keys(kind, path + ".")
+            elif getattr(kind, "__origin__", None) is tuple:
+                for item in unwrap(kind.__args__[0]):
+                    if isinstance(item, type) and issubclass(item, BaseModel):
+                        found |= _keys(item, path + ".*.")
+    return found
+
+
+def test_every_key_is_documented_in_the_embedded_example():
+    text = (REPO / "conf" / "dicomnode.yaml").read_text()
+    # A key is documented where it is written, set or commented out, as `key:` or `{key: ...`.
+    written = set(re.findall(r"(?:^|[{,\s])([a-z_]+):", text, flags=re.MULTILINE))
+
+    missing = sorted(path for path in _keys(NodeConfig) if path.rsplit(".", 1)[-1] not in written)
+
+    assert not missing, f"conf/dicomnode.yaml does not show: {', '.join(missing)}"

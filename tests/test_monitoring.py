@@ -358,7 +358,7 @@ def test_dead_letters_failed_studies_and_an_unreachable_destination_each_raise_a
     assert log.count("WARNING dicomnode.health: ALERT destination down unreachable") == 1, log
     assert log.count("ERROR dicomnode.outbox: dead letter: delivery") == 2, log
     assert log.count("ERROR dicomnode.node: study ") == 1, log
-    assert "failed with prompt set cxr" in log
+    assert "prompt set cxr failed" in log
 
 
 def test_readiness_then_pings_and_a_stuck_delivery_withholds_them_and_fails_healthz_until_it_moves(

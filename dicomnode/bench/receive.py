@@ -27,6 +27,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from dicomnode.bench import BenchError, free_port, wait_for_port
 from dicomnode.config import ScpConfig
 from dicomnode.net.scp import start_scp
+from dicomnode.progress import progress
 from dicomnode.spool import Spool
 
 
@@ -201,7 +202,7 @@ def _bench_scenario(scenario: Scenario, rounds: int, root: Path, report: Callabl
     )
     runs: list[ReceiveRun] = []
     concurrent = scenario.associations > 1
-    for round_number in range(rounds):
+    for round_number in progress(range(rounds), description=scenario.name, unit="round"):
         target = root / f"round{round_number}"
         with _storescp(target / "storescp", fork=concurrent) as port:
             runs.append(ReceiveRun("storescp", _send_all(port, "STORESCP", paths, scenario.associations)))

@@ -25,6 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from dicomnode.bench import BenchError, free_port, wait_for_port
 from dicomnode.config import NodeConfig
 from dicomnode.net.scu import Peer, store
+from dicomnode.progress import progress
 
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 
@@ -80,7 +81,8 @@ def bench_study(cfg: NodeConfig, count: int, report: Callable[[str], None]) -> d
                 f"study: {count} single-image CR studies into a node on {device} ({cfg.model.architecture})"
             )
             latencies = []
-            for index in range(count + 1):  # the first warms up decoding and the imaging processes
+            # The first warms up decoding and the imaging processes.
+            for index in progress(range(count + 1), description="studies", unit="study"):
                 path = synthetic_cr(root / "in", index, rng)
                 study_uid = str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
                 outcome = store(Peer("127.0.0.1", port, cfg.scp.ae_title, 60.0), [path])[0]

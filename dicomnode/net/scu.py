@@ -6,7 +6,7 @@ from the file without decoding), so what we send is byte for byte what we wrote.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,8 +158,16 @@ def _context_for(path: Path) -> tuple[str, str]:
     return str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
 
 
-def store(peer: Peer, paths: Sequence[Path], calling_ae: str = "DICOMNODE") -> list[StoreOutcome]:
-    """C-STORE each file in one association; a file's failure does not stop the others."""
+def store(
+    peer: Peer,
+    paths: Sequence[Path],
+    calling_ae: str = "DICOMNODE",
+    sent: Callable[[StoreOutcome], None] | None = None,
+) -> list[StoreOutcome]:
+    """C-STORE each file in one association; a file's failure does not stop the others.
+
+    `sent` is called with each file's outcome as it comes (a progress bar's step).
+    """
     wanted: dict[str, set[str]] = {}
     for path in paths:
         sop_class, syntax = _context_for(Path(path))
@@ -187,6 +195,8 @@ def store(peer: Peer, paths: Sequence[Path], calling_ae: str = "DICOMNODE") -> l
             if status is None:
                 comment = "no response (timeout or abort)"
             outcomes.append(StoreOutcome(Path(path), status, comment))
+            if sent is not None:
+                sent(outcomes[-1])
     finally:
         if assoc.is_established:
             assoc.release()

@@ -91,7 +91,8 @@ def _read(path: Path, key: str) -> bytes:
         raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from exc
 
 
-def _check_private(path: Path, where: str) -> None:
+def check_private(path: Path, where: str, what: str = "a private key") -> None:
+    """Raise ConfigError naming `where` unless only the service user (or root's group) may read `path`."""
     try:
         info = path.stat()
     except OSError as exc:
@@ -99,8 +100,8 @@ def _check_private(path: Path, where: str) -> None:
     allowed = stat.S_IRWXU | (stat.S_IRGRP if info.st_uid == 0 else 0)
     if stat.S_IMODE(info.st_mode) & ~allowed & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(
-            f"{where}: others may access {path} (mode {stat.S_IMODE(info.st_mode):04o}): a private"
-            f" key must be 0600, owned by the service user (or 0640 owned by root, group of the service)"
+            f"{where}: others may access {path} (mode {stat.S_IMODE(info.st_mode):04o}): {what}"
+            f" must be 0600, owned by the service user (or 0640 owned by root, group of the service)"
         )
     if not os.access(path, os.R_OK):
         raise ConfigError(f"{where}: cannot read {path}: permission denied")
@@ -110,7 +111,7 @@ def _load_chain(context: ssl.SSLContext, certificate: Path, private_key: Path, w
     """Our certificate and its key into `context`; each problem named by the key that has it."""
     if b"-----BEGIN CERTIFICATE-----" not in _read(certificate, f"{where}.certificate"):
         raise ConfigError(f"{where}.certificate: {certificate} holds no PEM certificate")
-    _check_private(private_key, f"{where}.private_key")
+    check_private(private_key, f"{where}.private_key")
     key = _read(private_key, f"{where}.private_key")
     if b"ENCRYPTED" in key:
         raise ConfigError(
@@ -202,18 +203,31 @@ def scp_context(cfg: NodeConfig) -> ssl.SSLContext | None:
 def check_tls(cfg: NodeConfig) -> list[str]:
     """Build every TLS context the configuration asks for; one line per side that uses TLS.
 
-    Raises ConfigError, naming the file, the key and the certificate or key file, at the first
-    that cannot be used: start-up and `dicomnode config` fail on it, not the first delivery.
+    Raises ConfigError, one line per side that cannot be used, naming the file, the key and the
+    certificate or key file: start-up and `dicomnode config` fail on them, not the first delivery.
     """
-    lines = []
-    if scp_context(cfg) is not None:
-        verify = "client certificates required" if cfg.scp.tls.ca_certificates else "no client certificates"
-        lines.append(f"scp: DICOM TLS, {cfg.scp.tls.min_version} or newer, {verify}")
+    lines, problems = [], []
+    try:
+        if scp_context(cfg) is not None:
+            verify = (
+                "client certificates required" if cfg.scp.tls.ca_certificates else "no client certificates"
+            )
+            lines.append(f"scp: DICOM TLS, {cfg.scp.tls.min_version} or newer, {verify}")
+    except ConfigError as exc:
+        problems.append(str(exc))
     for index, destination in enumerate(cfg.destinations):
         tls = destination_tls(destination, f"{cfg.source}: destinations.{index}.tls")
-        if tls is not None:
+        if tls is None:
+            continue
+        try:
             tls.check()
-            lines.append(f"destination {destination.name}: DICOM TLS, {destination.tls.min_version} or newer")
+        except ConfigError as exc:
+            problems.append(str(exc))
+            continue
+        kind = "HTTPS" if destination.stow_url is not None else "DICOM TLS"
+        lines.append(f"destination {destination.name}: {kind}, {destination.tls.min_version} or newer")
+    if problems:
+        raise ConfigError("\n".join(problems))
     return lines
 
 

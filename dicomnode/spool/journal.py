@@ -12,6 +12,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Self
+from urllib.parse import quote
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -116,22 +118,54 @@ class Journal:
     """
 
     def __init__(self, state_dir: Path, min_free_bytes: int = 0) -> None:
-        self.state_dir = Path(state_dir)
-        self.instances_dir = self.state_dir / "spool"
-        self.outbox_dir = self.state_dir / "outbox"
-        self.incoming_dir = self.state_dir / "incoming"
-        self.min_free_bytes = min_free_bytes
-        self.journal_path = self.state_dir / "journal.sqlite"
+        self._locate(state_dir, min_free_bytes, "rwc")
         for folder in (self.state_dir, self.instances_dir, self.outbox_dir, self.incoming_dir):
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         # SQLite would create the journal under the umask of whoever opens it first, and gives
         # its -wal and -shm files the journal's own mode: created 0600 here, all three stay
         # private whatever the umask. An existing journal is opened as it is, its mode kept.
         os.close(os.open(self.journal_path, os.O_WRONLY | os.O_CREAT, 0o600))
-        self._local = threading.local()
-        self._study_locks = [threading.Lock() for _ in range(_STUDY_LOCKS)]
         self._db().executescript(_SCHEMA)
         self._migrate()
+
+    @classmethod
+    def open_existing(cls, state_dir: Path, *, read_only: bool) -> Self:
+        """A node's journal opened as it is, for `status` and `requeue` beside the running node.
+
+        Unlike the constructor, it creates no folder or file, adds no table or column, and changes
+        no mode: an administrator running it as root must not leave a file the service user cannot
+        open, nor upgrade a journal that an older node still runs on. SQLite gives the -wal and
+        -shm files it may create the journal's own mode and owner. Raises SpoolError when the
+        journal is missing or of another schema version.
+        """
+        journal = cls.__new__(cls)
+        journal._locate(state_dir, 0, "ro" if read_only else "rw")
+        if not journal.journal_path.is_file():
+            raise SpoolError(f"no journal at {journal.journal_path}: the node has not run yet")
+        try:
+            version = journal._db().execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.Error as exc:
+            journal.close()
+            raise SpoolError(f"cannot open the journal {journal.journal_path}: {exc}") from None
+        if version != SCHEMA_VERSION:
+            journal.close()
+            raise SpoolError(
+                f"the journal {journal.journal_path} has schema version {version}, this dicomnode reads"
+                f" version {SCHEMA_VERSION}: run `dicomnode serve` of this version once to upgrade it"
+            )
+        return journal
+
+    def _locate(self, state_dir: Path, min_free_bytes: int, mode: str) -> None:
+        """Where everything lives, and how the journal is opened (SQLite URI mode rwc, rw or ro)."""
+        self.state_dir = Path(state_dir)
+        self.instances_dir = self.state_dir / "spool"
+        self.outbox_dir = self.state_dir / "outbox"
+        self.incoming_dir = self.state_dir / "incoming"
+        self.min_free_bytes = min_free_bytes
+        self.journal_path = self.state_dir / "journal.sqlite"
+        self._uri = f"file:{quote(str(self.journal_path))}?mode={mode}"
+        self._local = threading.local()
+        self._study_locks = [threading.Lock() for _ in range(_STUDY_LOCKS)]
 
     def _study_lock(self, study_instance_uid: str) -> threading.Lock:
         """One of a fixed set of locks, picked by study: stores of other studies run in parallel."""
@@ -155,8 +189,9 @@ class Journal:
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.journal_path, timeout=30, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
+            db = sqlite3.connect(self._uri, uri=True, timeout=30, isolation_level=None)
+            if not self._uri.endswith("mode=ro"):
+                db.execute("PRAGMA journal_mode=WAL")
             # FULL: a committed row survives power loss, which the C-STORE ack promises.
             db.execute("PRAGMA synchronous=FULL")
             db.row_factory = sqlite3.Row

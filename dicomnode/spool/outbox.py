@@ -7,11 +7,39 @@ destination workers take them here, and `dicomnode status` reads the counts and 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from dicomnode.flow import Delivery
 from dicomnode.privacy import uid_tag
 from dicomnode.spool.journal import Journal
+
+
+@dataclass(frozen=True)
+class QueueSummary:
+    """One destination's queue as `dicomnode status` shows it."""
+
+    destination: str
+    pending: int
+    sent: int
+    dead: int
+    #: Since when its longest-failing pending delivery has failed (None when none is failing).
+    failing_since: float | None
+    #: The latest error of a pending or dead delivery, if any.
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class RecentStudy:
+    """A study as `dicomnode status` lists it: hashed UID only, route, outcome and timing."""
+
+    study: str
+    state: str
+    route: str
+    received_at: float
+    updated_at: float
+    deliveries_sent: int
+    deliveries: int
 
 
 class OutboxQueue(Journal):
@@ -129,3 +157,43 @@ class OutboxQueue(Journal):
             )
         ]
         return rows
+
+    def queues(self) -> list[QueueSummary]:
+        """Every destination that has deliveries in the journal, by name."""
+        db = self._db()
+        rows = db.execute(
+            "SELECT destination, sum(state='pending') AS pending, sum(state='sent') AS sent, "
+            "sum(state='dead') AS dead, "
+            "min(CASE WHEN state='pending' THEN first_failed_at END) AS failing_since, "
+            "(SELECT last_error FROM outbox e WHERE e.destination=o.destination AND e.state!='sent' "
+            "AND e.last_error IS NOT NULL ORDER BY e.updated_at DESC LIMIT 1) AS last_error "
+            "FROM outbox o GROUP BY destination ORDER BY destination"
+        )
+        return [
+            QueueSummary(
+                r["destination"], r["pending"], r["sent"], r["dead"], r["failing_since"], r["last_error"]
+            )
+            for r in rows
+        ]
+
+    def recent_studies(self, limit: int = 10) -> list[RecentStudy]:
+        """The studies last updated, newest first, with their route and deliveries."""
+        rows = self._db().execute(
+            "SELECT s.*, (SELECT count(*) FROM outbox o WHERE o.study_instance_uid=s.study_instance_uid"
+            " AND o.state='sent') AS sent, (SELECT count(*) FROM outbox o"
+            " WHERE o.study_instance_uid=s.study_instance_uid) AS deliveries"
+            " FROM studies s ORDER BY updated_at DESC LIMIT ?",
+            (limit,),
+        )
+        return [
+            RecentStudy(
+                study=uid_tag(r["study_instance_uid"]),
+                state=r["state"],
+                route=r["prompt_set"] or ("not routed" if r["state"] == "ignored" else ""),
+                received_at=r["last_received_at"],
+                updated_at=r["updated_at"],
+                deliveries_sent=r["sent"],
+                deliveries=r["deliveries"],
+            )
+            for r in rows
+        ]

@@ -17,6 +17,7 @@ import torch
 from dicomnode.model.backbone import Backbone
 from dicomnode.model.classifier import PromptedClassifier, build_classifier
 from dicomnode.model.promptset import PromptSet
+from dicomnode.progress import progress
 from dicomnode.train.data import LabelledData, TrainingImages
 from dicomnode.train.metrics import bootstrap_ci, class_figures, macro_auc
 
@@ -36,7 +37,8 @@ def scores(
     probabilities, targets = [], []
     classifier.eval()
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=backbone.device.type == "cuda"):
-        for start in range(0, len(images), batch):
+        starts = range(0, len(images), batch)
+        for start in progress(starts, description=classifier.prompt_set.method, unit="batch"):
             items = [images[i] for i in range(start, min(start + batch, len(images)))]
             pixels = torch.stack([p for p, _ in items]).to(backbone.device)
             probabilities.append(
