@@ -13,8 +13,10 @@ a PDU larger than negotiated, aborts in the middle of a dataset, idle connection
 from __future__ import annotations
 
 import copy
+import socket
 import sqlite3
 import struct
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +28,7 @@ from hypothesis import strategies as st
 from pydicom import config as pydicom_config
 from pydicom.data import get_testdata_files
 from pydicom.dataset import FileMetaDataset
-from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filereader import _read_file_meta_info, read_file_meta_info, read_preamble
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     ExplicitVRBigEndian,
@@ -38,6 +40,7 @@ from pydicom.uid import (
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
+from dicomnode.bench.receive import write_large_instance
 from dicomnode.net.scu import AssociationFailed, Peer, store
 from dicomnode.spool import is_valid_uid
 from tests.conftest import RunningNode, free_port, start_node, stop_process, wait_until, write_node_config
@@ -324,3 +327,112 @@ def _settle(node: RunningNode) -> None:
             ).fetchone()[0]
 
     wait_until(settled, 180, 0.5, what="every study settled")
+
+
+def _audit(node: RunningNode) -> str:
+    return (node.config.parent / "var" / "logs" / "audit.log").read_text()
+
+
+def _association(node: RunningNode, calling: str = CALLER, called: str = "DICOMNODE", sop_class: str = ""):
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(sop_class or ComputedRadiographyImageStorage, "1.2.840.10008.1.2.1")
+    ae.network_timeout = 30
+    return ae.associate("127.0.0.1", node.port, ae_title=called)
+
+
+def _closed_by_peer(sock: socket.socket, within_s: float) -> bool:
+    """True when the node closes (or aborts) the connection within `within_s` seconds."""
+    sock.settimeout(within_s)
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data or data[:1] == b"\x07":  # closed, or an A-ABORT
+                return True
+    except TimeoutError:
+        return False
+    except OSError:  # reset
+        return True
+
+
+def _incoming_empty(node: RunningNode) -> bool:
+    return not any((node.config.parent / "var" / "incoming").iterdir())
+
+
+def test_wrong_called_ae_and_unknown_caller_are_rejected_with_the_reason_in_the_audit(hostile, tally):
+    node, _ = hostile
+    with tally.case("wrong called AE title"):
+        assoc = _association(node, called="NOTTHENODE")
+        assert assoc.is_rejected
+        wait_until(lambda: "called=NOTTHENODE" in _audit(node), 10, what="audit line")
+        _alive(node)
+    with tally.case("unknown calling AE title"):
+        assoc = _association(node, calling="STRANGER")
+        assert assoc.is_rejected
+        wait_until(lambda: "calling=STRANGER" in _audit(node), 10, what="audit line")
+        _alive(node)
+    lines = [line for line in _audit(node).splitlines() if "NOTTHENODE" in line or "STRANGER" in line]
+    assert all("rejected" in line and line.rsplit(": ", 1)[-1] for line in lines), lines
+
+
+def test_a_pdu_larger_than_negotiated_and_a_pdu_claiming_four_gigabytes_end_the_association(hostile, tally):
+    node, _ = hostile
+    baseline = _peak_rss_mib(node.process.pid)
+    with tally.case("P-DATA PDU of 4 MiB after a maximum of 128 KiB was negotiated"):
+        assoc = _association(node)
+        assert assoc.is_established
+        value = b"\0" * (4 << 20)
+        pdv = struct.pack(">IBB", len(value) + 2, 3, 0x00) + value  # context 3, dataset fragment
+        assoc.dul.socket.socket.sendall(struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv)
+        wait_until(lambda: not assoc.is_established, 3 * TIMEOUT_S + 5, what="association ended")
+        _alive(node)
+    with tally.case("PDU header announcing 4 GiB, 1 MiB of it, then silence"):
+        with socket.create_connection(("127.0.0.1", node.port)) as sock:
+            sock.sendall(struct.pack(">BBI", 0x01, 0, 0xFFFFFFF0) + b"\0" * (1 << 20))
+            assert _closed_by_peer(sock, 3 * TIMEOUT_S + 5)
+        _alive(node)
+    assert _peak_rss_mib(node.process.pid) - baseline < 64
+
+
+def test_aborts_and_broken_connections_leave_no_half_received_file(hostile, tally):
+    node, folder = hostile
+    folder.mkdir(parents=True, exist_ok=True)
+    large = write_large_instance(folder / "large.dcm", megabytes=24)
+    sop_class = str(read_file_meta_info(large).MediaStorageSOPClassUID)
+    with tally.case("A-ABORT in the middle of a dataset"):
+        assoc = _association(node, sop_class=sop_class)
+        sender = threading.Thread(target=assoc.send_c_store, args=(large,), daemon=True)
+        sender.start()
+        wait_until(lambda: not _incoming_empty(node), 30, 0.005, what="receipt under way")
+        assoc.abort()
+        wait_until(lambda: _incoming_empty(node), 30, what="half-received file deleted")
+        _alive(node)
+    with tally.case("connection closed without an abort in the middle of a dataset"):
+        assoc = _association(node, sop_class=sop_class)
+        sender = threading.Thread(target=assoc.send_c_store, args=(large,), daemon=True)
+        sender.start()
+        wait_until(lambda: not _incoming_empty(node), 30, 0.005, what="receipt under way")
+        assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+        # The node gives up on the silent peer after network_timeout_s; its file goes when an
+        # association ends once it is untouched for twice that (here: the checks of _alive).
+        wait_until(lambda: _alive(node) or _incoming_empty(node), 8 * TIMEOUT_S + 10, 0.5)
+        _alive(node)
+    with tally.case("garbage instead of an A-ASSOCIATE-RQ"):
+        with socket.create_connection(("127.0.0.1", node.port)) as sock:
+            sock.sendall(bytes(range(256)) * 16)
+            assert _closed_by_peer(sock, 3 * TIMEOUT_S + 5)
+        _alive(node)
+
+
+def test_idle_connections_are_closed_by_the_timeouts(hostile, tally):
+    node, _ = hostile
+    with (
+        tally.case("TCP connection that never associates"),
+        socket.create_connection(("127.0.0.1", node.port)) as sock,
+    ):
+        assert _closed_by_peer(sock, 3 * TIMEOUT_S + 5)
+    with tally.case("association that goes silent"):
+        assoc = _association(node)
+        assert assoc.is_established
+        wait_until(lambda: not assoc.is_established, 3 * TIMEOUT_S + 5, what="idle association ended")
+        _alive(node)
