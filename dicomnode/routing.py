@@ -25,6 +25,9 @@ from dicomnode.identity import NODE_MANUFACTURER
 #: Value representations whose values are codes or numbers, never free text about a person;
 #: only these are quoted in routing reasons, which end up in logs and `dicomnode status`.
 _QUOTABLE_VRS = frozenset({"AE", "CS", "DS", "IS", "SS", "US", "UI"})
+#: Groups that describe the patient (0010: sex, weight, size, age ...) and the visit (0038):
+#: codes and numbers there are patient data too, and never quoted, whatever their VR.
+_PATIENT_GROUPS = frozenset({0x0010, 0x0038})
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ def _quotable(keyword: str, found: list[str]) -> bool:
     if keyword == "CallingAETitle":
         return True
     tag = tag_for_keyword(keyword)
-    if tag is None or dictionary_VR(tag) not in _QUOTABLE_VRS:
+    if tag is None or tag >> 16 in _PATIENT_GROUPS or dictionary_VR(tag) not in _QUOTABLE_VRS:
         return False
     # A UID is a code only when the standard defines it (SOP classes, transfer syntaxes);
     # study, series and instance UIDs identify a patient's images and stay out of reasons.

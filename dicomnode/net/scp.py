@@ -33,7 +33,7 @@ from dicomnode.config import ScpConfig
 from dicomnode.identity import NODE_MANUFACTURER
 from dicomnode.net.access import SERVICE_PROVIDER_PRESENTATION, AccessPolicy, Rejection, describe_rejection
 from dicomnode.net.tls import HandshakingServer
-from dicomnode.privacy import uid_tag
+from dicomnode.privacy import uid_tag, where_raised
 from dicomnode.spool import Spool, SpoolFull, is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -236,7 +236,7 @@ class StorageHandlers:
             except SpoolFull as exc:
                 refusal = Refusal(OUT_OF_RESOURCES, f"node storage full: {exc}")
             except Exception as exc:  # the spool failed; the sender must retry later
-                log.exception("spool failed for instance %s", uid_tag(affected))
+                log.error("spool failed for instance %s: %s", uid_tag(affected), where_raised(exc))
                 refusal = Refusal(OUT_OF_RESOURCES, f"node cannot store: {exc.__class__.__name__}")
         if refusal is not None:
             log.warning("refused instance %s: %s", uid_tag(affected), refusal.reason)
@@ -259,7 +259,7 @@ class StorageHandlers:
                 request.calling_ae_title.strip(), request.called_ae_title.strip(), assoc.requestor.address
             )
         except Exception as exc:  # pynetdicom swallows a handler's exception and would accept: fail closed
-            log.exception("access check failed")
+            log.error("access check failed: %s", where_raised(exc))
             rejection = Rejection(f"access check failed ({exc.__class__.__name__}); refused to be safe")
         if rejection is None:
             return
