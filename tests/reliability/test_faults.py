@@ -23,7 +23,7 @@ from pathlib import Path
 import pydicom
 
 from dicomnode.net.scu import Peer, store
-from tests.conftest import free_port, start_node, wait_until, write_node_config
+from tests.conftest import free_port, start_node, start_orthanc, stop_process, wait_until, write_node_config
 from tests.reliability.conftest import SentStudy, assert_no_leak, node_texts, write_study
 
 KILLS = 21
@@ -172,3 +172,62 @@ def test_sigkill_at_random_moments_loses_no_acknowledged_instance_and_reports_ea
     finally:
         node.process.kill()
         node.process.wait()
+
+
+def test_disk_below_its_floor_and_back_then_destination_down_and_back_lose_nothing(
+    tmp_path, tiny_architecture, tally
+):
+    """Below the free-space floor the node refuses (0xA700) and keeps nothing; the sender
+    retries once space is back; results wait in the outbox while the PACS is down, and reach
+    it, once per study, when it is back."""
+    port, pacs_port = free_port(), free_port()
+    destination = {"name": "orthanc", "host": "127.0.0.1", "port": pacs_port, "ae_title": "ORTHANC"}
+    settings = {
+        "destinations": [{**destination, "backoff_s": 0.2, "max_backoff_s": 1.0}],
+        "studies": {"quiet_period_s": QUIET_PERIOD_S, "poll_interval_s": 0.1, "imaging_processes": 0},
+    }
+    state = tmp_path / "var"
+    peer = Peer("127.0.0.1", port, "DICOMNODE", timeout_s=10)
+    studies = [write_study(tmp_path / "sent", number, instances=3) for number in (100, 101)]
+    paths = [p for s in studies for p in s.paths]
+    full = write_node_config(
+        tmp_path, tiny_architecture, scp_port=port, scp={"min_free_mb": 1 << 40}, **settings
+    )  # a floor no disk reaches
+    node = start_node(full, port)
+    pacs = None
+    try:
+        with tally.case("disk below its floor: every instance refused with 0xA700, none kept"):
+            outcomes = store(peer, paths, calling_ae="MODALITY")
+            assert [o.status for o in outcomes] == [0xA700] * len(paths)
+            assert not _spooled(state)
+        node.process.kill()
+        node.process.wait()
+        node = start_node(write_node_config(tmp_path, tiny_architecture, scp_port=port, **settings), port)
+        with tally.case("disk back above its floor: the sender's retry is acknowledged"):
+            outcomes = store(peer, paths, calling_ae="MODALITY")
+            assert all(o.ok for o in outcomes)
+            tally.acknowledged += len(outcomes)
+        with tally.case("destination down: results wait in the outbox, retried"):
+
+            def retried() -> bool:
+                with sqlite3.connect(state / "journal.sqlite", timeout=30) as db:
+                    return db.execute(
+                        "SELECT count(*) FROM outbox WHERE state='pending' AND attempts >= 2"
+                    ).fetchone()[0] == 2 * len(studies)
+
+            wait_until(retried, 120, 0.5, what="deliveries retried while the PACS is down")
+        pacs = start_orthanc(tmp_path / "orthanc", dicom_port=pacs_port)
+        with tally.case("destination back: each study reported once, none lost"):
+            wait_until(lambda: _settled(state, len(studies)), 120, 0.5, what="results delivered")
+            reports = _reports(pacs)
+            for study in studies:
+                _check_reported_once(study, reports[study.study_instance_uid])
+            missing = [p for p in paths if str(pydicom.dcmread(p).SOPInstanceUID) not in _spooled(state)]
+            tally.lost += len(missing)
+            assert not missing
+            assert_no_leak(node_texts(node), set().union(*(s.identifiers for s in studies)))
+    finally:
+        node.process.kill()
+        node.process.wait()
+        if pacs is not None:
+            stop_process(pacs.process)
