@@ -15,6 +15,8 @@ import sqlite3
 import pydicom
 
 from dicomnode.net.scu import Peer, store
+from dicomnode.privacy import describe_error, where_raised
+from dicomnode.spool import SpoolError
 from tests.conftest import wait_until
 from tests.reliability.conftest import assert_no_leak, node_texts, write_study
 
@@ -74,3 +76,18 @@ def test_provoked_failures_leave_no_name_id_uid_sex_or_weight_in_any_text(tmp_pa
         identifiers = blocked_results.identifiers | blocked_spool.identifiers | ignored.identifiers
         assert_no_leak(texts, identifiers | {WEIGHT})
         assert "PatientSex is F" not in "\n".join(texts.values())
+
+
+def test_error_descriptions_keep_the_kind_and_meaning_never_a_path_or_a_library_text():
+    path = "/var/lib/dicomnode/spool/1.2.826.0.1.3680043.8.498.12345/1.2.3.dcm"
+    try:
+        try:
+            open(path)  # noqa: SIM115 - the error is the point
+        except OSError as missing:
+            raise SpoolError("cannot write instance file: No such file or directory") from missing
+    except SpoolError as exc:
+        described, trail = describe_error(exc), where_raised(exc)
+    assert described == "SpoolError: cannot write instance file: No such file or directory"
+    assert "FileNotFoundError: [Errno 2] No such file or directory at test_privacy.py:" in trail
+    assert "12345" not in trail and "spool/" not in trail
+    assert describe_error(ValueError("Doe^Jane is not valid for VR DA")) == "ValueError"
