@@ -34,7 +34,7 @@ from dicomnode.net.tls import check_tls, scp_context
 from dicomnode.notify import SystemdNotifier
 from dicomnode.outbox import DestinationWorker
 from dicomnode.pipeline import classify, imaging_pool
-from dicomnode.privacy import uid_tag, withhold_warning_texts
+from dicomnode.privacy import describe_error, uid_tag, where_raised, withhold_warning_texts
 from dicomnode.results import write_results
 from dicomnode.routing import Ignored, route_study
 from dicomnode.spool import Spool, StudyRecord
@@ -134,8 +134,8 @@ class StudyWorker(threading.Thread):
                         self.purge()
                         next_purge = time.monotonic() + PURGE_INTERVAL_S
                     study = self.spool.claim_quiet_study(self.cfg.studies.quiet_period_s)
-            except Exception:  # the loop must outlive any single failure
-                log.exception("study worker: unexpected error")
+            except Exception as exc:  # the loop must outlive any single failure
+                log.error("study worker: unexpected error: %s", where_raised(exc))
                 self.stop_event.wait(1.0)
                 continue
             if study is None:
@@ -146,7 +146,9 @@ class StudyWorker(threading.Thread):
                 try:
                     self.process(study)
                 except Exception as exc:  # outside the results step: say, a locked journal
-                    log.exception("study %s: unexpected error", uid_tag(study.study_instance_uid))
+                    log.error(
+                        "study %s: unexpected error: %s", uid_tag(study.study_instance_uid), where_raised(exc)
+                    )
                     self._requeue(study, exc)
                 self.observe(study.study_instance_uid, time.perf_counter() - started)
         self.spool.close()
@@ -204,14 +206,9 @@ class StudyWorker(threading.Thread):
             try:
                 results.append(self._results_for(job))
             except PERMANENT_FAILURES as exc:
-                failure = f"prompt set {job.prompt_set} failed: {exc.__class__.__name__}"
-                failures.append(f"{failure}: {exc}")
-                # Our own errors are written to be log-safe; a library's text might quote a value.
-                log.error(
-                    "study %s: %s",
-                    tag,
-                    failures[-1] if type(exc).__module__.startswith("dicomnode") else failure,
-                )
+                # The journal's reason is shown by `dicomnode status`: log-safe, as the log line.
+                failures.append(f"prompt set {job.prompt_set} failed: {describe_error(exc)}")
+                log.error("study %s: %s", tag, failures[-1])
                 continue
             except Exception as exc:  # disk, memory, device: may pass, so try again later
                 self._retry(study, exc)
@@ -232,13 +229,13 @@ class StudyWorker(threading.Thread):
     def _retry(self, study: StudyRecord, exc: Exception) -> None:
         studies = self.cfg.studies
         delay = studies.retry_backoff_s * 2**study.attempts
-        # A library's text might quote a value: the log gets the type, the journal the text.
-        reason = f"{exc.__class__.__name__}: {exc}"
+        # The journal's reason is shown by `dicomnode status`: log-safe, as the log line.
+        reason = describe_error(exc)
         tag = uid_tag(study.study_instance_uid)
         if self.spool.retry_study(study, reason, delay_s=delay, max_attempts=studies.max_attempts):
-            log.warning("study %s: %s; retry in %.0f s", tag, type(exc).__name__, delay)
+            log.warning("study %s: %s; retry in %.0f s", tag, reason, delay)
         else:
-            log.error("study %s failed after %d attempts: %s", tag, study.attempts + 1, type(exc).__name__)
+            log.error("study %s failed after %d attempts: %s", tag, study.attempts + 1, reason)
 
     def _results_for(self, job: StudyJob) -> ResultSet:
         # The version taken here serves the whole study, even if a reload swaps it meanwhile.

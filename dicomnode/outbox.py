@@ -31,7 +31,7 @@ from dicomnode.flow import Delivery
 from dicomnode.health import Heartbeat
 from dicomnode.net.scu import AssociationFailed, ContextsRejected, Peer, StoreOutcome, store
 from dicomnode.net.stow import StowEndpoint, StowRefused, StowUnreachable, stow
-from dicomnode.privacy import uid_tag
+from dicomnode.privacy import uid_tag, where_raised
 from dicomnode.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,8 @@ class DestinationWorker(threading.Thread):
                         self.observe(self.destination.name, self.spool.delivery_state(delivery.id))
                 if delivery is None:
                     self.stop_event.wait(0.5)
-            except Exception:  # the loop must outlive any single failure
-                log.exception("outbox %s: unexpected error", self.destination.name)
+            except Exception as exc:  # the loop must outlive any single failure
+                log.error("outbox %s: unexpected error: %s", self.destination.name, where_raised(exc))
                 self.stop_event.wait(1.0)
         self.spool.close()
 

@@ -26,6 +26,9 @@ from dicomnode.identity import NODE_MANUFACTURER
 #: Value representations whose values are codes or numbers, never free text about a person;
 #: only these are quoted in routing reasons, which end up in logs and `dicomnode status`.
 _QUOTABLE_VRS = frozenset({"AE", "CS", "DS", "IS", "SS", "US", "UI"})
+#: Groups that describe the patient (0010: sex, weight, size, age ...) and the visit (0038):
+#: codes and numbers there are patient data too, and never quoted, whatever their VR.
+_PATIENT_GROUPS = frozenset({0x0010, 0x0038})
 
 #: Code sequences that describe how an image was acquired, not the patient: their codes are
 #: quoted in reasons. Codes of other sequences (admitting diagnoses, ...) are health data.
@@ -38,10 +41,6 @@ _ACQUISITION_CODE_SEQUENCES = frozenset(
         "PrimaryAnatomicStructureSequence",
     }
 )
-
-#: Group of the Patient module attributes (sex, age, size, weight, pregnancy, ...): even when
-#: coded (PatientSex is CS), they describe the patient and are never quoted.
-_PATIENT_GROUP = 0x0010
 
 
 @dataclass(frozen=True)
@@ -111,7 +110,7 @@ def _quotable(keyword: str, found: list[str]) -> bool:
     if keyword == "CallingAETitle":
         return True
     tag = tag_for_keyword(keyword)
-    if tag is None or tag >> 16 == _PATIENT_GROUP or keyword.startswith("Patient"):
+    if tag is None or tag >> 16 in _PATIENT_GROUPS or keyword.startswith("Patient"):
         return False
     vr = dictionary_VR(tag)
     if vr == "SQ":

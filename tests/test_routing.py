@@ -262,6 +262,10 @@ def test_standard_sop_class_uid_is_quoted_because_it_is_a_code_by_its_keyword(tm
         ("PatientBirthDate", "19631107"),
         ("PatientAge", "061Y"),
         ("StudyInstanceUID", "1.2.826.0.1.3680043.8.498.884422"),
+        # Codes and numbers, but about the patient (CS and DS).
+        ("PatientSex", "F"),
+        ("PatientWeight", "71.5"),
+        ("PatientSize", "1.68"),
     ],
 )
 def test_values_that_are_not_codes_are_never_quoted_in_a_reason(tmp_path, keyword, value):

@@ -14,6 +14,7 @@ than receiving a CT slice.
 
 from __future__ import annotations
 
+import errno
 import logging
 import ssl
 import tempfile
@@ -27,13 +28,13 @@ from pydicom import Dataset
 from pydicom.dataelem import DataElement, RawDataElement
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, dimse_messages, evt
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicomnode.config import ScpConfig
 from dicomnode.identity import NODE_MANUFACTURER
 from dicomnode.net.access import SERVICE_PROVIDER_PRESENTATION, AccessPolicy, Rejection, describe_rejection
 from dicomnode.net.tls import HandshakingServer
-from dicomnode.privacy import uid_tag
+from dicomnode.privacy import uid_tag, where_raised
 from dicomnode.spool import Spool, SpoolFull, is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,11 @@ CANNOT_UNDERSTAND = 0xC000
 #: PDUs, each a trip through its state machine; at DCMTK's largest (128 KiB) the radiographs
 #: of `dicomnode bench receive` arrive about a third faster. A PDU is held in memory whole.
 MAX_PDU_BYTES = 128 << 10
+
+#: Largest PDU of any type the SCP reads. pynetdicom reads a PDU whole into memory, whatever
+#: length its header announces (up to 4 GiB) and whatever maximum was negotiated; a peer's
+#: association request (many presentation contexts, a user identity token) stays far below.
+MAX_PDU_READ_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -236,7 +242,7 @@ class StorageHandlers:
             except SpoolFull as exc:
                 refusal = Refusal(OUT_OF_RESOURCES, f"node storage full: {exc}")
             except Exception as exc:  # the spool failed; the sender must retry later
-                log.exception("spool failed for instance %s", uid_tag(affected))
+                log.error("spool failed for instance %s: %s", uid_tag(affected), where_raised(exc))
                 refusal = Refusal(OUT_OF_RESOURCES, f"node cannot store: {exc.__class__.__name__}")
         if refusal is not None:
             log.warning("refused instance %s: %s", uid_tag(affected), refusal.reason)
@@ -259,7 +265,7 @@ class StorageHandlers:
                 request.calling_ae_title.strip(), request.called_ae_title.strip(), assoc.requestor.address
             )
         except Exception as exc:  # pynetdicom swallows a handler's exception and would accept: fail closed
-            log.exception("access check failed")
+            log.error("access check failed: %s", where_raised(exc))
             rejection = Rejection(f"access check failed ({exc.__class__.__name__}); refused to be safe")
         if rejection is None:
             return
@@ -341,6 +347,29 @@ class StorageHandlers:
         ]
 
 
+class BoundedPduRequestHandler(RequestHandler):
+    """pynetdicom's per-connection handler, whose association refuses to read an oversized PDU.
+
+    The refusal is an OSError from the socket's read, which pynetdicom treats as the
+    connection closed: the association ends and nothing of the PDU's body is held.
+    """
+
+    def _create_association(self):
+        assoc = super()._create_association()
+        sock = assoc.dul.socket
+        read = sock.recv
+
+        def bounded_read(nr_bytes: int):
+            if nr_bytes > MAX_PDU_READ_BYTES:
+                peer = assoc.requestor.address
+                log.warning("connection from %s closed: a PDU of %d bytes announced", peer, nr_bytes)
+                raise OSError(errno.EMSGSIZE, f"PDU of {nr_bytes} bytes exceeds {MAX_PDU_READ_BYTES}")
+            return read(nr_bytes)
+
+        sock.recv = bounded_read
+        return assoc
+
+
 def _transport(assoc) -> str:
     """How the association is carried, for the audit: TLS version and client certificate."""
     connection = getattr(assoc.dul.socket, "socket", None)
@@ -377,6 +406,7 @@ def start_scp(
             ssl_context=ssl_context,
             evt_handlers=handlers.bindings(),
             server_class=HandshakingServer,
+            request_handler=BoundedPduRequestHandler,
         )
     except OSError as exc:
         raise OSError(f"Storage SCP cannot listen on {scp.host}:{scp.port}: {exc.strerror}") from exc

@@ -237,10 +237,17 @@ class HandshakingServer(ThreadedAssociationServer):
     pynetdicom wraps and handshakes in its accept loop: one peer that connects and says nothing
     stalls every other, and a failed handshake is dropped without a word. Here the accept loop
     only wraps; the handshake runs, bounded by the ACSE timeout, where the association would.
+
+    An accepted socket does not inherit the listening socket's timeout (Python makes it
+    blocking), and pynetdicom reads a PDU to its end in one blocking call: a peer that sends
+    part of a PDU and then nothing would hold its connection and thread for ever, out of reach
+    of the ACSE and network timers. Each connection's reads and writes are bounded by the
+    network timeout instead; a peer silent that long in the middle of a PDU is disconnected.
     """
 
     def get_request(self):
         client, address = self.socket.accept()
+        client.settimeout(self.ae.network_timeout)
         if self.ssl_context:
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         return client, address
@@ -250,7 +257,7 @@ class HandshakingServer(ThreadedAssociationServer):
             try:
                 request.settimeout(self.ae.acse_timeout)
                 request.do_handshake()
-                request.settimeout(None)
+                request.settimeout(self.ae.network_timeout)
             except OSError as exc:
                 audit.warning(
                     "TLS handshake failed peer=%s:%s: %s",

@@ -41,6 +41,7 @@ from dicomnode.flow import (
     ResultSet,
     Sample,
 )
+from dicomnode.privacy import uid_tag
 from dicomnode.results import slide
 from dicomnode.results.sc import build_secondary_capture
 from dicomnode.results.sr import StudyFinding, build_report
@@ -92,8 +93,8 @@ def write_results(
     content = content_key(source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in instances], model=model)
     if latest is not None and latest.study_instance_uid != study_instance_uid:
         raise ResultsError(
-            f"the latest report version given belongs to StudyInstanceUID {latest.study_instance_uid}, "
-            f"the sources to {study_instance_uid}"
+            f"the latest report version given belongs to study {uid_tag(latest.study_instance_uid)}, "
+            f"the sources to {uid_tag(study_instance_uid)}"
         )
     if latest is not None and latest.content_key == content:
         number, replaces = latest.number, latest.replaces
@@ -242,7 +243,7 @@ def _check_inputs(
                 raise ResultsError(f"source {index} has no {attribute}")
     study_uids = {str(ds.StudyInstanceUID) for ds in sources}
     if len(study_uids) > 1:
-        raise ResultsError(f"sources belong to several studies: StudyInstanceUID {sorted(study_uids)}")
+        raise ResultsError(f"sources belong to several studies: {sorted(map(uid_tag, study_uids))}")
     seen: set[tuple] = set()
     for ds, sample, prediction in zip(sources, samples, predictions, strict=True):
         _check_sample(ds, sample, prediction, len(findings), seen)
@@ -258,28 +259,29 @@ def _check_sample(
     """One sample: same SOP Instance UID and frame everywhere, not seen before, usable values."""
     uid = str(source.SOPInstanceUID)
     key = (uid, sample.frame, sample.region)
-    where = uid if sample.frame is None else f"{uid} frame {sample.frame}"
+    # Messages reach the log and `dicomnode status`: UIDs as tags only.
+    where = uid_tag(uid) if sample.frame is None else f"{uid_tag(uid)} frame {sample.frame}"
     if key in seen:
-        raise ResultsError(f"SOPInstanceUID {where} appears twice among the samples")
+        raise ResultsError(f"instance {where} appears twice among the samples")
     seen.add(key)
     if sample.sop_instance_uid != uid or prediction.sop_instance_uid != uid:
         raise ResultsError(
-            f"SOPInstanceUID {uid} of the source does not match sample {sample.sop_instance_uid} "
-            f"and prediction {prediction.sop_instance_uid}"
+            f"instance {uid_tag(uid)} of the source does not match sample "
+            f"{uid_tag(sample.sop_instance_uid)} and prediction {uid_tag(prediction.sop_instance_uid)}"
         )
     if prediction.frame != sample.frame:
-        raise ResultsError(f"prediction for SOPInstanceUID {where} is for frame {prediction.frame}")
+        raise ResultsError(f"prediction for instance {where} is for frame {prediction.frame}")
     if len(prediction.probabilities) != finding_count:
         raise ResultsError(
-            f"prediction for SOPInstanceUID {where} has {len(prediction.probabilities)} "
+            f"prediction for instance {where} has {len(prediction.probabilities)} "
             f"probabilities for {finding_count} findings"
         )
     if not all(math.isfinite(p) and 0.0 <= p <= 1.0 for p in prediction.probabilities):
-        raise ResultsError(f"prediction for SOPInstanceUID {where} has a probability outside [0, 1]")
+        raise ResultsError(f"prediction for instance {where} has a probability outside [0, 1]")
     display = np.asarray(sample.display)
     if display.ndim != 2 or display.dtype != np.uint8 or 0 in display.shape:
         raise ResultsError(
-            f"sample display for SOPInstanceUID {where} is {display.dtype} {display.shape}, "
+            f"sample display for instance {where} is {display.dtype} {display.shape}, "
             "expected a non-empty uint8 rows x columns image"
         )
 
