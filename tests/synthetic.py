@@ -201,19 +201,25 @@ def dicom_labels(
     return folder
 
 
-def _chest_radiograph(image: np.ndarray, bits: int, patient_id: str, study_uid: str, key: str) -> Dataset:
-    """A PA chest CR instance holding `image` (values in [0, 1]) in 8 or 16 bits allocated."""
+def _new_instance(sop_class: str, key: str, study_uid: str) -> Dataset:
+    """An empty instance of `sop_class` in `study_uid`, explicit VR little endian, UIDs from `key`."""
     sop_uid = generate_uid(entropy_srcs=[key, "instance"])
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID = ComputedRadiographyImageStorage
+    ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_uid
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = generate_uid(entropy_srcs=[key, "series"])
+    return ds
+
+
+def _chest_radiograph(image: np.ndarray, bits: int, patient_id: str, study_uid: str, key: str) -> Dataset:
+    """A PA chest CR instance holding `image` (values in [0, 1]) in 8 or 16 bits allocated."""
+    ds = _new_instance(ComputedRadiographyImageStorage, key, study_uid)
     ds.PatientID = patient_id
     ds.PatientName = f"Synthetic^{patient_id}"
     ds.StudyDate = "20240101"
@@ -309,17 +315,7 @@ def oct_volume(
     rng = np.random.default_rng(seed)
     lesions = set(lesion_frames)
     scans = np.stack([_to_uint8(draw([_disc if i in lesions else None], size, rng)) for i in range(frames)])
-    sop_uid = generate_uid(entropy_srcs=[key, "instance"])
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyInstanceUID = study_uid or generate_uid(entropy_srcs=[key, "study"])
-    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[key, "series"])
+    ds = _new_instance(sop_class, key, study_uid or generate_uid(entropy_srcs=[key, "study"]))
     ds.PatientID = f"OCT-{key}"
     ds.PatientName = f"Synthetic^{key}"
     ds.StudyDate = "20240101"
