@@ -484,10 +484,13 @@ def _parse_yaml(path: Path, raw: bytes) -> dict[str, Any]:
 
 
 def _named(content: Any, loc: tuple[Any, ...]) -> str:
-    """`in 'NAME': ` for the innermost named entry (rule, destination) on the way to `loc`."""
+    """`in 'NAME': ` for the innermost named entry (rule, destination) on the way to `loc`.
+
+    The file's own top-level `name` (a prompt set's) is not an entry: the path names the file.
+    """
     name = None
-    for step in loc:
-        if isinstance(content, dict) and isinstance(content.get("name"), str):
+    for depth, step in enumerate(loc):
+        if depth and isinstance(content, dict) and isinstance(content.get("name"), str):
             name = content["name"]
         try:
             content = content[step]

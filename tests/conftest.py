@@ -130,6 +130,18 @@ def write_node_config(
     return path
 
 
+def routing_for(folder: Path, *prompt_sets: str) -> Path:
+    """The shipped routing rules, less those naming a prompt set other than `prompt_sets`.
+
+    For nodes that serve a prompts folder of their own holding only those sets.
+    """
+    rules = yaml.safe_load((REPO / "conf" / "routing.yaml").read_text())["rules"]
+    kept = [rule for rule in rules if rule.get("prompt_set") in (None, *prompt_sets)]
+    path = folder / "routing.yaml"
+    path.write_text(yaml.safe_dump({"rules": kept}))
+    return path
+
+
 @dataclass
 class Orthanc:
     """A running Orthanc: the PACS of the tests, checked through its REST API."""

@@ -19,7 +19,7 @@ from pydicom.uid import generate_uid
 from dicomnode.engine import Engine
 from dicomnode.flow import Sample
 from dicomnode.model.backbone import Backbone
-from tests.conftest import dcmtk, tiny_backbone, wait_until
+from tests.conftest import dcmtk, routing_for, tiny_backbone, wait_until
 from tests.prompt_sets import DPT, VPT_DEEP, spec, write_prompt_set
 from tests.test_end_to_end import SR_CLASSES, _results_in, _sr_text
 
@@ -119,7 +119,11 @@ def test_a_learned_set_is_served_and_a_hot_reload_under_load_loses_no_study(
     prompts = tmp_path / "prompts"
     write_prompt_set(prompts / "cxr", spec("cxr", "vpt", backbone, section=VPT_DEEP), backbone)
     write_prompt_set(tmp_path / "next" / "cxr", spec("cxr", "dpt", backbone, section=DPT), backbone)
-    node = node_factory(destinations=[orthanc.destination(backoff_s=0.5)], prompts_dir=str(prompts))
+    node = node_factory(
+        destinations=[orthanc.destination(backoff_s=0.5)],
+        prompts_dir=str(prompts),
+        routing=str(routing_for(tmp_path, "cxr")),
+    )
     studies = 6
     (tmp_path / "studies").mkdir()
     for index in range(studies):

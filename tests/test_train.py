@@ -25,7 +25,7 @@ from dicomnode.train import loop
 from dicomnode.train.data import TrainingImages, read_dataset
 from dicomnode.train.metrics import macro_auc
 from tests import synthetic
-from tests.conftest import REPO, free_port, tiny_backbone, write_node_config
+from tests.conftest import REPO, free_port, routing_for, tiny_backbone, write_node_config
 
 CLASSES = ("Effusion", "Pneumothorax", "Nodule")
 
@@ -52,7 +52,13 @@ def chest_data(tmp_path_factory) -> Path:
 def node(tmp_path, tiny_architecture) -> Path:
     prompts = tmp_path / "prompts"
     shutil.copytree(REPO / "prompts" / "cxr", prompts / "cxr")
-    return write_node_config(tmp_path, tiny_architecture, scp_port=free_port(), prompts_dir=str(prompts))
+    return write_node_config(
+        tmp_path,
+        tiny_architecture,
+        scp_port=free_port(),
+        prompts_dir=str(prompts),
+        routing=str(routing_for(tmp_path, "cxr")),
+    )
 
 
 def _train(node: Path, data: Path, method: str, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
