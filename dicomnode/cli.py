@@ -65,6 +65,16 @@ def _config(path: Path):
         raise typer.Exit(2) from None
 
 
+def _write_figures(document: dict, json_file: Path | None) -> None:
+    """Write a command's figures as JSON when `--json` was given, and say where."""
+    if json_file is None:
+        return
+    from dicomnode.bench import write_json
+
+    write_json(document, json_file)
+    typer.echo(f"wrote {json_file}")
+
+
 @app.command()
 def serve(config: ConfigOption = DEFAULT_CONFIG) -> None:
     """Run the node: receive studies, classify them, send the results to the destinations."""
@@ -530,7 +540,6 @@ def eval_command(
 ) -> None:
     """The method x metric table (AUC, sensitivity, specificity, F1, FNR, 95% CIs) of a prompt set."""
     _require_train_extra()
-    import json
     import tempfile
 
     from dicomnode.model.backbone import BackboneError, load_backbone
@@ -564,9 +573,7 @@ def eval_command(
     markdown(rows, typer.echo)
     if backbone.demo:
         typer.echo("DEMO backbone (random weights): these figures have NO clinical meaning")
-    if json_file is not None:
-        json_file.write_text(json.dumps({"split": split, "results": rows}, indent=2) + "\n")
-        typer.echo(f"wrote {json_file}")
+    _write_figures({"split": split, "results": rows}, json_file)
 
 
 def _linear_probe(backbone, shipped, dataset, work: Path):
@@ -688,7 +695,7 @@ def bench_infer(
     from pydantic import ValidationError
 
     from dicomnode.bench import BenchError
-    from dicomnode.bench.infer import ALL_METHODS, write_json
+    from dicomnode.bench.infer import ALL_METHODS
     from dicomnode.bench.infer import bench_infer as run
     from dicomnode.config import ModelConfig
     from dicomnode.model.backbone import BackboneError, load_backbone
@@ -729,9 +736,7 @@ def bench_infer(
     except BenchError as exc:
         typer.echo(f"benchmark failed: {exc}", err=True)
         raise typer.Exit(1) from None
-    if json_file is not None:
-        write_json(document, json_file)
-        typer.echo(f"wrote {json_file}")
+    _write_figures(document, json_file)
 
 
 @bench_app.command("train")
@@ -754,7 +759,6 @@ def bench_train_command(
 ) -> None:
     """Step time and peak memory of VPT, DPT and the linear probe against full fine-tuning."""
     _require_train_extra()
-    import json
 
     from dicomnode.bench.train import bench_train
     from dicomnode.model.backbone import BackboneError, load_backbone
@@ -767,9 +771,7 @@ def bench_train_command(
         typer.echo(f"cannot load the backbone: {exc}", err=True)
         raise typer.Exit(2) from None
     document = bench_train(backbone, cfg.prompts_dir / "cxr", batch, steps, typer.echo, epoch_images)
-    if json_file is not None:
-        json_file.write_text(json.dumps(document, indent=2) + "\n")
-        typer.echo(f"wrote {json_file}")
+    _write_figures(document, json_file)
 
 
 @bench_app.command("imaging")
@@ -790,7 +792,6 @@ def bench_imaging_command(
     ] = None,
 ) -> None:
     """Samples/s of decode + preprocessing per input kind beside the engine's images/s."""
-    import json
 
     from dicomnode.bench import BenchError
     from dicomnode.bench.imaging import bench_imaging
@@ -813,9 +814,7 @@ def bench_imaging_command(
     except (BenchError, BackboneError) as exc:
         typer.echo(f"benchmark failed: {exc}", err=True)
         raise typer.Exit(1) from None
-    if json_file is not None:
-        json_file.write_text(json.dumps(document, indent=2) + "\n")
-        typer.echo(f"wrote {json_file}")
+    _write_figures(document, json_file)
 
 
 @bench_app.command("study")
@@ -830,7 +829,6 @@ def bench_study_command(
     ] = None,
 ) -> None:
     """Receipt-to-SR latency of the whole node (quiet period 0) against the engine alone."""
-    import json
 
     from dicomnode.bench import BenchError
     from dicomnode.bench.study import bench_study
@@ -844,6 +842,4 @@ def bench_study_command(
     except (BenchError, BackboneError) as exc:
         typer.echo(f"benchmark failed: {exc}", err=True)
         raise typer.Exit(1) from None
-    if json_file is not None:
-        json_file.write_text(json.dumps(document, indent=2) + "\n")
-        typer.echo(f"wrote {json_file}")
+    _write_figures(document, json_file)

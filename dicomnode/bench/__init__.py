@@ -6,8 +6,10 @@ the bare backbone on the same device. `train`: prompt learning against full fine
 here serve the benchmarks that start receivers of their own.
 """
 
+import json
 import socket
 import time
+from pathlib import Path
 
 
 class BenchError(RuntimeError):
@@ -30,3 +32,8 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
                 return
         time.sleep(0.05)
     raise BenchError(f"nothing listens on port {port} after {timeout} s")
+
+
+def write_json(document: dict, path: Path) -> None:
+    """Write a benchmark's figures for later comparison (README tables, regressions)."""
+    path.write_text(json.dumps(document, indent=2) + "\n")

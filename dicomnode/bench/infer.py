@@ -14,7 +14,6 @@ a method does not depend on what it learned. Nothing here is a clinical figure.
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
@@ -244,8 +243,3 @@ def _report_row(
         f"  {row.method:16s} batch {row.batch:5d}  {row.images_per_s:10.1f} img/s  "
         f"p50 {row.p50_ms:8.2f} ms  p95 {row.p95_ms:8.2f} ms  {ratio}{limit}"
     )
-
-
-def write_json(document: dict, path: Path) -> None:
-    """Write the figures for later comparison (README tables, regressions)."""
-    path.write_text(json.dumps(document, indent=2) + "\n")
