@@ -6,17 +6,21 @@ properties METHODS.md gives them, and prompt-set files against the ways they go 
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import LayerScale, QuickGELU
+from torch import nn
 
 from dicomnode.engine import Engine, EngineError
 from dicomnode.flow import Sample
 from dicomnode.model.backbone import Backbone
 from dicomnode.model.classifier import PLAIN_VISION, build_classifier
 from dicomnode.model.promptset import TENSORS_FILE, PromptSetError, load_prompt_set
-from dicomnode.model.towers import TextTower, encode_image
+from dicomnode.model.towers import TextTower, encode_image, servable, serve_block
 from dicomnode.model.vpt import CHEST_DEFAULT, VisualPrompts
 from tests.conftest import tiny_backbone
 from tests.prompt_sets import DPT, VPT_DEEP, VPT_SHALLOW, spec, write_prompt_set
@@ -44,8 +48,36 @@ def _samples(backbone: Backbone, count: int, seed: int = 0) -> list[Sample]:
 
 def test_the_prompted_image_pass_without_prompts_is_open_clips_own(backbone):
     pixels = _pixels(backbone, 3)
+    visual = backbone.model.visual
+    # With gradients (training) every block runs its own forward: bit for bit open_clip's pass.
+    assert torch.equal(encode_image(visual, pixels), backbone.model.encode_image(pixels))
+    # Serving runs the same arithmetic through the fused blocks.
+    assert all(servable(block) for block in visual.transformer.resblocks)
     with torch.no_grad():
-        assert torch.equal(encode_image(backbone.model.visual, pixels), backbone.model.encode_image(pixels))
+        torch.testing.assert_close(
+            encode_image(visual, pixels), backbone.model.encode_image(pixels), rtol=1e-5, atol=1e-5
+        )
+
+
+@pytest.mark.parametrize("activation", [nn.GELU(), nn.GELU(approximate="tanh"), QuickGELU()])
+def test_a_served_block_computes_what_the_block_computes(backbone, activation):
+    block = copy.deepcopy(backbone.model.visual.transformer.resblocks[0])
+    block.mlp.gelu = activation
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        x = torch.randn(4, 11, block.attn.embed_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(serve_block(block, x), block(x), rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_the_served_pass_does_not_know_run_their_own_forward(backbone):
+    visual = copy.deepcopy(backbone.model.visual)
+    block = visual.transformer.resblocks[0]
+    block.ls_1 = LayerScale(block.attn.embed_dim, 0.5)
+    assert not servable(block)
+    pixels = _pixels(backbone, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(encode_image(visual, pixels), visual(pixels), rtol=1e-5, atol=1e-5)
 
 
 def test_the_embedded_text_pass_is_open_clips_own(backbone):
@@ -96,10 +128,12 @@ def test_class_shift_of_zero_is_the_frozen_tower(backbone):
     visual = backbone.model.visual
     pixels = _pixels(backbone, 2)
     shift = torch.zeros(len(visual.transformer.resblocks), visual.class_embedding.shape[0])
+    # Not a constant: the layer norms would remove a shift equal on every channel.
+    learned = torch.randn(shift.shape, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert torch.equal(encode_image(visual, pixels, class_shift=shift), encode_image(visual, pixels))
         assert not torch.allclose(
-            encode_image(visual, pixels, class_shift=shift + 0.5), encode_image(visual, pixels)
+            encode_image(visual, pixels, class_shift=learned), encode_image(visual, pixels), atol=1e-3
         )
 
 

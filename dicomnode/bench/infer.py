@@ -1,6 +1,8 @@
 """`dicomnode bench infer`: each prompting method against the bare backbone, same device, same run.
 
-For every batch size the bare image tower (`encode_image`) is timed first, then each method
+For every batch size the bare image tower (open_clip's `encode_image`) is timed first, then
+the node's own pass through the same frozen tower without prompts (`tower`: the fused blocks
+of serving, see `towers.serve_block`), then each method
 as the engine runs it (image features with the method's prompts, then its logits), on the
 same device-resident batch. A last row times the whole engine path for zero-shot: host
 samples through the queue, pinned copy, batch and back, with four requests in flight as
@@ -19,10 +21,12 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 
 from dicomnode.engine import Engine
@@ -30,7 +34,7 @@ from dicomnode.flow import Sample
 from dicomnode.model.backbone import Backbone
 from dicomnode.model.classifier import PromptedClassifier, build_classifier, save_prompts
 from dicomnode.model.promptset import LEARNED_METHODS, PROMPTSET_FILE, load_prompt_set
-from dicomnode.model.towers import vision_shape
+from dicomnode.model.towers import encode_image, vision_shape
 from dicomnode.model.vpt import CHEST_DEFAULT
 
 #: The methods measured, with the prompt-set sections that define them. vpt-deep is the
@@ -42,7 +46,7 @@ METHODS: dict[str, tuple[str, dict | None]] = {
     "vpt-deep": ("vpt", CHEST_DEFAULT),
     "dpt": ("dpt", {"context_tokens": 16, "class_specific": False, "vision_prompt": True}),
 }
-ALL_METHODS = ("backbone", *METHODS, "engine-zeroshot")
+ALL_METHODS = ("backbone", "tower", *METHODS, "engine-zeroshot")
 #: Requests the engine row keeps in flight, as concurrent studies would.
 ENGINE_IN_FLIGHT = 4
 
@@ -134,6 +138,20 @@ def matmul_peak(device: torch.device) -> float | None:
     return 2 * n**3 / statistics.median(seconds)
 
 
+def served_deviation(backbone: Backbone, classifier: PromptedClassifier, count: int = 64) -> float:
+    """Largest difference of a probability between the served image tower and open_clip's
+    `encode_image`, same device and precision, on `count` seeded random images."""
+    size = backbone.input_spec.image_size
+    generator = torch.Generator().manual_seed(1)
+    pixels = torch.randn(count, 3, size, size, generator=generator)
+    pixels = pixels.to(backbone.device, backbone.input_dtype)
+    with torch.inference_mode(), backbone_autocast(backbone):
+        reference = F.normalize(backbone.model.encode_image(pixels).float(), dim=-1)
+        served = classifier.image_features(pixels)
+        difference = classifier.probabilities(served) - classifier.probabilities(reference)
+    return float(difference.abs().max())
+
+
 def backbone_autocast(backbone: Backbone):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=backbone.autocast)
 
@@ -168,6 +186,10 @@ def bench_infer(
             else None
         )
         size = backbone.input_spec.image_size
+        deviation = None
+        if "zeroshot" in classifiers:
+            deviation = served_deviation(backbone, classifiers["zeroshot"])
+            report(f"  served tower vs open_clip encode_image: probabilities differ by <= {deviation:.4f}")
         for batch in batches:
             pixels = torch.randn(batch, 3, size, size, device=device).to(backbone.input_dtype)
             baseline: float | None = None
@@ -175,6 +197,9 @@ def bench_infer(
                 extra_tokens = 0
                 if method == "backbone":
                     forward = backbone.model.encode_image
+                    learned = 0
+                elif method == "tower":
+                    forward = partial(encode_image, backbone.model.visual)
                     learned = 0
                 elif method == "engine-zeroshot":
                     host = pixels.float().cpu().numpy()
@@ -230,6 +255,7 @@ def bench_infer(
         "compiled": compile_model,
         "precision": backbone.precision if device.type == "cuda" else "fp32",
         "engine_requests_in_flight": ENGINE_IN_FLIGHT,
+        "served_tower_max_probability_difference": deviation,
         "results": [asdict(r) for r in results],
     }
 

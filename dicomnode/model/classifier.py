@@ -24,7 +24,7 @@ from dicomnode.durable import write_durably
 from dicomnode.model.backbone import Backbone
 from dicomnode.model.dpt import DualPrompts
 from dicomnode.model.promptset import TENSORS_FILE, PromptSet, PromptSetError
-from dicomnode.model.towers import TextTower, TowerError, vision_shape
+from dicomnode.model.towers import TextTower, TowerError, encode_image, vision_shape
 from dicomnode.model.vpt import VisualPrompts
 
 HEAD_WEIGHT = "head.weight"
@@ -116,7 +116,7 @@ class PromptedClassifier(nn.Module):
             # Learning always takes the prompted pass: a zero vision prompt still has a gradient.
             features = self.dual_prompts.image_features(visual, pixels)
         else:
-            features = self._backbone.model.encode_image(pixels)
+            features = encode_image(visual, pixels)
         return F.normalize(features.float(), dim=-1)
 
     def text_features(self) -> torch.Tensor:
