@@ -20,7 +20,7 @@ from dicomnode.flow import Sample
 from dicomnode.model.backbone import Backbone
 from dicomnode.model.classifier import PLAIN_VISION, build_classifier
 from dicomnode.model.promptset import TENSORS_FILE, PromptSetError, load_prompt_set
-from dicomnode.model.towers import TextTower, encode_image, servable, serve_block
+from dicomnode.model.towers import TextTower, embed_patches, encode_image, servable, serve_block
 from dicomnode.model.vpt import CHEST_DEFAULT, VisualPrompts
 from tests.conftest import tiny_backbone
 from tests.prompt_sets import DPT, VPT_DEEP, VPT_SHALLOW, spec, write_prompt_set
@@ -68,6 +68,19 @@ def test_a_served_block_computes_what_the_block_computes(backbone, activation):
         x = torch.randn(4, 11, block.attn.embed_dim)
     with torch.no_grad():
         torch.testing.assert_close(serve_block(block, x), block(x), rtol=1e-5, atol=1e-5)
+
+
+def test_patches_are_embedded_as_the_patch_convolution_embeds_them(backbone):
+    conv = backbone.model.visual.conv1
+    pixels = _pixels(backbone, 3)
+    with torch.no_grad():
+        reference = conv(pixels).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(embed_patches(conv, pixels), reference, rtol=1e-5, atol=1e-5)
+        overlapping = nn.Conv2d(
+            3, conv.out_channels, conv.kernel_size, stride=conv.stride[0] // 2, bias=False
+        )
+        reference = overlapping(pixels).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(embed_patches(overlapping, pixels), reference)
 
 
 def test_blocks_the_served_pass_does_not_know_run_their_own_forward(backbone):

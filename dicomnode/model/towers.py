@@ -107,6 +107,37 @@ def serve_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.addmm(proj.bias, hidden, proj.weight.t()).view_as(x).add_(x)
 
 
+def embed_patches(conv: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """Patch tokens (B, patches, width) of `pixels` through the tower's patch convolution.
+
+    Without gradients, a convolution whose stride is its kernel (a ViT's) runs as one matrix
+    product over the image cut into patches: the same sums, and on CUDA in bf16 several times
+    faster than the convolution kernels (a copy to channels-last and a kernel of the previous
+    GPU generation, 8% of a ViT-B/16 pass measured on an H100).
+    """
+    plain = (
+        not torch.is_grad_enabled()
+        and isinstance(conv, nn.Conv2d)
+        and conv.bias is None
+        and conv.groups == 1
+        and conv.padding == (0, 0)
+        and conv.dilation == (1, 1)
+        and conv.kernel_size == conv.stride
+        and pixels.shape[-2] % conv.stride[0] == 0
+        and pixels.shape[-1] % conv.stride[1] == 0
+    )
+    if not plain:
+        x = conv(pixels)
+        return x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+    batch, channels, height, width = pixels.shape
+    ph, pw = conv.kernel_size
+    rows, columns = height // ph, width // pw
+    patches = pixels.reshape(batch, channels, rows, ph, columns, pw).permute(0, 2, 4, 1, 3, 5)
+    patches = patches.reshape(batch * rows * columns, channels * ph * pw)
+    tokens = patches @ conv.weight.reshape(conv.out_channels, -1).t()
+    return tokens.view(batch, rows * columns, conv.out_channels)
+
+
 def _blocks(x: torch.Tensor, transformer: nn.Module, before_block) -> torch.Tensor:
     """Run the resblocks batch-first, calling `before_block(index, x)` ahead of each.
 
@@ -138,8 +169,7 @@ def encode_image(
     to the class token before each block (DPT's zero-initialised vision prompt). Prompt
     tokens are removed before pooling, so an average pool sees patches only.
     """
-    x = visual.conv1(pixels)
-    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+    x = embed_patches(visual.conv1, pixels)
     cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
     x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
     x = visual.patch_dropout(x)
