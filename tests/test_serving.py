@@ -76,6 +76,41 @@ def test_sets_that_leave_the_image_tower_alone_share_one_image_pass(backbone, tm
     assert list(engine.recent_batches) == [(2, 4, 1)]
 
 
+def test_many_batches_in_flight_each_get_their_own_predictions(backbone, tmp_path):
+    """Staging runs ahead of the device: no batch may see another's pixels (buffers in rotation)."""
+    zero = write_prompt_set(tmp_path / "z", spec("z", "zeroshot", backbone), backbone)
+    requests = [_samples(backbone, 3, seed) for seed in range(12)]
+    alone = Engine(backbone, max_batch=3, max_wait_s=0)
+    expected = [_probabilities(alone.predict(zero, samples)) for samples in requests]
+    alone.stop()
+
+    engine = Engine(backbone, max_batch=3, max_wait_s=0)
+    futures = [engine.submit(zero, samples) for samples in requests]
+    got = [_probabilities(future.result(timeout=60)) for future in futures]
+    engine.stop()
+
+    for mine, theirs in zip(got, expected, strict=True):
+        assert np.allclose(mine, theirs, atol=1e-6)
+
+
+def test_a_batch_that_fails_fails_its_requests_and_serving_goes_on(backbone, tmp_path):
+    zero = write_prompt_set(tmp_path / "z", spec("z", "zeroshot", backbone), backbone)
+    engine = Engine(backbone, max_batch=4, max_wait_s=0)
+    good = _samples(backbone, 2, seed=1)
+    wrong_shape = [Sample("1.2.9.1", np.zeros((3, 5, 5), np.float32), np.zeros((1, 1), np.uint8))]
+    with pytest.raises(RuntimeError):
+        engine.predict(zero, wrong_shape)  # fails while staging
+    classifier = engine.classifier(zero)
+    classifier.image_features = lambda pixels: (_ for _ in ()).throw(RuntimeError("device fault"))
+    with pytest.raises(RuntimeError, match="device fault"):
+        engine.predict(zero, good)  # fails on the device side
+    del classifier.image_features
+    assert len(engine.predict(zero, good)) == 2
+    workers = list(engine._workers)
+    engine.stop()
+    assert not any(worker.is_alive() or worker.stager.is_alive() for worker in workers)
+
+
 def test_a_version_in_use_stays_cached_until_its_study_is_done(backbone, tmp_path):
     old = write_prompt_set(tmp_path / "a" / "s", spec("s", "dpt", backbone, section=DPT), backbone, seed=1)
     new = write_prompt_set(tmp_path / "b" / "s", spec("s", "dpt", backbone, section=DPT), backbone, seed=2)
