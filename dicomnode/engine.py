@@ -7,9 +7,11 @@ into one batch, up to `max_batch` images or `max_wait_s` after the first arrived
 leave the image tower untouched (zero-shot, linear probe, DPT without a vision prompt)
 share one pass of the frozen tower; VPT sets run their own prompted pass.
 
-On CUDA: pinned host memory and non-blocking copies, bf16 autocast, `inference_mode`, fused
-attention (PyTorch's scaled-dot-product kernels inside nn.MultiheadAttention), a warm-up
-pass per prompt set at start-up. Each prompt-set version's classifier (its text features,
+On CUDA: a staging thread per device that stacks the next batch into pinned host memory and
+copies it on a stream of its own while the previous batch computes, bf16 weights (or
+autocast), `inference_mode`, the towers' served blocks (fused attention on viewed q/k/v, GELU
+in the GEMM epilogue, patches embedded by one matrix product: `model.towers`), a warm-up pass
+per prompt set at start-up. Each prompt-set version's classifier (its text features,
 prompts, head) is built once per device, cached by the set's sha256, and evicted once no
 study in flight uses it and it is no longer the version served.
 """
