@@ -297,7 +297,7 @@ class Node:
 
     def start(self) -> None:
         """Resume interrupted work, then start receiving, processing and delivering."""
-        recovered = self.spool.recover()
+        recovered = self.spool.recover(self.cfg.studies.quiet_period_s)
         if recovered:
             log.info("resumed %d studies interrupted by the last stop", recovered)
         self.monitor.listen()
