@@ -23,6 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from dicomnode.net.scu import Peer, store
 from tests.conftest import free_port, start_node, start_orthanc, stop_process, wait_until, write_node_config
@@ -122,6 +123,7 @@ def _check_reported_once(study: SentStudy, srs: list[pydicom.Dataset], *, comple
     assert all(content < sent for content in contents if content != sent), "an earlier version, not a part"
 
 
+@pytest.mark.timeout(900)  # minutes on two busy cores: beyond the suite's 300 s
 def test_sigkill_at_random_moments_loses_no_acknowledged_instance_and_reports_each_study_once(
     tmp_path, orthanc, tiny_architecture, tally
 ):

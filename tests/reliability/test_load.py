@@ -15,6 +15,8 @@ import sqlite3
 import threading
 from pathlib import Path
 
+import pytest
+
 from dicomnode.net.scu import Peer, StoreOutcome, store
 from tests.conftest import free_port, start_node, stop_process, wait_until, write_node_config
 from tests.reliability.conftest import assert_no_leak, node_texts, peak_rss_mib, write_study
@@ -32,6 +34,7 @@ def _journal(state: Path, query: str) -> list[tuple]:
         return db.execute(query).fetchall()
 
 
+@pytest.mark.timeout(900)  # minutes on two busy cores: beyond the suite's 300 s
 def test_twenty_concurrent_associations_and_a_study_of_500_are_all_stored_processed_and_delivered(
     tmp_path, orthanc, tiny_architecture, tally
 ):
