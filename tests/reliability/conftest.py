@@ -142,6 +142,15 @@ def write_study(folder: Path, number: int, instances: int = 3, size: int = 64) -
     return SentStudy(study_uid, patient_id, patient_name, tuple(paths), tuple(sops))
 
 
+def study_state(state: Path, study_instance_uid: str) -> str | None:
+    """The study's state in the node's journal (under `state`), None if it holds no such study."""
+    with sqlite3.connect(state / "journal.sqlite", timeout=30) as db:
+        row = db.execute(
+            "SELECT state FROM studies WHERE study_instance_uid=?", (study_instance_uid,)
+        ).fetchone()
+    return row and row[0]
+
+
 def identifiers_of(paths: Iterable[Path]) -> set[str]:
     """Patient names and IDs and instance, series and study UIDs of readable DICOM files."""
     found: set[str] = set()

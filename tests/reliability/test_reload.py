@@ -16,7 +16,6 @@ import re
 import shutil
 import sqlite3
 from contextlib import closing
-from pathlib import Path
 
 import pydicom
 
@@ -33,21 +32,13 @@ from tests.conftest import (
     write_node_config,
 )
 from tests.prompt_sets import VPT_DEEP, spec, write_prompt_set
-from tests.reliability.conftest import SentStudy, assert_no_leak, node_texts, write_study
+from tests.reliability.conftest import SentStudy, assert_no_leak, node_texts, study_state, write_study
 from tests.reliability.test_faults import _check_reported_once, _reports, _settled
 from tests.test_end_to_end import _sr_text
 
 #: Instances of the study in work when the new version arrives: it must not finish before the
 #: test holds it (a second here), so that it is in work for certain.
 IN_WORK = 100
-
-
-def _journal_state(state: Path, study_instance_uid: str) -> str | None:
-    with sqlite3.connect(state / "journal.sqlite", timeout=30) as db:
-        row = db.execute(
-            "SELECT state FROM studies WHERE study_instance_uid=?", (study_instance_uid,)
-        ).fetchone()
-    return row and row[0]
 
 
 def _version_of(sr: pydicom.Dataset, versions: dict[str, str]) -> str:
@@ -105,7 +96,7 @@ def test_a_prompt_set_replaced_mid_run_serves_later_studies_and_a_broken_one_is_
             send(large)
             tag = uid_tag(large.study_instance_uid)
             wait_until(
-                lambda: _journal_state(state, large.study_instance_uid) == "processing",
+                lambda: study_state(state, large.study_instance_uid) == "processing",
                 120,
                 0.02,
                 what="claimed",
@@ -124,7 +115,7 @@ def test_a_prompt_set_replaced_mid_run_serves_later_studies_and_a_broken_one_is_
                 wait_until(
                     lambda: "prompt set cxr reloaded: version 2" in node.log.read_text(), 20, what="reload"
                 )
-                assert _journal_state(state, large.study_instance_uid) == "processing"
+                assert study_state(state, large.study_instance_uid) == "processing"
                 db.execute("ROLLBACK")
             after = [send(write_study(tmp_path / "sent", n)) for n in (602, 603)]
 

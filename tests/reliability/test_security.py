@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import sqlite3
 import stat
 import warnings
 from pathlib import Path
@@ -35,7 +34,7 @@ from tests.conftest import (
     wait_until,
     write_node_config,
 )
-from tests.reliability.conftest import assert_no_leak, node_texts, write_study
+from tests.reliability.conftest import assert_no_leak, node_texts, study_state, write_study
 from tests.reliability.test_hostile import as_sent
 
 #: Values of the UIDs that name the spool's and outbox's files, as a hostile sender writes them.
@@ -117,14 +116,11 @@ def test_uids_that_are_paths_are_refused_and_nothing_is_written_outside_the_stat
         assert outcome.ok, outcome.comment
         tally.acknowledged += 1
 
-        def outcome_of_study() -> str | None:
-            with sqlite3.connect(state / "journal.sqlite", timeout=30) as db:
-                row = db.execute(
-                    "SELECT state FROM studies WHERE study_instance_uid=?", (shell.study_instance_uid,)
-                ).fetchone()
-            return row and row[0] in ("done", "failed", "ignored") and row[0]
+        def finished() -> str | None:
+            outcome = study_state(state, shell.study_instance_uid)
+            return outcome in ("done", "failed", "ignored") and outcome
 
-        assert wait_until(outcome_of_study, 120, what="the study processed") == "done"
+        assert wait_until(finished, 120, what="the study processed") == "done"
 
     with tally.case("hostile UIDs and names: nothing written outside the state, only UID names inside"):
         assert not any(marker.exists() for marker in markers), "a dataset's text ran in a shell"
