@@ -240,6 +240,13 @@ class StudyWorker(threading.Thread):
     def _results_for(self, job: StudyJob) -> ResultSet:
         # The version taken here serves the whole study, even if a reload swaps it meanwhile.
         prompt_set = self.prompt_sets.get(job.prompt_set)
+        log.info(
+            "study %s: processing with prompt set %s version %s sha256 %s",
+            uid_tag(job.study_instance_uid),
+            prompt_set.name,
+            prompt_set.version,
+            prompt_set.sha256[:12],
+        )
         with self.engine.using(prompt_set):
             return self._results_with(job, prompt_set)
 
@@ -297,7 +304,7 @@ class Node:
 
     def start(self) -> None:
         """Resume interrupted work, then start receiving, processing and delivering."""
-        recovered = self.spool.recover()
+        recovered = self.spool.recover(self.cfg.studies.quiet_period_s)
         if recovered:
             log.info("resumed %d studies interrupted by the last stop", recovered)
         self.monitor.listen()

@@ -781,7 +781,7 @@ def test_status_and_requeue_from_a_permissive_shell_leave_the_journal_private(tm
     destination = {"name": "pacs", "host": "127.0.0.1", "port": 104, "ae_title": "PACS"}
     config = write_node_config(tmp_path, tiny_architecture, scp_port=free_port(), destinations=[destination])
     state_dir = state_dir_of(config)
-    with umask(0o077):  # the journal as `dicomnode serve` writes it
+    with umask(0o000):  # private by the journal's own opener and folder modes, not by a umask
         spool = journal_ct_study(
             config,
             "1.2.826.0.1.3680043.8.498.79",
@@ -915,7 +915,7 @@ def test_reprocess_queues_finished_studies_again_and_names_them_only_by_hashed_u
     config = write_node_config(tmp_path, tiny_architecture, scp_port=free_port())
     state_dir = state_dir_of(config)
     done, unknown = "1.2.826.0.1.3680043.8.498.82", "1.2.826.0.1.3680043.8.498.83"
-    with umask(0o077):
+    with umask(0o000):  # private by the journal's own opener, not by a umask
         journal_ct_study(config, done, state="done").close()
 
     with umask(0o022):

@@ -10,6 +10,7 @@ import stat
 
 import dicomnode.durable as durable
 from dicomnode.durable import make_folder_durably, write_durably
+from tests.conftest import umask
 
 
 def _record_folder_syncs(monkeypatch) -> list:
@@ -22,7 +23,8 @@ def _record_folder_syncs(monkeypatch) -> list:
 def test_each_folder_created_is_synced_to_its_parent_and_private(tmp_path, monkeypatch):
     synced = _record_folder_syncs(monkeypatch)
 
-    make_folder_durably(tmp_path / "outbox" / "1.2.3" / "v1")
+    with umask(0o000):  # private by the code's own mode, whatever the umask
+        make_folder_durably(tmp_path / "outbox" / "1.2.3" / "v1")
 
     assert synced == [tmp_path, tmp_path / "outbox", tmp_path / "outbox" / "1.2.3"]
     assert stat.S_IMODE((tmp_path / "outbox" / "1.2.3").stat().st_mode) == 0o700

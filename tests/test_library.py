@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
+from watchdog.events import (
+    DirCreatedEvent,
+    FileClosedEvent,
+    FileClosedNoWriteEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileOpenedEvent,
+)
 
-from dicomnode.model.library import PromptSetLibrary
+from dicomnode.model.library import SETTLE_S, PromptSetLibrary, is_change
 from dicomnode.model.promptset import PromptSet, PromptSetError
 from tests.conftest import REPO, wait_until
 
@@ -136,3 +145,29 @@ def test_a_new_version_folder_is_picked_up_by_refresh(prompts):
     assert library.refresh("cxr")
     assert library.get("cxr").sha256 != before
     assert library.get("cxr").folder.name == "20261125-080000"
+
+
+def test_reading_a_folder_is_no_change_writing_moving_or_creating_one_is():
+    assert not is_change(FileOpenedEvent("/p/cxr/promptset.yaml"))
+    assert not is_change(FileClosedNoWriteEvent("/p/cxr/promptset.yaml"))
+    for event in (
+        FileModifiedEvent("/p/cxr/promptset.yaml"),
+        FileClosedEvent("/p/cxr/promptset.yaml"),
+        FileMovedEvent("/p/.staged", "/p/cxr/2"),
+        DirCreatedEvent("/p/cxr/2"),
+    ):
+        assert is_change(event), event
+
+
+def test_a_broken_version_is_refused_once_not_each_time_the_library_reads_its_folder(prompts, caplog):
+    library = PromptSetLibrary(prompts, ["cxr"])
+    library.watch()
+    try:
+        broken = _version(prompts, "20261125-080000", "0.4")
+        (broken / "promptset.yaml").write_text("name: cxr\n")
+        wait_until(lambda: "not usable" in caplog.text, 15, what="the refusal")
+        # Reading the broken version raised open events in its folder: they must not reload it.
+        time.sleep(6 * SETTLE_S)
+    finally:
+        library.stop()
+    assert caplog.text.count("version in 20261125-080000 not usable") == 1, caplog.text

@@ -30,7 +30,7 @@ from dicomnode.identity import NODE_MANUFACTURER
 from dicomnode.net.scp import start_scp
 from dicomnode.net.scu import Peer, store
 from dicomnode.spool import Spool
-from tests.conftest import dcmtk, free_port, start_orthanc, stop_process, wait_for_port, wait_until
+from tests.conftest import dcmtk, free_port, start_orthanc, stop_process, umask, wait_for_port, wait_until
 
 
 class RecordingSpool(Spool):
@@ -69,7 +69,8 @@ def test_a_large_instance_is_received_into_incoming_and_moved_into_the_spool_not
     spool, port = scp
     sent = write_large_instance(tmp_path / "large.dcm", megabytes=24)
 
-    done = _storescu(port, sent)
+    with umask(0o000):  # the received file is private by the SCP's own opener, whatever the umask
+        done = _storescu(port, sent)
 
     assert done.returncode == 0, done.stderr
     (received, inode), *others = spool.handed

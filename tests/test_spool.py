@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -229,6 +230,21 @@ def test_a_late_instance_after_done_reopens_the_study(spool):
 
     assert spool.study(STUDY).state == "receiving"
     assert _claim(spool).study_instance_uid == STUDY
+
+
+def test_after_a_restart_a_study_waits_a_quiet_period_for_the_resend_of_what_the_stop_cut_off(tmp_path):
+    before = Spool(tmp_path / "var")
+    _store(before, "1.2.3.1")  # part of a study: the stop cut its sender off
+    before.close()
+    restarted_at = time.time() + 3600  # the node was down an hour: the study looks long quiet
+
+    after = Spool(tmp_path / "var")
+    with mock.patch("dicomnode.spool.studies.time.time", return_value=restarted_at):
+        assert after.recover(quiet_period_s=30) == 0
+
+    assert after.claim_quiet_study(30, now=restarted_at + 29) is None, "claimed before a resend"
+    assert after.claim_quiet_study(30, now=restarted_at + 31).study_instance_uid == STUDY
+    after.close()
 
 
 def test_recover_after_a_restart_puts_interrupted_studies_back_in_the_queue(tmp_path):

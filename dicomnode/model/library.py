@@ -14,7 +14,12 @@ import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    EVENT_TYPE_CLOSED_NO_WRITE,
+    EVENT_TYPE_OPENED,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 
 from dicomnode.model.promptset import PROMPTSET_FILE, PromptSet, load_prompt_set
@@ -23,6 +28,16 @@ log = logging.getLogger(__name__)
 
 #: Seconds without a change before a folder is reloaded: editors and copies write in steps.
 SETTLE_S = 0.5
+
+#: Events of reading, not changing: the library's own reading of a folder raises them (watchdog
+#: reports opens on Linux), and reacting would reload it every SETTLE_S for ever, logging a
+#: refused version's reason each time.
+_READS = frozenset({EVENT_TYPE_OPENED, EVENT_TYPE_CLOSED_NO_WRITE})
+
+
+def is_change(event: FileSystemEvent) -> bool:
+    """True for an event that may change what a folder holds (not a mere open or read)."""
+    return event.event_type not in _READS
 
 
 class PromptSetLibrary:
@@ -143,6 +158,8 @@ class PromptSetLibrary:
 
         class _Handler(FileSystemEventHandler):
             def on_any_event(self, event: FileSystemEvent) -> None:
+                if not is_change(event):
+                    return
                 for raw in (event.src_path, getattr(event, "dest_path", "")):
                     if not raw:
                         continue

@@ -46,14 +46,26 @@ class StudyRecord:
 class StudyState(Journal):
     """Studies: claim quiet ones, record outcomes and retries, purge finished ones."""
 
-    def recover(self) -> int:
-        """At start-up, put studies whose processing was interrupted back in the queue."""
+    def recover(self, quiet_period_s: float = 0.0) -> int:
+        """At start-up, put studies whose processing was interrupted back in the queue.
+
+        Every study not yet processed waits `quiet_period_s` from now: while the node was down
+        its senders could not send, so the time it was down says nothing of whether a study is
+        complete. A sender cut off by the stop resends what was not acknowledged; processed
+        before that, the study would be reported on part of its instances, then again (a
+        superseding version) once the rest came in. Returns how many were in processing.
+        """
+        now = time.time()
         with self._transaction() as db:
             cursor = db.execute(
-                "UPDATE studies SET state='receiving', updated_at=? WHERE state='processing'",
-                (time.time(),),
+                "UPDATE studies SET state='receiving', updated_at=? WHERE state='processing'", (now,)
             )
-            return cursor.rowcount
+            recovered = cursor.rowcount
+            db.execute(
+                "UPDATE studies SET not_before=max(not_before, ?) WHERE state='receiving'",
+                (now + quiet_period_s,),
+            )
+            return recovered
 
     def claim_quiet_study(self, quiet_period_s: float, now: float | None = None) -> StudyRecord | None:
         """Take the oldest study that has been quiet long enough, marking it processing."""

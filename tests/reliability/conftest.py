@@ -32,13 +32,15 @@ _MIN_LEAK_UID_LENGTH = 20
 
 @dataclass
 class Tally:
-    """Cases tried and passed, instances acknowledged and lost, over the whole run."""
+    """Cases tried and passed, instances acknowledged and lost, over the whole run; the peak
+    memory of the node under hostile input, and of the node with its imaging processes under load."""
 
     tried: int = 0
     passed: int = 0
     acknowledged: int = 0
     lost: int = 0
     peak_rss_mib: float = 0.0
+    load_peak_rss_mib: float = 0.0
     failures: list[str] = field(default_factory=list)
 
     @contextmanager
@@ -72,11 +74,40 @@ def pytest_terminal_summary(terminalreporter) -> None:
     ]
     if _TALLY.peak_rss_mib:
         rows.append(("node peak RSS (MiB)", round(_TALLY.peak_rss_mib)))
+    if _TALLY.load_peak_rss_mib:
+        rows.append(("load peak RSS (MiB)", round(_TALLY.load_peak_rss_mib)))
     terminalreporter.section("reliability")
     for label, value in rows:
         terminalreporter.write_line(f"{label:<24}{value:>8}")
     for name in _TALLY.failures:
         terminalreporter.write_line(f"failed: {name}")
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def peak_rss_mib(pid: int, children: bool = False) -> float:
+    """The process's peak resident memory (VmHWM); with `children`, plus that of each process
+    it started that still runs, recursively (the imaging processes): a bound on the peak of all."""
+    total = _status_kib(pid, "VmHWM")
+    if children:
+        for child in _children(pid):
+            try:
+                total += peak_rss_mib(child, children=True) * 1024
+            except (FileNotFoundError, ProcessLookupError):  # it ended meanwhile
+                continue
+    return total / 1024
 
 
 @dataclass(frozen=True)
@@ -109,6 +140,15 @@ def write_study(folder: Path, number: int, instances: int = 3, size: int = 64) -
         paths.append(path)
         sops.append(str(ds.SOPInstanceUID))
     return SentStudy(study_uid, patient_id, patient_name, tuple(paths), tuple(sops))
+
+
+def study_state(state: Path, study_instance_uid: str) -> str | None:
+    """The study's state in the node's journal (under `state`), None if it holds no such study."""
+    with sqlite3.connect(state / "journal.sqlite", timeout=30) as db:
+        row = db.execute(
+            "SELECT state FROM studies WHERE study_instance_uid=?", (study_instance_uid,)
+        ).fetchone()
+    return row and row[0]
 
 
 def identifiers_of(paths: Iterable[Path]) -> set[str]:

@@ -45,20 +45,13 @@ from dicomnode.bench.receive import write_large_instance
 from dicomnode.net.scu import AssociationFailed, Peer, store
 from dicomnode.spool import is_valid_uid
 from tests.conftest import RunningNode, free_port, start_node, stop_process, wait_until, write_node_config
-from tests.reliability.conftest import assert_no_leak, identifiers_of, node_texts, write_study
+from tests.reliability.conftest import assert_no_leak, identifiers_of, node_texts, peak_rss_mib, write_study
 
 #: Peak resident memory the node may reach over the whole module (the tiny backbone, torch,
 #: two imaging processes are separate): a 65535 x 65535 image decoded would need 8 GiB.
 MAX_PEAK_RSS_MIB = 1536
 TIMEOUT_S = 2.0
 CALLER = "FUZZER"
-
-
-def _peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM in /proc status")
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +276,7 @@ def test_fuzzed_datasets_get_an_answer_and_the_node_stays_up_with_memory_bounded
     node, folder = hostile
     study = write_study(folder / "templates", 90000, instances=1, size=128)
     template = pydicom.dcmread(study.paths[0])
-    baseline = _peak_rss_mib(node.process.pid)
+    baseline = peak_rss_mib(node.process.pid)
     count = iter(range(1_000_000))
 
     @settings(
@@ -311,7 +304,7 @@ def test_fuzzed_datasets_get_an_answer_and_the_node_stays_up_with_memory_bounded
     with tally.case("the node settles every fuzzed study, memory bounded, no patient data in its texts"):
         _settle(node)
         _alive(node)
-        peak = _peak_rss_mib(node.process.pid)
+        peak = peak_rss_mib(node.process.pid)
         tally.peak_rss_mib = max(tally.peak_rss_mib, peak)
         assert peak < MAX_PEAK_RSS_MIB, f"peak RSS {peak:.0f} MiB (at start of fuzzing {baseline:.0f})"
         assert_no_leak(node_texts(node), study.identifiers)
@@ -378,7 +371,7 @@ def test_wrong_called_ae_and_unknown_caller_are_rejected_with_the_reason_in_the_
 
 def test_a_pdu_larger_than_negotiated_and_a_pdu_claiming_four_gigabytes_end_the_association(hostile, tally):
     node, _ = hostile
-    baseline = _peak_rss_mib(node.process.pid)
+    baseline = peak_rss_mib(node.process.pid)
     with tally.case("P-DATA PDU of 4 MiB after a maximum of 128 KiB was negotiated"):
         assoc = _association(node)
         assert assoc.is_established
@@ -405,7 +398,7 @@ def test_a_pdu_larger_than_negotiated_and_a_pdu_claiming_four_gigabytes_end_the_
                 raw.sendall(chunk)
         wait_until(lambda: not assoc.is_established, 3 * TIMEOUT_S + 5, what="association ended")
         _alive(node)
-    grown = _peak_rss_mib(node.process.pid) - baseline
+    grown = peak_rss_mib(node.process.pid) - baseline
     assert grown < 64, f"peak memory grew by {grown:.0f} MiB while reading oversized PDUs"
 
 
