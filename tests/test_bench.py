@@ -61,6 +61,7 @@ def test_bench_infer_times_every_method_against_the_backbone_of_the_same_run(tmp
     rows = {row["method"]: row for row in document["results"]}
     assert list(rows) == [
         "backbone",
+        "tower",
         "zeroshot",
         "linear-probe",
         "vpt-shallow",
@@ -73,6 +74,8 @@ def test_bench_infer_times_every_method_against_the_backbone_of_the_same_run(tmp
         assert row["batch"] == 2 and row["images_per_s"] > 0 and row["p95_ms"] >= row["p50_ms"] > 0
         assert row["ratio_to_backbone"] == row["images_per_s"] / rows["backbone"]["images_per_s"]
     assert rows["vpt-deep"]["learned_parameters"] > rows["vpt-shallow"]["learned_parameters"] > 0
+    # The served tower is open_clip's on the CPU: the same probabilities within float rounding.
+    assert 0 <= document["served_tower_max_probability_difference"] < 1e-4
 
 
 def test_bench_train_compares_each_method_with_full_fine_tuning(tmp_path, tiny_architecture):
