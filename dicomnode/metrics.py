@@ -204,11 +204,17 @@ class _JournalAndHealth(Collector):
         stuck = GaugeMetricFamily(
             "dicomnode_stage_stuck", "1 when the stage is stuck past alerts.stuck_after_s", labels=["stage"]
         )
+        stage_dead = GaugeMetricFamily(
+            "dicomnode_stage_dead", "1 when the stage's thread ended while the node runs", labels=["stage"]
+        )
+        ended = set(m.liveness.dead())
         for name, seconds in sorted(m.liveness.busy().items()):
             busy.add_metric([name], seconds)
             stuck.add_metric([name], float(seconds > m.liveness.stuck_after_s))
+            stage_dead.add_metric([name], float(name in ended))
         yield busy
         yield stuck
+        yield stage_dead
         unreachable = m.unreachable.unreachable()
         gauge = GaugeMetricFamily(
             "dicomnode_destination_unreachable",

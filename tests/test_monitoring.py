@@ -435,6 +435,73 @@ def test_a_metrics_port_in_use_stops_the_start_naming_the_key_and_address(tmp_pa
     assert f"cannot start: metrics endpoint cannot listen on 127.0.0.1:{metrics_port}: " in run.stderr
 
 
+class Fatal(BaseException):
+    """An error no stage's loop catches (they catch Exception): the thread dies for real."""
+
+
+@pytest.mark.parametrize(
+    ("stage", "journal_call"), [("studies-0", "claim_quiet_study"), ("outbox-pacs", "next_delivery")]
+)
+def test_a_stage_whose_thread_dies_fails_healthz_withholds_the_pings_and_is_named_in_error_lines(
+    stage, journal_call, tmp_path, tiny_architecture, notify, caplog, monkeypatch
+):
+    from dicomnode.config import load_config
+    from dicomnode.node import Node
+    from dicomnode.spool import Spool
+
+    pacs = {"name": "pacs", "host": "127.0.0.1", "port": free_port(), "ae_title": "PACS"}
+    config = write_node_config(
+        tmp_path,
+        tiny_architecture,
+        scp_port=free_port(),
+        destinations=[pacs],
+        studies={"workers": 1, "imaging_processes": 0},
+    )
+    cfg = load_config(config)
+    url = f"http://{cfg.metrics.host}:{cfg.metrics.port}"
+    # The stage's loop calls the journal every poll; once armed, that call raises in its thread.
+    armed = threading.Event()
+    original = getattr(Spool, journal_call)
+
+    def dies_when_armed(self, *args, **kwargs):
+        if armed.is_set():
+            raise Fatal("injected")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Spool, journal_call, dies_when_armed)
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)  # the node sets its own
+    caplog.set_level(logging.INFO, logger="dicomnode")
+    notifier = SystemdNotifier.from_environment({"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000"})
+    node = Node(cfg, notifier)
+    node.start()
+    try:
+        wait_until(lambda: notify.received("WATCHDOG", "1"), 30, what="the first ping")
+        assert healthz(url).status_code == 200
+
+        armed.set()
+        text = wait_until(lambda: (r := healthz(url)).status_code == 503 and r.text, 30, what="503")
+        assert text == (f"stage {stage} is dead: its thread ended with an error (logged); restart the node\n")
+        wait_until(lambda: f"dead: {stage}" in notify.statuses(), 10, what="the dead stage's status")
+        dead_at = time.monotonic()
+        time.sleep(2.5)
+        assert notify.received("WATCHDOG", "1", since=dead_at) == [], "pings withheld: systemd restarts"
+        samples = scrape(url)
+        assert value(samples, "dicomnode_stage_dead", stage=stage) == 1
+        stages = {dict(labels)["stage"] for name, labels in samples if name == "dicomnode_stage_dead"}
+        assert {"scp", "inference-cpu", "studies-0", "outbox-pacs"} <= stages
+        assert all(value(samples, "dicomnode_stage_dead", stage=other) == 0 for other in stages - {stage})
+        assert value(samples, "dicomnode_healthy") == 0
+
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert errors[0].startswith(f"ALERT thread {stage} died: Fatal at test_monitoring.py:"), errors
+        assert "injected" not in errors[0], "the error's text is withheld: it may quote patient data"
+        assert errors[1].startswith(f"ALERT stage dead: {stage}, its thread ended"), errors
+        assert len(errors) == 2, "each said once"
+    finally:
+        node.stop()
+    assert [r for r in caplog.records if r.levelname == "ERROR"][2:] == [], "a stop kills no stage"
+
+
 # -- the systemd units --------------------------------------------------------------------------
 
 
