@@ -64,6 +64,7 @@ class Monitor:
         self.metrics.watch_scp(scp)
         self.liveness.track([scp_heartbeat, *engine.heartbeats.values()])
         engine.observe_batch = self.metrics.batch_done
+        self.metrics.watch_gpus(engine.devices)
         for worker in workers:
             worker.heartbeat.thread = worker  # dead even if it dies before its first step
             self.liveness.track([worker.heartbeat])

@@ -271,6 +271,82 @@ def test_the_watchdog_pings_only_while_nothing_is_stuck_and_logs_each_stuck_stag
     notifier.close()
 
 
+def _node_metrics(tmp_path):
+    from dicomnode.health import DiskFloor
+    from dicomnode.metrics import NodeMetrics
+    from dicomnode.spool import Spool
+
+    spool = Spool(tmp_path / "var", min_free_bytes=0)
+    return NodeMetrics(spool, Liveness(10), DiskFloor(spool.instances_dir, 0), Unreachable([], 60))
+
+
+def _gpu_samples(metrics) -> dict:
+    from prometheus_client import generate_latest
+
+    text = generate_latest(metrics.registry).decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("dicomnode_gpu_")
+    }
+
+
+@pytest.mark.parametrize(
+    ("device", "reason"),
+    [
+        ("cpu", "the engine runs on no CUDA device"),
+        ("cuda:0", "nvidia-ml-py is not installed (pip install 'dicomnode[gpu]')"),
+    ],
+)
+def test_without_a_cuda_device_or_nvml_there_are_no_gpu_gauges_and_one_line_says_why(
+    device, reason, tmp_path, caplog, monkeypatch
+):
+    import sys
+
+    import torch
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # as without the gpu extra: import fails
+    caplog.set_level(logging.INFO, logger="dicomnode.metrics")
+    metrics = _node_metrics(tmp_path)
+
+    gauges = metrics.watch_gpus([torch.device(device)])
+
+    assert gauges.reason == reason
+    assert _gpu_samples(metrics) == {}
+    assert [r.getMessage() for r in caplog.records] == [f"no GPU gauges in /metrics: {reason}"]
+    metrics.spool.close()
+
+
+def test_with_cuda_and_nvml_each_gpu_has_utilisation_and_memory_gauges(tmp_path):
+    import torch
+
+    pynvml = pytest.importorskip("pynvml", reason="the gpu extra (nvidia-ml-py) is not installed")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    metrics = _node_metrics(tmp_path)
+    device = torch.device("cuda:0")
+    held = torch.empty(64 << 20, dtype=torch.uint8, device=device)
+
+    assert metrics.watch_gpus([torch.device("cpu"), device]).reason is None
+    samples = _gpu_samples(metrics)
+
+    label = (("device", "cuda:0"),)
+    assert 0 <= samples[("dicomnode_gpu_utilization_ratio", label)] <= 1
+    total = samples[("dicomnode_gpu_memory_total_bytes", label)]
+    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+    assert total == pynvml.nvmlDeviceGetMemoryInfo(handle).total
+    assert held.numel() <= samples[("dicomnode_gpu_memory_allocated_bytes", label)]
+    assert held.numel() <= samples[("dicomnode_gpu_memory_used_bytes", label)] <= total
+    assert {name for name, labels in samples} == {
+        "dicomnode_gpu_utilization_ratio",
+        "dicomnode_gpu_memory_used_bytes",
+        "dicomnode_gpu_memory_total_bytes",
+        "dicomnode_gpu_memory_allocated_bytes",
+    }
+    metrics.spool.close()
+
+
 # -- the node, as a process ---------------------------------------------------------------------
 
 
