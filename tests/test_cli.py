@@ -219,11 +219,13 @@ def test_config_reads_the_file_named_by_dicomnode_config_variable(node_config, t
     assert outcome.stdout.startswith(f"{node_config}: valid")
 
 
-def test_config_outside_a_checkout_without_option_fails_naming_the_missing_default(tmp_path):
+def test_config_without_option_elsewhere_checks_the_embedded_default_and_says_so(tmp_path):
     outcome = cli_process("config", cwd=tmp_path)
 
-    assert outcome.exit_code == 2
-    assert "conf/dicomnode.yaml: cannot read configuration" in outcome.stderr
+    assert outcome.exit_code == 0, outcome.stderr
+    embedded = REPO / "conf" / "dicomnode.yaml"
+    assert f"no conf/dicomnode.yaml here: using the embedded default {embedded}" in outcome.stderr
+    assert outcome.stdout.startswith(f"{embedded}: valid; ")
 
 
 def test_config_error_exits_2_naming_file_and_key(node_config):
