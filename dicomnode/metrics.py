@@ -241,13 +241,13 @@ class GpuGauges(Collector):
     """Utilisation and memory of the GPUs the engine runs on, read at scrape time.
 
     torch reads utilisation through NVML, which the `gpu` extra installs (nvidia-ml-py); without
-    CUDA devices, or without NVML, there are no GPU gauges and one INFO line says why.
+    CUDA devices there are no GPU gauges; without NVML neither, and one INFO line says why.
     """
 
     def __init__(self, devices: Sequence[torch.device]) -> None:
         self.devices = [d for d in devices if d.type == "cuda"]
         self.reason = self._unavailable()
-        if self.reason is not None:
+        if self.reason is not None and self.devices:  # a CPU node has nothing to explain
             log.info("no GPU gauges in /metrics: %s", self.reason)
 
     def _unavailable(self) -> str | None:
