@@ -453,9 +453,13 @@ def check_config(config: ConfigOption = DEFAULT_CONFIG) -> None:
     if problems:
         typer.echo("configuration error:\n" + "\n".join(problems), err=True)
         raise typer.Exit(2)
-    demo = "" if cfg.model.checkpoint else " (no checkpoint: DEMO model, no clinical meaning)"
+    weights = (
+        f" from {cfg.model.checkpoint} (sha256 {engine.backbone.sha256})"
+        if cfg.model.checkpoint
+        else " (no checkpoint: DEMO model, no clinical meaning)"
+    )
     rules = len(routing.rules)
-    typer.echo(f"{cfg.source}: valid; {rules} routing rules; model {cfg.model.architecture}{demo}")
+    typer.echo(f"{cfg.source}: valid; {rules} routing rules; model {cfg.model.architecture}{weights}")
     for line in describe(classifiers):
         typer.echo(f"  prompt set {line}")
     for line in tls:
