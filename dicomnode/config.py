@@ -187,8 +187,8 @@ class ModelConfig(_Strict):
 
 class Secret(_Strict):
     """A password or token: written in the configuration (`value`), or read at start-up from a
-    file (`file`, e.g. a systemd credential) or an environment variable (`env`). Never logged,
-    never shown back in an error."""
+    file (`file`; read again whenever it changes) or an environment variable (`env`). Never
+    logged, never shown back in an error."""
 
     value: SecretStr | None = None
     file: Path | None = None
