@@ -511,11 +511,18 @@ def train_command(
             f"--nproc-per-node={nproc_per_node}",
         ]
         raise typer.Exit(subprocess.call([*command, "-m", "dicomnode", *args]))
-    from dicomnode.config import read_validated
+    from dicomnode.config import inside_installed_package, read_validated
     from dicomnode.train.loop import TrainingConfig
     from dicomnode.train.run import TrainingError, run
 
     cfg = _config(config)
+    if out is None and inside_installed_package(cfg.prompts_dir):
+        typer.echo(
+            f"cannot train: prompts_dir {cfg.prompts_dir} is inside the installed package, no place for"
+            " learned versions: copy it to a folder of your own and name that as prompts_dir, or give --out",
+            err=True,
+        )
+        raise typer.Exit(2)
     try:
         training = read_validated(train_config, TrainingConfig) if train_config else TrainingConfig()
         given = (("method", method), ("shots", shots), ("epochs", epochs), ("base_classes", base_classes))

@@ -43,6 +43,11 @@ def shipped(folder: str) -> Path:
     return (_INSTALLED if _INSTALLED.is_dir() else _PACKAGE.parent) / folder
 
 
+def inside_installed_package(path: Path) -> bool:
+    """Whether `path` lies inside the installed package, where nothing should be written."""
+    return path.resolve().is_relative_to(_INSTALLED)
+
+
 def default_config() -> Path:
     """The configuration to use when none is named: conf/dicomnode.yaml of the working directory
     when there is one, else the embedded default shipped with dicomnode."""
@@ -604,7 +609,7 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> NodeCon
         raise _explain(path, exc, content, origins) from None
     base = path.resolve().parent
     state_dir = _resolve(base, cfg.state_dir)
-    if base.is_relative_to(_INSTALLED) and not any(keys == ("state_dir",) for keys, _ in overrides.values()):
+    if inside_installed_package(base) and not any(keys == ("state_dir",) for keys, _ in overrides.values()):
         state_dir = Path.cwd() / "var"
     model = cfg.model.model_copy(
         update={

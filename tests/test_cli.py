@@ -239,8 +239,12 @@ def test_config_reads_the_file_named_by_dicomnode_config_variable(node_config, t
     assert outcome.stdout.startswith(f"{node_config}: valid")
 
 
-def test_config_without_option_elsewhere_checks_the_embedded_default_and_says_so(tmp_path):
-    outcome = cli_process("config", cwd=tmp_path)
+def test_config_without_option_elsewhere_checks_the_embedded_default_and_says_so(tmp_path, tiny_architecture):
+    tiny = {
+        "DICOMNODE_MODEL__ARCHITECTURE": tiny_architecture.stem,
+        "DICOMNODE_MODEL__ARCHITECTURE_CONFIG": str(tiny_architecture),
+    }
+    outcome = cli_process("config", cwd=tmp_path, env=tiny)
 
     assert outcome.exit_code == 0, outcome.stderr
     embedded = REPO / "conf" / "dicomnode.yaml"

@@ -126,6 +126,15 @@ def test_the_unpacked_wheel_checks_and_serves_its_embedded_default_from_any_fold
     for prompt_set in ("cxr", "oct", "pathology"):
         assert f"prompt set {prompt_set} " in checked.stdout
 
+    data = tmp_path / "cxr14"
+    data.mkdir()
+    trained = dicomnode("train", "--modality", "cxr", "--data", str(data))
+    assert trained.returncode == 2, trained.stderr
+    assert (
+        f"prompts_dir {site / 'dicomnode' / 'shipped' / 'prompts'} is inside the installed package"
+        in trained.stderr
+    )
+
     log = tmp_path / "serve.out"
     with open(log, "wb") as out:
         command = [sys.executable, "-m", "dicomnode", "serve"]
