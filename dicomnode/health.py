@@ -9,9 +9,9 @@ will never move again.
 
 The `Watchdog` thread looks every second: while no stage is stuck or dead it pings systemd's
 watchdog (WATCHDOG=1); a stuck or dead stage withholds the pings, with one ERROR line naming it,
-so systemd restarts a node that can no longer make progress. It also raises the alert for destinations
-that accepted nothing for `alerts.unreachable_after_s`, once per outage. /healthz (metrics.py)
-fails on a stuck stage and on free space below the SCP's floor.
+so systemd restarts a node that can no longer make progress. It also raises the alert for
+destinations that accepted nothing for `alerts.unreachable_after_s`, once per outage. /healthz
+(metrics.py) fails on a stuck or dead stage and on free space below the SCP's floor.
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ class Heartbeat:
         self._clock = clock
         self._last_beat = clock()
         self._step_started: float | None = None
-
         #: The thread that runs the stage: set when it is known before it starts, else by its
         #: first beat or step (the stage is the thread that beats it).
         self.thread: threading.Thread | None = None
