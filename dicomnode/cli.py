@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from dicomnode.config import DEFAULT_CONFIG, ConfigError, load_config, load_routing
+from dicomnode.config import DEFAULT_CONFIG, ConfigError, default_config, load_config, load_routing
 
 # Tracebacks never show local variables: they could hold patient data.
 app = typer.Typer(
@@ -58,6 +58,11 @@ def _peer(host: str, port: int, aec: str, timeout: float, ca: Path | None, certi
 
 
 def _config(path: Path):
+    """The configuration at `path`; without --config and $DICOMNODE_CONFIG outside a folder holding
+    conf/dicomnode.yaml, the embedded default shipped with dicomnode (saying so on stderr)."""
+    if path == DEFAULT_CONFIG and not path.is_file():
+        path = default_config()
+        typer.echo(f"no {DEFAULT_CONFIG} here: using the embedded default {path}", err=True)
     try:
         return load_config(path)
     except ConfigError as exc:
@@ -342,7 +347,7 @@ def requeue(
         raise typer.Exit(2)
     if destination is not None and destination not in known:
         typer.echo(
-            f"no destination {destination!r} in {config} (known: {', '.join(sorted(known))})", err=True
+            f"no destination {destination!r} in {cfg.source} (known: {', '.join(sorted(known))})", err=True
         )
         raise typer.Exit(2)
     if not (cfg.state_dir / "journal.sqlite").exists():
@@ -448,8 +453,13 @@ def check_config(config: ConfigOption = DEFAULT_CONFIG) -> None:
     if problems:
         typer.echo("configuration error:\n" + "\n".join(problems), err=True)
         raise typer.Exit(2)
-    demo = "" if cfg.model.checkpoint else " (no checkpoint: DEMO model, no clinical meaning)"
-    typer.echo(f"{config}: valid; {len(routing.rules)} routing rules; model {cfg.model.architecture}{demo}")
+    weights = (
+        f" from {cfg.model.checkpoint} (sha256 {engine.backbone.sha256})"
+        if cfg.model.checkpoint
+        else " (no checkpoint: DEMO model, no clinical meaning)"
+    )
+    rules = len(routing.rules)
+    typer.echo(f"{cfg.source}: valid; {rules} routing rules; model {cfg.model.architecture}{weights}")
     for line in describe(classifiers):
         typer.echo(f"  prompt set {line}")
     for line in tls:
@@ -501,11 +511,18 @@ def train_command(
             f"--nproc-per-node={nproc_per_node}",
         ]
         raise typer.Exit(subprocess.call([*command, "-m", "dicomnode", *args]))
-    from dicomnode.config import read_validated
+    from dicomnode.config import inside_installed_package, read_validated
     from dicomnode.train.loop import TrainingConfig
     from dicomnode.train.run import TrainingError, run
 
     cfg = _config(config)
+    if out is None and inside_installed_package(cfg.prompts_dir):
+        typer.echo(
+            f"cannot train: prompts_dir {cfg.prompts_dir} is inside the installed package, no place for"
+            " learned versions: copy it to a folder of your own and name that as prompts_dir, or give --out",
+            err=True,
+        )
+        raise typer.Exit(2)
     try:
         training = read_validated(train_config, TrainingConfig) if train_config else TrainingConfig()
         given = (("method", method), ("shots", shots), ("epochs", epochs), ("base_classes", base_classes))

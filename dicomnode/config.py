@@ -32,6 +32,28 @@ from dicomnode.environment import VariableError, apply, environment_overrides
 
 DEFAULT_CONFIG = Path("conf/dicomnode.yaml")
 
+_PACKAGE = Path(__file__).resolve().parent
+#: Where an installed package keeps conf/, prompts/ and systemd/ (pyproject.toml maps them there).
+_INSTALLED = _PACKAGE / "shipped"
+
+
+def shipped(folder: str) -> Path:
+    """A folder shipped with dicomnode (conf, prompts, systemd): the checkout's when dicomnode
+    runs from one, else the copy inside the installed package."""
+    return (_INSTALLED if _INSTALLED.is_dir() else _PACKAGE.parent) / folder
+
+
+def inside_installed_package(path: Path) -> bool:
+    """Whether `path` lies inside the installed package, where nothing should be written."""
+    return path.resolve().is_relative_to(_INSTALLED)
+
+
+def default_config() -> Path:
+    """The configuration to use when none is named: conf/dicomnode.yaml of the working directory
+    when there is one, else the embedded default shipped with dicomnode."""
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else shipped("conf") / "dicomnode.yaml"
+
+
 AETitle = Annotated[
     str,
     Field(
@@ -170,8 +192,8 @@ class ModelConfig(_Strict):
 
 class Secret(_Strict):
     """A password or token: written in the configuration (`value`), or read at start-up from a
-    file (`file`, e.g. a systemd credential) or an environment variable (`env`). Never logged,
-    never shown back in an error."""
+    file (`file`; read again whenever it changes) or an environment variable (`env`). Never
+    logged, never shown back in an error."""
 
     value: SecretStr | None = None
     file: Path | None = None
@@ -566,7 +588,12 @@ def parse_validated(
 
 def load_config(path: Path, environ: Mapping[str, str] | None = None) -> NodeConfig:
     """Read and validate dicomnode.yaml with the DICOMNODE_* overrides of `environ` (the process's
-    environment by default); relative paths become absolute against the file's folder."""
+    environment by default); relative paths become absolute against the file's folder.
+
+    A file inside the installed package (its embedded default) keeps its state in ./var of the
+    working directory, unless a variable sets state_dir: the package's folder is no place for
+    patient data, and may not be writable.
+    """
     path = Path(path)
     content = _parse_yaml(path, read_bytes(path, "configuration"))
     try:
@@ -581,6 +608,9 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> NodeCon
         origins = {".".join(map(str, keys)): name for name, (keys, _) in overrides.items()}
         raise _explain(path, exc, content, origins) from None
     base = path.resolve().parent
+    state_dir = _resolve(base, cfg.state_dir)
+    if inside_installed_package(base) and not any(keys == ("state_dir",) for keys, _ in overrides.values()):
+        state_dir = Path.cwd() / "var"
     model = cfg.model.model_copy(
         update={
             "architecture_config": _resolve(base, cfg.model.architecture_config),
@@ -595,7 +625,7 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> NodeCon
             raise ConfigError(f"{path}: {key}: file {value} does not exist")
     return cfg.model_copy(
         update={
-            "state_dir": _resolve(base, cfg.state_dir),
+            "state_dir": state_dir,
             "prompts_dir": _resolve(base, cfg.prompts_dir),
             "routing": _resolve(base, cfg.routing),
             "model": model,

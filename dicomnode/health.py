@@ -3,13 +3,15 @@
 Each stage (the SCP's accept loop, the study workers, the destination workers, one inference
 worker per device) keeps a `Heartbeat`: a step of work is timed from its start, so a stage is stuck
 when one step has lasted longer than `alerts.stuck_after_s`. A stage waiting for work is idle,
-never stuck. The SCP's accept loop always has work: it is stuck when it stops going round.
+never stuck. The SCP's accept loop always has work: it is stuck when it stops going round. A
+stage whose thread has ended while the node runs (an error its loop did not catch) is dead: it
+will never move again.
 
-The `Watchdog` thread looks every second: while no stage is stuck it pings systemd's watchdog
-(WATCHDOG=1); a stuck stage withholds the pings, with one ERROR line naming it, so systemd
-restarts a node that can no longer make progress. It also raises the alert for destinations
-that accepted nothing for `alerts.unreachable_after_s`, once per outage. /healthz (metrics.py)
-fails on a stuck stage and on free space below the SCP's floor.
+The `Watchdog` thread looks every second: while no stage is stuck or dead it pings systemd's
+watchdog (WATCHDOG=1); a stuck or dead stage withholds the pings, with one ERROR line naming it,
+so systemd restarts a node that can no longer make progress. It also raises the alert for
+destinations that accepted nothing for `alerts.unreachable_after_s`, once per outage. /healthz
+(metrics.py) fails on a stuck or dead stage and on free space below the SCP's floor.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dicomnode.notify import SystemdNotifier
+from dicomnode.privacy import where_raised
 
 if TYPE_CHECKING:
     from pynetdicom.transport import ThreadedAssociationServer
@@ -43,14 +46,19 @@ class Heartbeat:
         self._clock = clock
         self._last_beat = clock()
         self._step_started: float | None = None
+        #: The thread that runs the stage: set when it is known before it starts, else by its
+        #: first beat or step (the stage is the thread that beats it).
+        self.thread: threading.Thread | None = None
 
     def beat(self) -> None:
         """The stage went round its loop."""
         self._last_beat = self._clock()
+        self.thread = self.thread or threading.current_thread()
 
     @contextmanager
     def step(self) -> Iterator[None]:
         """A step of work: from here until it ends, the stage is busy (and may become stuck)."""
+        self.thread = self.thread or threading.current_thread()
         self._step_started = self._clock()
         try:
             yield
@@ -65,6 +73,11 @@ class Heartbeat:
             return max(now - self._last_beat, 0.0)
         started = self._step_started  # read once: the stage's thread may end the step meanwhile
         return 0.0 if started is None else max(now - started, 0.0)
+
+    def dead(self) -> bool:
+        """Whether the stage's thread ran and has ended."""
+        thread = self.thread
+        return thread is not None and thread.ident is not None and not thread.is_alive()
 
 
 def beat_on_accept_loop(server: ThreadedAssociationServer, stage: Heartbeat) -> None:
@@ -86,6 +99,8 @@ class Liveness:
         self.stuck_after_s = stuck_after_s
         self.stages: list[Heartbeat] = []
         self._lock = threading.Lock()
+        #: Set when the node stops: its stages' threads then end as they should.
+        self.stopping = threading.Event()
 
     def track(self, stages: Sequence[Heartbeat]) -> None:
         """Watch these stages from now on."""
@@ -101,6 +116,14 @@ class Liveness:
     def stuck(self) -> dict[str, float]:
         """The stages stuck in one step for longer than the limit, and for how long."""
         return {name: busy for name, busy in self.busy().items() if busy > self.stuck_after_s}
+
+    def dead(self) -> list[str]:
+        """The stages whose thread ended while the node runs, by name."""
+        if self.stopping.is_set():
+            return []
+        with self._lock:
+            stages = list(self.stages)
+        return sorted(stage.name for stage in stages if stage.dead())
 
 
 class DiskFloor:
@@ -128,6 +151,10 @@ class DiskFloor:
 def problems(liveness: Liveness, disk: DiskFloor) -> list[str]:
     """Everything that makes the node unhealthy now, each a sentence naming the stage or the disk."""
     found = [
+        f"stage {name} is dead: its thread ended with an error (logged); restart the node"
+        for name in liveness.dead()
+    ]
+    found += [
         f"stage {name} stuck in one step for {busy:.0f} s (alerts.stuck_after_s {liveness.stuck_after_s:g})"
         for name, busy in sorted(liveness.stuck().items())
     ]
@@ -188,8 +215,18 @@ class Unreachable:
             )
 
 
+def log_thread_death(args: threading.ExceptHookArgs) -> None:
+    """threading.excepthook: a thread's uncaught error as one ERROR line naming the thread (the
+    stage), with the places it passed through but not its text, which may quote patient data
+    (Python's own hook prints the whole message to stderr)."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "unknown"
+    log.error("ALERT thread %s died: %s", name, where_raised(args.exc_value))
+
+
 class Watchdog(threading.Thread):
-    """Pings systemd's watchdog while no stage is stuck, and raises the alerts; every second."""
+    """Pings systemd's watchdog while no stage is stuck or dead, and raises the alerts; every second."""
 
     def __init__(
         self,
@@ -207,6 +244,7 @@ class Watchdog(threading.Thread):
         # Never slower than half the watchdog timeout, whatever systemd was told.
         self.interval_s = min(interval_s, notifier.watchdog_interval_s or interval_s)
         self._stuck: set[str] = set()
+        self._dead: set[str] = set()
 
     def run(self) -> None:
         while True:
@@ -218,7 +256,15 @@ class Watchdog(threading.Thread):
                 return
 
     def tick(self) -> None:
-        """One look: ping or withhold the ping, log each stage that sticks or moves again, alert."""
+        """One look: ping or withhold the ping, log each stage that sticks, moves again or dies, alert."""
+        dead = self.liveness.dead()
+        for name in sorted(set(dead) - self._dead):
+            log.error(
+                "ALERT stage dead: %s, its thread ended; systemd watchdog pings withheld "
+                "so that the node is restarted",
+                name,
+            )
+        self._dead = set(dead)
         stuck = self.liveness.stuck()
         for name in sorted(set(stuck) - self._stuck):
             log.error(
@@ -230,11 +276,14 @@ class Watchdog(threading.Thread):
             )
         for name in sorted(self._stuck - set(stuck)):
             log.warning("stage %s moving again", name)
-        if stuck:
-            said = ", ".join(f"{name} for {busy:.0f} s" for name, busy in sorted(stuck.items()))
-            self.notifier.status(f"stuck: {said}")
+        if stuck or dead:
+            said = [f"dead: {', '.join(dead)}"] if dead else []
+            if stuck:
+                stages = ", ".join(f"{name} for {busy:.0f} s" for name, busy in sorted(stuck.items()))
+                said.append(f"stuck: {stages}")
+            self.notifier.status("; ".join(said))
         else:
-            if self._stuck:
+            if self._stuck:  # a dead stage never comes back: only a stuck one can
                 self.notifier.status("serving")
             self.notifier.watchdog()
         self._stuck = set(stuck)

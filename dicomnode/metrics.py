@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
@@ -34,6 +34,7 @@ from dicomnode.config import MetricsConfig
 from dicomnode.health import DiskFloor, Liveness, Unreachable, problems
 
 if TYPE_CHECKING:
+    import torch
     from pynetdicom.transport import ThreadedAssociationServer
 
     from dicomnode.spool import Spool
@@ -147,6 +148,13 @@ class NodeMetrics:
         self.deliveries.labels(destination, outcome).inc()
         self.unreachable.record(destination, state)
 
+    def watch_gpus(self, devices: Sequence[torch.device]) -> GpuGauges:
+        """Serve the utilisation and memory of the engine's GPUs, when CUDA and NVML are there."""
+        gauges = GpuGauges(devices)
+        if gauges.reason is None:
+            self.registry.register(gauges)
+        return gauges
+
     def batch_done(self, images: int, seconds: float) -> None:
         """The engine returned the predictions of one batch."""
         self.batch_images.observe(images)
@@ -204,11 +212,17 @@ class _JournalAndHealth(Collector):
         stuck = GaugeMetricFamily(
             "dicomnode_stage_stuck", "1 when the stage is stuck past alerts.stuck_after_s", labels=["stage"]
         )
+        stage_dead = GaugeMetricFamily(
+            "dicomnode_stage_dead", "1 when the stage's thread ended while the node runs", labels=["stage"]
+        )
+        ended = set(m.liveness.dead())
         for name, seconds in sorted(m.liveness.busy().items()):
             busy.add_metric([name], seconds)
             stuck.add_metric([name], float(seconds > m.liveness.stuck_after_s))
+            stage_dead.add_metric([name], float(name in ended))
         yield busy
         yield stuck
+        yield stage_dead
         unreachable = m.unreachable.unreachable()
         gauge = GaugeMetricFamily(
             "dicomnode_destination_unreachable",
@@ -221,6 +235,61 @@ class _JournalAndHealth(Collector):
         yield GaugeMetricFamily(
             "dicomnode_healthy", "1 when /healthz answers 200", value=float(not problems(m.liveness, m.disk))
         )
+
+
+class GpuGauges(Collector):
+    """Utilisation and memory of the GPUs the engine runs on, read at scrape time.
+
+    torch reads utilisation through NVML, which the `gpu` extra installs (nvidia-ml-py); without
+    CUDA devices there are no GPU gauges; without NVML neither, and one INFO line says why.
+    """
+
+    def __init__(self, devices: Sequence[torch.device]) -> None:
+        self.devices = [d for d in devices if d.type == "cuda"]
+        self.reason = self._unavailable()
+        if self.reason is not None and self.devices:  # a CPU node has nothing to explain
+            log.info("no GPU gauges in /metrics: %s", self.reason)
+
+    def _unavailable(self) -> str | None:
+        if not self.devices:
+            return "the engine runs on no CUDA device"
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+        except ImportError:
+            return "nvidia-ml-py is not installed (pip install 'dicomnode[gpu]')"
+        except Exception as exc:  # pynvml.NVMLError: no driver library, no permission
+            return f"NVML cannot start ({type(exc).__name__}: {exc})"
+        return None
+
+    def collect(self) -> Iterable[Metric]:
+        if self.reason is not None:
+            return
+        import torch
+
+        utilisation = GaugeMetricFamily(
+            "dicomnode_gpu_utilization_ratio",
+            "Share of the last sample period in which a kernel ran on the GPU (NVML)",
+            labels=["device"],
+        )
+        used = GaugeMetricFamily(
+            "dicomnode_gpu_memory_used_bytes", "GPU memory in use, by every process", labels=["device"]
+        )
+        total = GaugeMetricFamily("dicomnode_gpu_memory_total_bytes", "GPU memory", labels=["device"])
+        mine = GaugeMetricFamily(
+            "dicomnode_gpu_memory_allocated_bytes",
+            "GPU memory held by the node's tensors (PyTorch's allocator)",
+            labels=["device"],
+        )
+        for device in self.devices:
+            label = [str(device)]
+            utilisation.add_metric(label, torch.cuda.utilization(device) / 100)
+            free, size = torch.cuda.mem_get_info(device)
+            used.add_metric(label, size - free)
+            total.add_metric(label, size)
+            mine.add_metric(label, torch.cuda.memory_allocated(device))
+        yield from (utilisation, used, total, mine)
 
 
 class _Quiet(WSGIRequestHandler):

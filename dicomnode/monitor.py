@@ -12,7 +12,15 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from dicomnode.config import NodeConfig
-from dicomnode.health import DiskFloor, Heartbeat, Liveness, Unreachable, Watchdog, beat_on_accept_loop
+from dicomnode.health import (
+    DiskFloor,
+    Heartbeat,
+    Liveness,
+    Unreachable,
+    Watchdog,
+    beat_on_accept_loop,
+    log_thread_death,
+)
 from dicomnode.metrics import MetricsServer, NodeMetrics
 from dicomnode.notify import SystemdNotifier
 from dicomnode.outbox import DestinationWorker
@@ -46,19 +54,29 @@ class Monitor:
     def start(
         self, scp: ThreadedAssociationServer, engine: Engine, workers: Sequence[threading.Thread]
     ) -> None:
-        """Watch the running SCP, the engine and the (not yet started) workers; start the watchdog."""
+        """Watch the running SCP, the engine and the (not yet started) workers; start the watchdog.
+
+        A thread's uncaught error is logged naming the thread, without its text (process-wide).
+        """
+        threading.excepthook = log_thread_death
         scp_heartbeat = Heartbeat("scp", always_working=True)
         beat_on_accept_loop(scp, scp_heartbeat)
         self.metrics.watch_scp(scp)
         self.liveness.track([scp_heartbeat, *engine.heartbeats.values()])
         engine.observe_batch = self.metrics.batch_done
+        self.metrics.watch_gpus(engine.devices)
         for worker in workers:
+            worker.heartbeat.thread = worker  # dead even if it dies before its first step
             self.liveness.track([worker.heartbeat])
             if isinstance(worker, DestinationWorker):
                 worker.observe = self.metrics.delivery_attempted
             else:
                 worker.observe = self.metrics.study_processed
         self.watchdog.start()
+
+    def stopping(self) -> None:
+        """The node is stopping: its stages' threads end from now on, and that is no failure."""
+        self.liveness.stopping.set()
 
     def stop(self) -> None:
         """Stop the watchdog and the endpoint."""

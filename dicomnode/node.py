@@ -334,6 +334,7 @@ class Node:
 
     def stop(self) -> None:
         """Stop accepting, let workers finish their current step, close the journal."""
+        self.monitor.stopping()
         if self.server is not None:
             self.server.shutdown()
         self.stop_event.set()

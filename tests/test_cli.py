@@ -168,6 +168,26 @@ def test_config_accepts_a_valid_configuration_and_says_the_model_is_a_demo(node_
     )
 
 
+def test_config_with_a_checkpoint_names_its_file_and_sha256(node_config, tiny_architecture, tmp_path):
+    import hashlib
+
+    import torch
+
+    checkpoint = tmp_path / "weights.pt"
+    torch.save(tiny_backbone(tiny_architecture).model.state_dict(), checkpoint)
+    content = yaml.safe_load(node_config.read_text())
+    content["model"]["checkpoint"] = str(checkpoint)
+    node_config.write_text(yaml.safe_dump(content))
+
+    outcome = cli("config", "--config", node_config)
+
+    assert outcome.exit_code == 0, outcome.stderr
+    sha256 = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    first = outcome.stdout.splitlines()[0]
+    assert first.endswith(f"model {tiny_architecture.stem} from {checkpoint} (sha256 {sha256})")
+    assert "DEMO" not in outcome.stdout
+
+
 def _with_prompts(config: Path, prompts: Path) -> None:
     content = yaml.safe_load(config.read_text())
     content["prompts_dir"] = str(prompts)
@@ -219,11 +239,17 @@ def test_config_reads_the_file_named_by_dicomnode_config_variable(node_config, t
     assert outcome.stdout.startswith(f"{node_config}: valid")
 
 
-def test_config_outside_a_checkout_without_option_fails_naming_the_missing_default(tmp_path):
-    outcome = cli_process("config", cwd=tmp_path)
+def test_config_without_option_elsewhere_checks_the_embedded_default_and_says_so(tmp_path, tiny_architecture):
+    tiny = {
+        "DICOMNODE_MODEL__ARCHITECTURE": tiny_architecture.stem,
+        "DICOMNODE_MODEL__ARCHITECTURE_CONFIG": str(tiny_architecture),
+    }
+    outcome = cli_process("config", cwd=tmp_path, env=tiny)
 
-    assert outcome.exit_code == 2
-    assert "conf/dicomnode.yaml: cannot read configuration" in outcome.stderr
+    assert outcome.exit_code == 0, outcome.stderr
+    embedded = REPO / "conf" / "dicomnode.yaml"
+    assert f"no conf/dicomnode.yaml here: using the embedded default {embedded}" in outcome.stderr
+    assert outcome.stdout.startswith(f"{embedded}: valid; ")
 
 
 def test_config_error_exits_2_naming_file_and_key(node_config):

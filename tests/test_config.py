@@ -698,3 +698,81 @@ def test_every_key_is_documented_in_the_embedded_example():
     missing = sorted(path for path in _keys(NodeConfig) if path.rsplit(".", 1)[-1] not in written)
 
     assert not missing, f"conf/dicomnode.yaml does not show: {', '.join(missing)}"
+
+
+PRODUCTION_CONFIG = REPO / "conf" / "dicomnode.production.yaml"
+
+
+def _set_keys(content: object, prefix: str = "") -> set[str]:
+    """The keys a parsed file sets, as dotted paths in the form of `_keys` (list entries as *)."""
+    found = set()
+    if isinstance(content, dict):
+        for key, value in content.items():
+            found.add(f"{prefix}{key}")
+            found |= _set_keys(value, f"{prefix}{key}.")
+    elif isinstance(content, list):
+        for item in content:
+            found |= _set_keys(item, f"{prefix}*.")
+    return found
+
+
+def test_the_production_example_sets_every_key_or_shows_its_alternative_in_a_comment():
+    text = PRODUCTION_CONFIG.read_text()
+    written = _set_keys(yaml.safe_load(text))
+    # Alternatives that cannot be set together (a secret from a file or a variable; TLS on or
+    # off) are shown commented out: `# key:` or `{key: ...}` after a `#`.
+    commented = {
+        key for line in text.splitlines() for key in re.findall(r"([a-z_]+):", line.partition("#")[2])
+    }
+
+    missing = sorted(
+        path for path in _keys(NodeConfig) if path not in written and path.rsplit(".", 1)[-1] not in commented
+    )
+
+    assert not missing, f"{PRODUCTION_CONFIG.name} neither sets nor shows: {', '.join(missing)}"
+    assert {"destinations.*.stow_url", "destinations.*.auth.bearer.file"} <= written
+    assert {"destinations.*.auth.basic.password.env", "scp.allowed_peers", "metrics.port"} <= written
+
+
+def test_dicomnode_config_accepts_the_production_example_with_its_files_in_place(tmp_path, tiny_architecture):
+    from typer.testing import CliRunner
+
+    from dicomnode.cli import app
+    from tests.pki import certificate_authority
+
+    ca = certificate_authority(tmp_path / "tls", "hospital-ca")
+    token = tmp_path / "archive.token"
+    token.write_text("a-bearer-token\n")
+    token.chmod(0o600)
+    # The example's paths on this machine, as a container would set them.
+    env = {
+        "DICOMNODE_STATE_DIR": str(tmp_path / "var"),
+        "DICOMNODE_PROMPTS_DIR": str(REPO / "prompts"),
+        "DICOMNODE_ROUTING": str(REPO / "conf" / "routing.yaml"),
+        "DICOMNODE_MODEL__ARCHITECTURE": tiny_architecture.stem,
+        "DICOMNODE_MODEL__ARCHITECTURE_CONFIG": str(tiny_architecture),
+        "DICOMNODE_DESTINATIONS__1__AUTH__BEARER__FILE": str(token),
+        "DICOMNODE_DESTINATIONS__1__TLS__CA_CERTIFICATES": str(ca.certificate),
+        "RESEARCH_PACS_PASSWORD": "a-password",
+    }
+
+    result = CliRunner().invoke(app, ["config", "--config", str(PRODUCTION_CONFIG)], env=env)
+
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"{PRODUCTION_CONFIG}: valid; ")
+    web = "hospital.example/dicom-web"
+    assert lines[-2:] == [
+        f"  destination archive-web: STOW-RS to https://archive.{web}, bearer authentication",
+        f"  destination research-web: STOW-RS to https://research.{web}, basic authentication",
+    ]
+    assert "a-bearer-token" not in result.output and "a-password" not in result.output
+
+    without_password = CliRunner().invoke(
+        app, ["config", "--config", str(PRODUCTION_CONFIG)], env=env | {"RESEARCH_PACS_PASSWORD": None}
+    )
+    assert without_password.exit_code == 2
+    assert (
+        "destinations.2.auth.basic.password.env: environment variable RESEARCH_PACS_PASSWORD"
+        in without_password.stderr
+    )

@@ -271,6 +271,83 @@ def test_the_watchdog_pings_only_while_nothing_is_stuck_and_logs_each_stuck_stag
     notifier.close()
 
 
+def _node_metrics(tmp_path):
+    from dicomnode.health import DiskFloor
+    from dicomnode.metrics import NodeMetrics
+    from dicomnode.spool import Spool
+
+    spool = Spool(tmp_path / "var", min_free_bytes=0)
+    return NodeMetrics(spool, Liveness(10), DiskFloor(spool.instances_dir, 0), Unreachable([], 60))
+
+
+def _gpu_samples(metrics) -> dict:
+    from prometheus_client import generate_latest
+
+    text = generate_latest(metrics.registry).decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("dicomnode_gpu_")
+    }
+
+
+@pytest.mark.parametrize(
+    ("device", "reason"),
+    [
+        ("cpu", "the engine runs on no CUDA device"),
+        ("cuda:0", "nvidia-ml-py is not installed (pip install 'dicomnode[gpu]')"),
+    ],
+)
+def test_without_a_cuda_device_or_nvml_there_are_no_gpu_gauges_and_a_missing_nvml_is_said(
+    device, reason, tmp_path, caplog, monkeypatch
+):
+    import sys
+
+    import torch
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # as without the gpu extra: import fails
+    caplog.set_level(logging.INFO, logger="dicomnode.metrics")
+    metrics = _node_metrics(tmp_path)
+
+    gauges = metrics.watch_gpus([torch.device(device)])
+
+    assert gauges.reason == reason
+    assert _gpu_samples(metrics) == {}
+    said = [f"no GPU gauges in /metrics: {reason}"] if device != "cpu" else []
+    assert [r.getMessage() for r in caplog.records] == said
+    metrics.spool.close()
+
+
+def test_with_cuda_and_nvml_each_gpu_has_utilisation_and_memory_gauges(tmp_path):
+    import torch
+
+    pynvml = pytest.importorskip("pynvml", reason="the gpu extra (nvidia-ml-py) is not installed")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    metrics = _node_metrics(tmp_path)
+    device = torch.device("cuda:0")
+    held = torch.empty(64 << 20, dtype=torch.uint8, device=device)
+
+    assert metrics.watch_gpus([torch.device("cpu"), device]).reason is None
+    samples = _gpu_samples(metrics)
+
+    label = (("device", "cuda:0"),)
+    assert 0 <= samples[("dicomnode_gpu_utilization_ratio", label)] <= 1
+    total = samples[("dicomnode_gpu_memory_total_bytes", label)]
+    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+    assert total == pynvml.nvmlDeviceGetMemoryInfo(handle).total
+    assert held.numel() <= samples[("dicomnode_gpu_memory_allocated_bytes", label)]
+    assert held.numel() <= samples[("dicomnode_gpu_memory_used_bytes", label)] <= total
+    assert {name for name, labels in samples} == {
+        "dicomnode_gpu_utilization_ratio",
+        "dicomnode_gpu_memory_used_bytes",
+        "dicomnode_gpu_memory_total_bytes",
+        "dicomnode_gpu_memory_allocated_bytes",
+    }
+    metrics.spool.close()
+
+
 # -- the node, as a process ---------------------------------------------------------------------
 
 
@@ -433,6 +510,73 @@ def test_a_metrics_port_in_use_stops_the_start_naming_the_key_and_address(tmp_pa
         run = run_cli("serve", "--config", str(config))
     assert run.returncode == 2
     assert f"cannot start: metrics endpoint cannot listen on 127.0.0.1:{metrics_port}: " in run.stderr
+
+
+class Fatal(BaseException):
+    """An error no stage's loop catches (they catch Exception): the thread dies for real."""
+
+
+@pytest.mark.parametrize(
+    ("stage", "journal_call"), [("studies-0", "claim_quiet_study"), ("outbox-pacs", "next_delivery")]
+)
+def test_a_stage_whose_thread_dies_fails_healthz_withholds_the_pings_and_is_named_in_error_lines(
+    stage, journal_call, tmp_path, tiny_architecture, notify, caplog, monkeypatch
+):
+    from dicomnode.config import load_config
+    from dicomnode.node import Node
+    from dicomnode.spool import Spool
+
+    pacs = {"name": "pacs", "host": "127.0.0.1", "port": free_port(), "ae_title": "PACS"}
+    config = write_node_config(
+        tmp_path,
+        tiny_architecture,
+        scp_port=free_port(),
+        destinations=[pacs],
+        studies={"workers": 1, "imaging_processes": 0},
+    )
+    cfg = load_config(config)
+    url = f"http://{cfg.metrics.host}:{cfg.metrics.port}"
+    # The stage's loop calls the journal every poll; once armed, that call raises in its thread.
+    armed = threading.Event()
+    original = getattr(Spool, journal_call)
+
+    def dies_when_armed(self, *args, **kwargs):
+        if armed.is_set():
+            raise Fatal("injected")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Spool, journal_call, dies_when_armed)
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)  # the node sets its own
+    caplog.set_level(logging.INFO, logger="dicomnode")
+    notifier = SystemdNotifier.from_environment({"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000"})
+    node = Node(cfg, notifier)
+    node.start()
+    try:
+        wait_until(lambda: notify.received("WATCHDOG", "1"), 30, what="the first ping")
+        assert healthz(url).status_code == 200
+
+        armed.set()
+        text = wait_until(lambda: (r := healthz(url)).status_code == 503 and r.text, 30, what="503")
+        assert text == (f"stage {stage} is dead: its thread ended with an error (logged); restart the node\n")
+        wait_until(lambda: f"dead: {stage}" in notify.statuses(), 10, what="the dead stage's status")
+        dead_at = time.monotonic()
+        time.sleep(2.5)
+        assert notify.received("WATCHDOG", "1", since=dead_at) == [], "pings withheld: systemd restarts"
+        samples = scrape(url)
+        assert value(samples, "dicomnode_stage_dead", stage=stage) == 1
+        stages = {dict(labels)["stage"] for name, labels in samples if name == "dicomnode_stage_dead"}
+        assert {"scp", "inference-cpu", "studies-0", "outbox-pacs"} <= stages
+        assert all(value(samples, "dicomnode_stage_dead", stage=other) == 0 for other in stages - {stage})
+        assert value(samples, "dicomnode_healthy") == 0
+
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert errors[0].startswith(f"ALERT thread {stage} died: Fatal at test_monitoring.py:"), errors
+        assert "injected" not in errors[0], "the error's text is withheld: it may quote patient data"
+        assert errors[1].startswith(f"ALERT stage dead: {stage}, its thread ended"), errors
+        assert len(errors) == 2, "each said once"
+    finally:
+        node.stop()
+    assert [r for r in caplog.records if r.levelname == "ERROR"][2:] == [], "a stop kills no stage"
 
 
 # -- the systemd units --------------------------------------------------------------------------

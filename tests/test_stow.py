@@ -178,6 +178,47 @@ def test_a_bearer_token_from_the_environment_is_sent(spool, tmp_path, monkeypatc
         stop_process(server.process)
 
 
+def test_a_token_file_rotated_on_disk_is_read_again_without_a_restart(spool, tmp_path, caplog):  # noqa: F811
+    # Orthanc takes only the new token: the node must send what the file holds now.
+    script = tmp_path / "bearer.lua"
+    script.write_text(BEARER_FILTER)
+    server = start_orthanc(tmp_path / "orthanc", dicomweb=True, LuaScripts=[str(script)])
+    try:
+        token = tmp_path / "pacs.token"
+        token.write_text("the-expired-token\n")
+        token.chmod(0o600)
+        destination = DestinationConfig(
+            name="web", stow_url=server.dicomweb_url, auth={"bearer": {"file": token}}, timeout_s=10.0
+        )
+        worker = _worker(spool, destination)  # reads the file now, as the node at start-up
+        first, uid = _result(spool, "first.dcm")
+        _queue(spool, [("web", first)])
+        caplog.set_level(logging.DEBUG)
+
+        assert worker.deliver(spool.next_delivery("web")) is False, "Orthanc's filter: 403"
+
+        # Rotated as a secrets agent does it: a new file renamed over the old one.
+        rotated = tmp_path / "pacs.token.new"
+        rotated.write_text(f"{TOKEN}\n")
+        rotated.chmod(0o600)
+        rotated.rename(token)
+        assert worker.deliver(spool.next_delivery("web", now=FAR_FUTURE)) is True
+        assert "destinations[web].auth.bearer.file changed: the secret is read again" in caplog.text
+
+        # A rotation that leaves no usable file: the next attempt waits, naming the key.
+        token.write_text("")
+        second, _ = _result(spool, "second.dcm")
+        _queue(spool, [("web", second)])
+        delivery = spool.next_delivery("web")
+        assert worker.deliver(delivery) is False
+        row = _row(spool, delivery)
+        assert row["state"] == "pending"
+        assert row["last_error"] == "destinations[web].auth.bearer: the secret is empty"
+        assert TOKEN not in caplog.text and "the-expired-token" not in caplog.text
+    finally:
+        stop_process(server.process)
+
+
 def _https_in_front_of(port: int, pki_server, folder) -> tuple[subprocess.Popen, int]:
     """socat terminating TLS with the server certificate and forwarding to Orthanc's HTTP port,
     as nginx or a load balancer fronts a hospital's DICOMweb service."""

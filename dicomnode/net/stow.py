@@ -25,6 +25,8 @@ from dicomnode.config import ConfigError, DestinationConfig, NodeConfig, Secret
 from dicomnode.net.scu import StoreOutcome
 from dicomnode.net.tls import ClientTls, check_private, destination_tls
 
+log = logging.getLogger(__name__)
+
 # dicomweb-client logs UIDs (INFO "store instances of study <UID>", ERROR "storage of instance
 # <UID> failed"): patient data in our logs' terms. The outbox logs each delivery itself.
 logging.getLogger("dicomweb_client").setLevel(logging.CRITICAL)
@@ -45,18 +47,70 @@ class StowRefused(Exception):
     """The endpoint refused the instance itself: sending it again cannot succeed."""
 
 
+class _Rereading:
+    """A secret as the configuration gives it; one in a file is read again whenever the file
+    changes (a token or password rotated on disk), so that a rotation needs no restart.
+
+    The first read is at start-up, where a problem is a ConfigError naming the key. A changed
+    file that cannot be used (missing, not private, empty) makes the delivery wait for its next
+    attempt, with the error naming the key; the old secret is not sent in its place.
+    """
+
+    def __init__(self, secret: Secret, where: str) -> None:
+        self._secret = secret
+        self._where = where
+        self._seen = self._stamp()  # before reading: a change in between is read again next time
+        self._value = _reveal(secret, where)
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        if self._secret.file is None:
+            return None
+        try:
+            status = self._secret.file.stat()
+        except OSError:
+            return None
+        return status.st_ino, status.st_mtime_ns, status.st_size
+
+    def __call__(self) -> str:
+        if self._secret.file is None:
+            return self._value
+        stamp = self._stamp()
+        if stamp != self._seen:
+            try:
+                value = _reveal(self._secret, self._where)
+            except ConfigError as exc:
+                raise StowUnreachable(str(exc)) from None
+            self._value, self._seen = value, stamp
+            log.info("%s.file changed: the secret is read again", self._where)
+        return self._value
+
+
 class _Bearer(requests.auth.AuthBase):
     """`Authorization: Bearer <token>`, added when the request is prepared and never stored elsewhere."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: _Rereading) -> None:
         self._token = token
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        request.headers["Authorization"] = f"Bearer {self._token}"
+        request.headers["Authorization"] = f"Bearer {self._token()}"
         return request
 
     def __repr__(self) -> str:
         return "Bearer(***)"
+
+
+class _Basic(requests.auth.AuthBase):
+    """HTTP basic authentication with the password as it is now."""
+
+    def __init__(self, username: str, password: _Rereading) -> None:
+        self._username = username
+        self._password = password
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        return requests.auth.HTTPBasicAuth(self._username, self._password())(request)
+
+    def __repr__(self) -> str:
+        return f"Basic({self._username}, ***)"
 
 
 class _ContextAdapter(HTTPAdapter):
@@ -88,20 +142,19 @@ class StowEndpoint:
     url: str
     timeout_s: float
     tls: ClientTls | None
-    auth: requests.auth.AuthBase | tuple[str, str] | None
+    auth: requests.auth.AuthBase | None
 
     @classmethod
     def of(cls, destination: DestinationConfig, where: str | None = None) -> StowEndpoint:
-        """The endpoint a destination describes; its secrets are read now (ConfigError naming the key)."""
+        """The endpoint a destination describes; its secrets are read now (ConfigError naming the key),
+        those in files again whenever the file changes."""
         where = where or f"destinations[{destination.name}]"
-        auth: requests.auth.AuthBase | tuple[str, str] | None = None
+        auth: requests.auth.AuthBase | None = None
         if destination.auth is not None and destination.auth.bearer is not None:
-            auth = _Bearer(_reveal(destination.auth.bearer, f"{where}.auth.bearer"))
+            auth = _Bearer(_Rereading(destination.auth.bearer, f"{where}.auth.bearer"))
         elif destination.auth is not None:
             basic = destination.auth.basic
-            auth = requests.auth.HTTPBasicAuth(
-                basic.username, _reveal(basic.password, f"{where}.auth.basic.password")
-            )
+            auth = _Basic(basic.username, _Rereading(basic.password, f"{where}.auth.basic.password"))
         tls = destination_tls(destination, f"{where}.tls")
         if tls is not None:
             tls.check()
