@@ -5,16 +5,16 @@ do, sleeps 1 ms and then looks at the socket and at the primitives queued to sen
 association thread sleeps 1 ms before every look for a decoded DIMSE message, a release or an
 abort. A C-STORE crosses both: its request waits on the DUL thread's sleep to be read, then on
 the association thread's to be served, its response on the DUL thread's again to be sent. At
-DCMTK's pace (a 39 KB slice every 0.6 ms) those sleeps were about half of the receive time.
+DCMTK's pace (a 39 KB slice every 0.6 ms) those waits were a large part of the receive time.
 
 Here the DUL thread blocks in select() on its socket and on a pipe that is written whenever a
 primitive is queued to send or the thread is told to stop; a TLS socket's decrypted bytes
 that select() cannot see (SSLSocket.pending()) are read before it blocks. The association
-thread waits on an event the DUL thread sets after every state machine action (a message
-decoded, a release or abort received) and when it ends. Both still wake at least every
-`MAX_WAIT_S` and at their timers' expiry (ARTIM, network idle), so the timeouts keep their
-meaning, and a wake-up pynetdicom might need that this module does not know of costs that
-much latency rather than a hang.
+thread waits on an event the DUL thread sets after each state machine action that gives it
+something to do (a message decoded, a release or abort received) and when it ends. Both
+still wake at least every `MAX_WAIT_S` and at their timers' expiry (ARTIM, network idle), so
+the timeouts keep their meaning, and a wake-up pynetdicom might need that this module does
+not know of costs that much latency rather than a hang.
 
 The loops below are pynetdicom's own (`DULServiceProvider.run_reactor`,
 `Association._run_reactor`, `RequestHandler._create_association`) with the sleeps replaced,
@@ -64,8 +64,9 @@ class EventDrivenDUL(DULServiceProvider):
 
     def __init__(self, assoc: Association) -> None:
         super().__init__(assoc)
-        #: Set after every state machine action and when the thread ends: the association
-        #: thread waits on it.
+        #: Set after a state machine action that gives the association thread something to
+        #: do (a whole message, a primitive for its user, a change of state), and when the
+        #: thread ends: the association thread waits on it.
         self.activity = threading.Event()
         self._wake_lock = threading.Lock()
         self._wake_read, self._wake_write = os.pipe()
@@ -146,7 +147,10 @@ class EventDrivenDUL(DULServiceProvider):
                 wait = True
                 continue
             self.state_machine.do_action(event)
-            self.activity.set()
+            # A P-DATA-TF in the middle of a message gives the association thread nothing to
+            # do; waking it for each would cost a GIL hand-over per PDU.
+            if event != "Evt10" or self.assoc.dimse.msg_queue.qsize() or self.to_user_queue.qsize():
+                self.activity.set()
             wait = False
 
     def _wait_for_work(self) -> None:
