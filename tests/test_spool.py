@@ -22,7 +22,7 @@ import dicomnode.spool.instances as instances
 from dicomnode.flow import ObjectReference, ReportVersion
 from dicomnode.privacy import uid_tag
 from dicomnode.spool import Spool, SpoolError, SpoolFull, StudyRecord, is_valid_uid
-from tests.conftest import umask
+from tests.conftest import umask, wait_until
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 OTHER_STUDY = "1.2.826.0.1.3680043.8.498.2"
@@ -401,6 +401,90 @@ def test_concurrent_stores_from_several_threads_are_all_journaled(spool):
     assert spool.counts()["instances"] == {"stored": 40}
     assert spool.counts()["studies"] == {"receiving": 4}
     assert len(_files(spool.instances_dir)) == 40
+
+
+def _store_waiting(spool: Spool, sops: list[str], outcomes: dict) -> dict[str, tuple[threading.Thread, Path]]:
+    """Stores of received files, one thread each, started while the test holds the commit.
+
+    Returns once all are waiting for it, each sop's thread and received file; each thread
+    records its StoredInstance or exception in `outcomes`.
+    """
+
+    def receive(sop: str, received: Path) -> None:
+        try:
+            outcomes[sop] = spool.store(
+                received,
+                sop_instance_uid=sop,
+                sop_class_uid=CT_IMAGE_STORAGE,
+                study_instance_uid=STUDY,
+                series_instance_uid=SERIES,
+                calling_ae="MODALITY",
+            )
+        except BaseException as exc:  # surfaced by the test's assertions
+            outcomes[sop] = exc
+        finally:
+            spool.close()
+
+    received = {sop: _received(spool, f"instance {sop}".encode()) for sop in sops}
+    threads = [threading.Thread(target=receive, args=(sop, received[sop])) for sop in sops]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: len(spool._arrivals) == len(sops), 30, interval=0.01, what="all stores waiting")
+    return {sop: (thread, received[sop]) for sop, thread in zip(sops, threads, strict=True)}
+
+
+def test_stores_that_arrive_while_another_commits_share_one_folder_sync_and_one_transaction(
+    spool, monkeypatch
+):
+    synced: list[Path] = []
+    monkeypatch.setattr(instances, "fsync_dir", lambda folder: synced.append(folder))
+    transactions: list[int] = []
+    journal = spool._journal
+    monkeypatch.setattr(spool, "_journal", lambda group: (transactions.append(len(group)), journal(group)))
+    outcomes: dict = {}
+    sops = [f"1.2.3.4.{n}" for n in range(1, 5)]
+
+    with spool._committing:
+        waiting = _store_waiting(spool, sops, outcomes)
+    for thread, _ in waiting.values():
+        thread.join()
+
+    assert all(outcomes[sop].path.read_bytes() == f"instance {sop}".encode() for sop in sops)
+    assert {stored.sop_instance_uid for stored in spool.instances(STUDY)} == set(sops)
+    assert synced == [spool.instances_dir / STUDY]
+    assert transactions == [4]
+
+
+def test_a_store_that_cannot_be_placed_fails_alone_and_the_rest_of_its_group_is_committed(spool):
+    outcomes: dict = {}
+    sops = ["1.2.3.4.1", "1.2.3.4.2", "1.2.3.4.3"]
+
+    with spool._committing:
+        waiting = _store_waiting(spool, sops, outcomes)
+        waiting["1.2.3.4.2"][1].unlink()
+    for thread, _ in waiting.values():
+        thread.join()
+
+    assert isinstance(outcomes["1.2.3.4.2"], SpoolError)
+    assert "cannot write instance file" in str(outcomes["1.2.3.4.2"])
+    assert {stored.sop_instance_uid for stored in spool.instances(STUDY)} == {"1.2.3.4.1", "1.2.3.4.3"}
+
+
+def test_a_journal_that_fails_fails_every_store_of_its_group_and_none_is_acknowledged(spool, monkeypatch):
+    def failing_journal(group) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(spool, "_journal", failing_journal)
+    outcomes: dict = {}
+    sops = ["1.2.3.4.1", "1.2.3.4.2", "1.2.3.4.3"]
+
+    with spool._committing:
+        waiting = _store_waiting(spool, sops, outcomes)
+    for thread, _ in waiting.values():
+        thread.join()
+
+    assert all(isinstance(outcomes[sop], sqlite3.OperationalError) for sop in sops)
+    assert spool.instances(STUDY) == ()
 
 
 def test_identical_resend_of_a_done_study_neither_rewrites_nor_reopens_it(spool):

@@ -33,6 +33,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from dicomnode.config import ScpConfig
 from dicomnode.identity import NODE_MANUFACTURER
 from dicomnode.net.access import SERVICE_PROVIDER_PRESENTATION, AccessPolicy, Rejection, describe_rejection
+from dicomnode.net.reactor import acceptor_association
 from dicomnode.net.tls import HandshakingServer
 from dicomnode.privacy import uid_tag, where_raised
 from dicomnode.spool import Spool, SpoolFull, is_valid_uid
@@ -350,12 +351,13 @@ class StorageHandlers:
 class BoundedPduRequestHandler(RequestHandler):
     """pynetdicom's per-connection handler, whose association refuses to read an oversized PDU.
 
-    The refusal is an OSError from the socket's read, which pynetdicom treats as the
-    connection closed: the association ends and nothing of the PDU's body is held.
+    The association is event-driven (net.reactor). The refusal is an OSError from the socket's
+    read, which pynetdicom treats as the connection closed: the association ends and nothing
+    of the PDU's body is held.
     """
 
     def _create_association(self):
-        assoc = super()._create_association()
+        assoc = acceptor_association(self)
         sock = assoc.dul.socket
         read = sock.recv
 

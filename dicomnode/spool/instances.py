@@ -10,7 +10,10 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import threading
 import time
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 from dicomnode.durable import fsync_dir, fsync_file, make_folder_durably, write_durably
@@ -63,39 +66,113 @@ class InstanceStore(Journal):
             calling_ae=calling_ae,
         )
         if isinstance(content, Path):
-            # Its data on disk before the study's lock is taken, so that the associations
-            # sending one study sync their files side by side, not one after another.
+            # Its data on disk before the group commit, so that the associations sending at
+            # once sync their files side by side, not one after another.
             try:
                 fsync_file(content)
             except OSError as exc:
                 raise SpoolError(f"cannot sync received file: {exc.strerror}") from exc
-        # Per-study lock: a purge of this study must not interleave with a store into it.
-        with self._study_lock(study_instance_uid):
-            previous = (
-                self._db()
-                .execute(
-                    "SELECT i.path, s.state FROM instances i JOIN studies s USING (study_instance_uid) "
-                    "WHERE i.sop_instance_uid=?",
-                    (sop_instance_uid,),
-                )
-                .fetchone()
+        return self._commit(_Arrival(stored, content, size))
+
+    def _locate(self, state_dir: Path, min_free_bytes: int, mode: str) -> None:
+        super()._locate(state_dir, min_free_bytes, mode)
+        self._arrivals: list[_Arrival] = []
+        self._arrivals_lock = threading.Lock()
+        self._committing = threading.Lock()
+
+    def _commit(self, arrival: _Arrival) -> StoredInstance:
+        """Group commit: whoever commits takes every arrival waiting, and waiters find theirs done.
+
+        Associations that store at once share the folder fsync (one per study folder) and the
+        journal commit (one WAL fsync) instead of queueing for one each; an association alone
+        commits alone, at the same cost as before. Each instance is still durable (file, name,
+        row) before its store returns.
+        """
+        with self._arrivals_lock:
+            self._arrivals.append(arrival)
+        with self._committing:
+            if not arrival.done:
+                with self._arrivals_lock:
+                    group, self._arrivals = self._arrivals, []
+                self._commit_group(group)
+        if arrival.committed:
+            return arrival.stored
+        raise arrival.error or SpoolError("instance not committed")
+
+    def _commit_group(self, group: list[_Arrival]) -> None:
+        """Place each file, sync each folder once, commit all rows in one transaction.
+
+        The per-study locks (a purge must not interleave with a store into its study) are
+        taken in one order, so that two committers can never wait on each other.
+        """
+        try:
+            locks = {self._study_lock(arrival.stored.study_instance_uid) for arrival in group}
+            with ExitStack() as held:
+                for lock in sorted(locks, key=self._study_locks.index):
+                    held.enter_context(lock)
+                placed = [arrival for arrival in group if self._place(arrival)]
+                for folder in {arrival.stored.path.parent for arrival in placed}:
+                    try:
+                        fsync_dir(folder)
+                    except OSError as exc:
+                        for arrival in placed:
+                            if arrival.stored.path.parent == folder:
+                                arrival.error = SpoolError(f"cannot sync instance folder: {exc.strerror}")
+                placed = [arrival for arrival in placed if arrival.error is None]
+                if placed:
+                    self._journal(placed)
+                for arrival in placed:
+                    arrival.committed = True
+                    if arrival.previous is not None and arrival.previous != arrival.stored.path:
+                        arrival.previous.unlink(missing_ok=True)
+        except BaseException as exc:
+            for arrival in group:
+                if not arrival.committed and arrival.error is None:
+                    arrival.error = exc
+            raise
+        finally:
+            for arrival in group:
+                arrival.done = True
+
+    def _place(self, arrival: _Arrival) -> bool:
+        """Put an arrival's file in place, its name not yet synced; False when no row is to be written.
+
+        A byte-identical resend of an instance held (and not failed) is committed as it is.
+        """
+        stored, content = arrival.stored, arrival.content
+        previous = (
+            self._db()
+            .execute(
+                "SELECT i.path, s.state FROM instances i JOIN studies s USING (study_instance_uid) "
+                "WHERE i.sop_instance_uid=?",
+                (stored.sop_instance_uid,),
             )
-            if (
-                previous is not None
-                and previous["state"] != "failed"
-                and Path(previous["path"]) == path
-                and _holds(path, content, size)
-            ):
-                return stored
-            try:
-                if isinstance(content, Path):
-                    _move_durably(content, path)
-                else:
-                    write_durably(path, lambda handle: handle.write(content))
-            except OSError as exc:
-                raise SpoolError(f"cannot write instance file: {exc.strerror}") from exc
-            now = time.time()
-            with self._transaction() as db:
+            .fetchone()
+        )
+        if (
+            previous is not None
+            and previous["state"] != "failed"
+            and Path(previous["path"]) == stored.path
+            and _holds(stored.path, content, arrival.size)
+        ):
+            arrival.committed = True
+            return False
+        arrival.previous = Path(previous["path"]) if previous is not None else None
+        try:
+            if isinstance(content, Path):
+                _move(content, stored.path)
+            else:
+                write_durably(stored.path, lambda handle: handle.write(content))
+        except OSError as exc:
+            arrival.error = SpoolError(f"cannot write instance file: {exc.strerror}")
+            return False
+        return True
+
+    def _journal(self, arrivals: list[_Arrival]) -> None:
+        """Record the arrivals' instances, and their studies as receiving, in one transaction."""
+        now = time.time()
+        with self._transaction() as db:
+            for stored in (arrival.stored for arrival in arrivals):
                 db.execute(
                     "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT(sop_instance_uid) DO UPDATE SET sop_class_uid=excluded.sop_class_uid, "
@@ -103,12 +180,12 @@ class InstanceStore(Journal):
                     "series_instance_uid=excluded.series_instance_uid, path=excluded.path, "
                     "calling_ae=excluded.calling_ae, received_at=excluded.received_at",
                     (
-                        sop_instance_uid,
-                        sop_class_uid,
-                        study_instance_uid,
-                        series_instance_uid,
-                        str(path),
-                        calling_ae,
+                        stored.sop_instance_uid,
+                        stored.sop_class_uid,
+                        stored.study_instance_uid,
+                        stored.series_instance_uid,
+                        str(stored.path),
+                        stored.calling_ae,
                         now,
                     ),
                 )
@@ -118,11 +195,8 @@ class InstanceStore(Journal):
                     "ON CONFLICT(study_instance_uid) DO UPDATE SET state='receiving', "
                     "generation=generation+1, last_received_at=excluded.last_received_at, "
                     "reason=NULL, attempts=0, not_before=0, updated_at=excluded.updated_at",
-                    (study_instance_uid, now, now),
+                    (stored.study_instance_uid, now, now),
                 )
-            if previous is not None and Path(previous["path"]) != path:
-                Path(previous["path"]).unlink(missing_ok=True)
-            return stored
 
     def wrote_result(self, study_instance_uid: str, sop_instance_uid: str) -> bool:
         """True when this node wrote a result with this SOP Instance UID into the study's outbox.
@@ -177,6 +251,19 @@ class InstanceStore(Journal):
         )
 
 
+@dataclass
+class _Arrival:
+    """An instance waiting for its group's commit, and what became of it."""
+
+    stored: StoredInstance
+    content: bytes | Path
+    size: int
+    previous: Path | None = None
+    committed: bool = False
+    error: BaseException | None = None
+    done: bool = False
+
+
 #: Bytes compared at a time when a resend is checked against the stored file.
 _COMPARE_CHUNK = 1 << 20
 
@@ -201,8 +288,8 @@ def _holds(path: Path, content: bytes | Path, size: int) -> bool:
         return False
 
 
-def _move_durably(received: Path, path: Path) -> None:
-    """Move a received file, its data already synced, into place and make its new name durable."""
+def _move(received: Path, path: Path) -> None:
+    """Move a received file, its data already synced, into place; its new name is synced by the caller."""
     make_folder_durably(path.parent)
     try:
         os.replace(received, path)
@@ -212,5 +299,3 @@ def _move_durably(received: Path, path: Path) -> None:
         # Received on another file system (not under incoming/): copied, a chunk at a time.
         with received.open("rb") as source:
             write_durably(path, lambda handle: shutil.copyfileobj(source, handle, _COMPARE_CHUNK))
-        return
-    fsync_dir(path.parent)
