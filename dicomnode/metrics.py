@@ -276,7 +276,11 @@ class GpuGauges(Collector):
         used = GaugeMetricFamily(
             "dicomnode_gpu_memory_used_bytes", "GPU memory in use, by every process", labels=["device"]
         )
-        total = GaugeMetricFamily("dicomnode_gpu_memory_total_bytes", "GPU memory", labels=["device"])
+        total = GaugeMetricFamily(
+            "dicomnode_gpu_memory_total_bytes",
+            "GPU memory CUDA can use (the runtime's total, slightly under NVML's physical total)",
+            labels=["device"],
+        )
         mine = GaugeMetricFamily(
             "dicomnode_gpu_memory_allocated_bytes",
             "GPU memory held by the node's tensors (PyTorch's allocator)",
