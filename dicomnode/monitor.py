@@ -52,9 +52,14 @@ class Monitor:
             self.server = MetricsServer(self.metrics, self.cfg.metrics)
 
     def start(
-        self, scp: ThreadedAssociationServer, engine: Engine, workers: Sequence[threading.Thread]
+        self,
+        scp: ThreadedAssociationServer,
+        engine: Engine,
+        workers: Sequence[threading.Thread],
+        watchers: Sequence[threading.Thread] = (),
     ) -> None:
-        """Watch the running SCP, the engine and the (not yet started) workers; start the watchdog.
+        """Watch the running SCP, the engine, the (not yet started) workers and threads that only
+        wait for events (`watchers`: never stuck, but dead if they end); start the watchdog.
 
         A thread's uncaught error is logged naming the thread, without its text (process-wide).
         """
@@ -65,6 +70,10 @@ class Monitor:
         self.liveness.track([scp_heartbeat, *engine.heartbeats.values()])
         engine.observe_batch = self.metrics.batch_done
         self.metrics.watch_gpus(engine.devices)
+        for watcher in watchers:
+            heartbeat = Heartbeat(watcher.name)
+            heartbeat.thread = watcher
+            self.liveness.track([heartbeat])
         for worker in workers:
             worker.heartbeat.thread = worker  # dead even if it dies before its first step
             self.liveness.track([worker.heartbeat])

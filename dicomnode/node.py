@@ -328,7 +328,8 @@ class Node:
             DestinationWorker(self.spool, d, self.cfg.scp.ae_title, self.stop_event)
             for d in self.cfg.destinations
         ]
-        self.monitor.start(self.server, self.engine, self.threads)
+        watcher = self.prompt_sets.watcher
+        self.monitor.start(self.server, self.engine, self.threads, [watcher] if watcher else [])
         for thread in self.threads:
             thread.start()
 

@@ -27,6 +27,7 @@ from tests.conftest import (
     REPO,
     dcmtk,
     free_port,
+    routing_for,
     run_cli,
     start_node,
     stop_process,
@@ -524,35 +525,47 @@ class Fatal(BaseException):
 
 
 @pytest.mark.parametrize(
-    ("stage", "journal_call"), [("studies-0", "claim_quiet_study"), ("outbox-pacs", "next_delivery")]
+    ("stage", "owner", "call"),
+    [
+        ("studies-0", "Spool", "claim_quiet_study"),
+        ("outbox-pacs", "Spool", "next_delivery"),
+        ("prompt-watcher", "PromptSetLibrary", "_changed"),  # hot reload would stop silently
+    ],
 )
 def test_a_stage_whose_thread_dies_fails_healthz_withholds_the_pings_and_is_named_in_error_lines(
-    stage, journal_call, tmp_path, tiny_architecture, notify, caplog, monkeypatch
+    stage, owner, call, tmp_path, tiny_architecture, notify, caplog, monkeypatch
 ):
     from dicomnode.config import load_config
+    from dicomnode.model.library import PromptSetLibrary
     from dicomnode.node import Node
     from dicomnode.spool import Spool
 
     pacs = {"name": "pacs", "host": "127.0.0.1", "port": free_port(), "ae_title": "PACS"}
+    prompts = tmp_path / "prompts" / "cxr"  # a folder of its own: the watcher's case changes it
+    shutil.copytree(REPO / "prompts" / "cxr", prompts)
     config = write_node_config(
         tmp_path,
         tiny_architecture,
         scp_port=free_port(),
         destinations=[pacs],
         studies={"workers": 1, "imaging_processes": 0},
+        prompts_dir=str(prompts.parent),
+        routing=str(routing_for(tmp_path, "cxr")),
     )
     cfg = load_config(config)
     url = f"http://{cfg.metrics.host}:{cfg.metrics.port}"
-    # The stage's loop calls the journal every poll; once armed, that call raises in its thread.
+    # The stage's loop calls the journal every poll (the watcher: on each change of a served
+    # set's folder); once armed, that call raises in its thread.
     armed = threading.Event()
-    original = getattr(Spool, journal_call)
+    owner = {"Spool": Spool, "PromptSetLibrary": PromptSetLibrary}[owner]
+    original = getattr(owner, call)
 
     def dies_when_armed(self, *args, **kwargs):
         if armed.is_set():
             raise Fatal("injected")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Spool, journal_call, dies_when_armed)
+    monkeypatch.setattr(owner, call, dies_when_armed)
     monkeypatch.setattr(threading, "excepthook", threading.excepthook)  # the node sets its own
     caplog.set_level(logging.INFO, logger="dicomnode")
     notifier = SystemdNotifier.from_environment({"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000"})
@@ -563,6 +576,8 @@ def test_a_stage_whose_thread_dies_fails_healthz_withholds_the_pings_and_is_name
         assert healthz(url).status_code == 200
 
         armed.set()
+        if stage == "prompt-watcher":
+            (prompts / "notes.txt").write_text("a change in a served set's folder")
         text = wait_until(lambda: (r := healthz(url)).status_code == 503 and r.text, 30, what="503")
         assert text == (f"stage {stage} is dead: its thread ended with an error (logged); restart the node\n")
         wait_until(lambda: f"dead: {stage}" in notify.statuses(), 10, what="the dead stage's status")
@@ -572,7 +587,7 @@ def test_a_stage_whose_thread_dies_fails_healthz_withholds_the_pings_and_is_name
         samples = scrape(url)
         assert value(samples, "dicomnode_stage_dead", stage=stage) == 1
         stages = {dict(labels)["stage"] for name, labels in samples if name == "dicomnode_stage_dead"}
-        assert {"scp", "inference-cpu", "studies-0", "outbox-pacs"} <= stages
+        assert {"scp", "inference-cpu", "studies-0", "outbox-pacs", "prompt-watcher"} <= stages
         assert all(value(samples, "dicomnode_stage_dead", stage=other) == 0 for other in stages - {stage})
         assert value(samples, "dicomnode_healthy") == 0
 

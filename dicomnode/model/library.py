@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 #: Seconds without a change before a folder is reloaded: editors and copies write in steps.
 SETTLE_S = 0.5
 
+#: The name of the watching thread, and of its stage in /healthz and the metrics.
+WATCHER = "prompt-watcher"
+
 #: Events of reading, not changing: the library's own reading of a folder raises them (watchdog
 #: reports opens on Linux), and reacting would reload it every SETTLE_S for ever, logging a
 #: refused version's reason each time.
@@ -168,9 +171,16 @@ class PromptSetLibrary:
                         library._changed(path.relative_to(library.prompts_dir).parts[0])
 
         self._observer = Observer()
+        self._observer.name = WATCHER
         self._observer.schedule(_Handler(), str(self.prompts_dir), recursive=True)
         self._observer.daemon = True
         self._observer.start()
+
+    @property
+    def watcher(self) -> threading.Thread | None:
+        """The thread that watches the prompts folder (None before `watch`): a stage whose death
+        would stop hot reload silently, so the node's liveness tracks it."""
+        return self._observer
 
     def stop(self) -> None:
         """Stop watching; pending reloads are dropped."""
