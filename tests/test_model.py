@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -110,12 +111,19 @@ def test_input_spec_is_the_architectures_image_size_and_channel_statistics(tiny_
 
 
 def test_torch_checkpoint_replaces_the_weights_and_records_its_sha256(
-    tiny_architecture, checkpoint_weights, tmp_path
+    tiny_architecture, checkpoint_weights, tmp_path, caplog
 ):
     path = tmp_path / "tiny.pt"
     torch.save(checkpoint_weights, path)
 
-    backbone = load_backbone(_config(tiny_architecture, seed=7, checkpoint=path))
+    with caplog.at_level(logging.INFO):
+        backbone = load_backbone(_config(tiny_architecture, seed=7, checkpoint=path))
+
+    said = [record.getMessage() for record in caplog.records]
+    assert any(f"loaded from checkpoint sha256 {backbone.sha256}" in line for line in said), said
+    assert not any("initialized randomly" in line or "DEMO" in line for line in said), (
+        "open_clip's warning of random weights would contradict the checkpoint just loaded"
+    )
 
     assert _same_weights(_weights(backbone), checkpoint_weights)
     assert backbone.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,12 +105,31 @@ def _input_spec(model: Any) -> InputSpec:
     )
 
 
+class _OpenClipRandomWeights(logging.Filter):
+    """open_clip warns "No pretrained weights loaded ... initialized randomly" on the root logger
+    whenever it builds a model without downloading, even when the node then loads a checkpoint;
+    the node says itself which it is (DEMO, or the checkpoint's sha256)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextmanager
+def _without_open_clips_random_weights_warning() -> Iterator[None]:
+    drop = _OpenClipRandomWeights()
+    logging.getLogger().addFilter(drop)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(drop)
+
+
 def load_backbone(cfg: ModelConfig) -> Backbone:
     """Build the configured architecture, load the local checkpoint if any, and freeze it."""
     # Belt and braces: even a misconfigured tokenizer must not reach for the network.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _register_architecture(cfg)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _without_open_clips_random_weights_warning():
         torch.manual_seed(cfg.seed)
         model = open_clip.create_model(
             cfg.architecture, pretrained=None, pretrained_image=False, pretrained_text=False
