@@ -232,6 +232,17 @@ def start_orthanc(
     return Orthanc(http_port, dicom_port, "ORTHANC", process)
 
 
+def orthanc_forwarding_to_node(folder: Path, lua: str, node_port: int) -> Orthanc:
+    """An Orthanc running the Lua script `lua` (an auto-forward rule), the node its modality "dicomnode"."""
+    script = folder / "forward.lua"
+    script.write_text(lua)
+    return start_orthanc(
+        folder / "pacs",
+        modalities={"dicomnode": ["DICOMNODE", "127.0.0.1", node_port]},
+        LuaScripts=[str(script)],
+    )
+
+
 def stop_process(process: subprocess.Popen) -> None:
     """Terminate politely, then kill."""
     if process.poll() is None:

@@ -17,7 +17,14 @@ import pytest
 import requests
 from pydicom.data import get_testdata_file
 
-from tests.conftest import REPO, dcmtk, free_port, start_orthanc, stop_process, wait_until
+from tests.conftest import (
+    REPO,
+    dcmtk,
+    free_port,
+    orthanc_forwarding_to_node,
+    stop_process,
+    wait_until,
+)
 
 README = REPO / "README.md"
 
@@ -50,13 +57,9 @@ def test_the_guides_prometheus_configuration_and_alert_rules_pass_promtool(tmp_p
 def test_the_guides_orthanc_script_forwards_radiographs_and_never_the_nodes_results(
     tmp_path, node_factory, chest_cr
 ):
-    script = tmp_path / "forward-to-dicomnode.lua"
-    script.write_text(guide_block("lua", "-- Forward what dicomnode classifies"))
     node_port = free_port()
-    pacs = start_orthanc(
-        tmp_path / "pacs",
-        modalities={"dicomnode": ["DICOMNODE", "127.0.0.1", node_port]},
-        LuaScripts=[str(script)],
+    pacs = orthanc_forwarding_to_node(
+        tmp_path, guide_block("lua", "-- Forward what dicomnode classifies"), node_port
     )
     try:
         node = node_factory(destinations=[pacs.destination(backoff_s=0.5)], port=node_port)

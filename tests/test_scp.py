@@ -30,7 +30,15 @@ from dicomnode.identity import NODE_MANUFACTURER
 from dicomnode.net.scp import start_scp
 from dicomnode.net.scu import Peer, store
 from dicomnode.spool import Spool
-from tests.conftest import dcmtk, free_port, start_orthanc, stop_process, umask, wait_for_port, wait_until
+from tests.conftest import (
+    dcmtk,
+    free_port,
+    orthanc_forwarding_to_node,
+    stop_process,
+    umask,
+    wait_for_port,
+    wait_until,
+)
 
 
 class RecordingSpool(Spool):
@@ -211,13 +219,7 @@ def test_an_orthanc_that_forwards_everything_gets_results_once_and_the_study_is_
 ):
     """The feedback loop: Orthanc sends the node's SR and SC straight back to the node."""
     node_port = free_port()
-    script = tmp_path / "forward.lua"
-    script.write_text(_FORWARD_EVERYTHING)
-    pacs = start_orthanc(
-        tmp_path / "pacs",
-        modalities={"dicomnode": ["DICOMNODE", "127.0.0.1", node_port]},
-        LuaScripts=[str(script)],
-    )
+    pacs = orthanc_forwarding_to_node(tmp_path, _FORWARD_EVERYTHING, node_port)
     try:
         node = node_factory(destinations=[pacs.destination(backoff_s=0.5)], port=node_port)
         logs = node.config.parent / "var" / "logs"
