@@ -25,12 +25,13 @@ from pydicom.uid import (
     ComputedRadiographyImageStorage,
     DeflatedExplicitVRLittleEndian,
     JPEG2000Lossless,
+    OphthalmicTomographyImageStorage,
     generate_uid,
 )
 
 from dicomnode import imaging
 from dicomnode.flow import InputSpec
-from dicomnode.imaging import common, cxr, j2k
+from dicomnode.imaging import common, cxr, j2k, oct
 from dicomnode.imaging.common import ImagingError, display_pixels, to_sample
 from dicomnode.privacy import uid_tag
 from dicomnode.results import sc
@@ -529,18 +530,26 @@ def test_the_need_is_the_larger_of_the_backbone_input_and_the_capture() -> None:
     assert common.needed_side(InputSpec(image_size=1536, mean=(0, 0, 0), std=(1, 1, 1))) == 1536
 
 
-def j2k_radiograph(image: np.ndarray, *, resolutions: int) -> Dataset:
-    """A CR instance of 16-bit `image` encoded by Pillow as lossless JPEG 2000 with that many levels + 1."""
+def j2k_radiograph(
+    *frames: np.ndarray, resolutions: int, sop_class: str = ComputedRadiographyImageStorage
+) -> Dataset:
+    """A CR (or other `sop_class`) of 16-bit `frames`, each encoded by Pillow as lossless JPEG 2000."""
     ds = pydicom.Dataset()
     ds.file_meta = pydicom.dataset.FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
-    ds.SOPClassUID, ds.SOPInstanceUID = ComputedRadiographyImageStorage, generate_uid()
-    ds.Modality, ds.Rows, ds.Columns = "CR", *image.shape
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, generate_uid()
+    ds.Modality = "OPT" if sop_class == OphthalmicTomographyImageStorage else "CR"
+    ds.Rows, ds.Columns = frames[0].shape
+    if len(frames) > 1:
+        ds.NumberOfFrames = len(frames)
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    stream = io.BytesIO()
-    Image.fromarray(image).save(stream, format="JPEG2000", no_jp2=True, num_resolutions=resolutions)
-    ds.PixelData = encapsulate([stream.getvalue()])
+    streams = []
+    for frame in frames:
+        stream = io.BytesIO()
+        Image.fromarray(frame).save(stream, format="JPEG2000", no_jp2=True, num_resolutions=resolutions)
+        streams.append(stream.getvalue())
+    ds.PixelData = encapsulate(streams)
     return ds
 
 
@@ -595,3 +604,13 @@ def test_chest_preparer_decodes_a_large_jpeg2000_radiograph_at_the_capture_size(
     assert sample.display.shape == (1050, 1150)  # 2300 / 2 >= 1024 > 2300 / 4
     whole = to_sample("1.2.3", display_pixels(pydicom.dcmread(path)), CLIP_SPEC)
     assert np.abs(sample.pixels - whole.pixels).mean() < 0.01 * float(np.ptp(whole.pixels))
+
+
+def test_oct_preparer_reduces_wide_jpeg2000_b_scans_to_the_capture_size(tmp_path: Path) -> None:
+    path = tmp_path / "oct.dcm"
+    scans = (smooth_image(1100, 2300), smooth_image(1100, 2300)[::-1].copy())
+    volume = j2k_radiograph(*scans, resolutions=6, sop_class=OphthalmicTomographyImageStorage)
+    volume.save_as(path, enforce_file_format=True)
+    samples = oct.prepare([path], CLIP_SPEC, {})
+    assert [sample.frame for sample in samples] == [1, 2]
+    assert all(sample.display.shape == (550, 1150) for sample in samples)
