@@ -614,3 +614,14 @@ def test_oct_preparer_reduces_wide_jpeg2000_b_scans_to_the_capture_size(tmp_path
     samples = oct.prepare([path], CLIP_SPEC, {})
     assert [sample.frame for sample in samples] == [1, 2]
     assert all(sample.display.shape == (550, 1150) for sample in samples)
+
+
+def test_truncated_codestream_header_falls_back_to_the_full_decode_and_its_error() -> None:
+    ds = j2k_radiograph(smooth_image(512, 512), resolutions=3)
+    codestream = get_frame(ds.PixelData, 0, number_of_frames=1)
+    cod = codestream.index(b"\xff\x52")
+    with pytest.raises((ValueError, IndexError)):
+        j2k.decomposition_levels(codestream[: cod + 8])
+    ds.PixelData = encapsulate([codestream[: cod + 8]])
+    with pytest.raises(ImagingError, match="cannot decode Pixel Data in transfer syntax JPEG 2000"):
+        display_pixels(ds, min_side=64)

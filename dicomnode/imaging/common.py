@@ -251,7 +251,7 @@ def _decode_reduced(
             columns=reduced_columns,
             j2k_reduce=r,
         )
-    except (*DECODE_FAILURES, OSError, Image.DecompressionBombError) as exc:
+    except (*DECODE_FAILURES, IndexError, OSError, Image.DecompressionBombError) as exc:
         LOG.debug("reduced JPEG 2000 decode failed, decoding in full (%s): %s", instance_label(ds), exc)
         return None
 
