@@ -6,6 +6,7 @@ they are looked up with `download=False`, so the suite never reaches the network
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from collections.abc import Callable
@@ -18,14 +19,22 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate, get_frame
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    OphthalmicTomographyImageStorage,
+    generate_uid,
+)
 
 from dicomnode import imaging
 from dicomnode.flow import InputSpec
-from dicomnode.imaging import cxr
+from dicomnode.imaging import common, cxr, j2k, oct
 from dicomnode.imaging.common import ImagingError, display_pixels, to_sample
 from dicomnode.privacy import uid_tag
+from dicomnode.results import sc
 
 CLIP_SPEC = InputSpec(
     image_size=224,
@@ -445,3 +454,174 @@ def test_prepare_refuses_a_file_that_is_not_dicom_without_quoting_its_path(tmp_p
 def test_imaging_does_not_import_torch() -> None:
     code = "import sys, dicomnode.imaging; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# Reduced-resolution JPEG 2000: (file, the need passed as min_side, reduced rows x columns, and
+# the largest mean difference from the full decode, both fitted to 224, as a share of the display
+# range). Radiographs stay within 1%; the 4x reduced MR and CT and the ultrasound's burned-in
+# text, sharp-edged fine detail, alias a little differently through the wavelet's low band than
+# through Pillow's filter.
+REDUCED_J2K = [
+    ("RG1_J2KR.dcm", 224, (978, 921), 0.01),  # r=2 would suit, Pillow cannot size 1841 / 4
+    ("RG1_J2KI.dcm", 224, (978, 921), 0.01),  # irreversible, MONOCHROME1
+    ("RG3_J2KR.dcm", 224, (440, 440), 0.01),  # 10-bit MONOCHROME1; 1760 / 8 = 220 is too small
+    ("MR2_J2KR.dcm", 224, (256, 256), 0.02),  # rescale slope and intercept
+    ("693_J2KR.dcm", 224, (256, 256), 0.02),  # signed CT in HU
+    ("JPEG2000.dcm", 224, (256, 64), 0.01),  # signed NM, irreversible, no window (min-max)
+    ("US1_J2KR.dcm", 224, (240, 320, 3), 0.02),  # YBR_RCT colour as RGB, burned-in text
+]
+
+
+def fitted(display: np.ndarray, size: int = 224) -> np.ndarray:
+    """A display image as the backbone sees it (fit, pad), as luminance."""
+    gray = display @ common.LUMA_WEIGHTS if display.ndim == 3 else display
+    return common._fit_and_pad(gray[..., np.newaxis], size)[..., 0]
+
+
+@pytest.mark.parametrize(("name", "min_side", "size", "tolerance"), REDUCED_J2K)
+def test_reduced_jpeg2000_shows_the_full_decode_downsampled(
+    name: str, min_side: int, size: tuple[int, int], tolerance: float
+) -> None:
+    reduced = display_pixels(read(name), min_side=min_side)
+    assert reduced.shape == size and reduced.dtype == np.float32
+    # Same window, same MONOCHROME1 inversion, same sign: only the resolution may differ.
+    assert np.abs(fitted(reduced) - fitted(shown(name))).mean() < tolerance
+    assert to_sample("1.2.3", reduced, CLIP_SPEC).pixels.shape == (3, 224, 224)
+
+
+@pytest.mark.parametrize(("name", "min_side", "size", "tolerance"), REDUCED_J2K)
+def test_reduced_jpeg2000_keeps_the_stored_values_type_and_level(
+    name: str, min_side: int, size: tuple[int, int], tolerance: float
+) -> None:
+    ds = read(name)
+    full, full_meta = common._decode_frame(ds, 0)
+    reduced, reduced_meta = common._decode_frame(ds, 0, min_side)
+    assert reduced.shape == size and reduced.dtype == full.dtype
+    assert reduced_meta["photometric_interpretation"] == full_meta["photometric_interpretation"]
+    assert reduced_meta["bits_stored"] == full_meta["bits_stored"]
+    # The wavelet's low band keeps the mean: a lost sign or a bit shift moves it by half the range.
+    value_range = float(full.max()) - float(full.min())
+    assert abs(float(reduced.mean()) - float(full.mean())) < 0.01 * value_range
+
+
+@pytest.mark.parametrize(
+    ("rows", "columns", "levels", "min_side", "expected"),
+    [
+        (1955, 1841, 5, 1024, 0),  # the pydicom-data chest CR is needed whole for the capture
+        (1955, 1841, 5, 224, 1),  # r=2 suits, but Pillow rounds 1841 / 4 down where openjpeg rounds up
+        (3000, 2500, 5, 1024, 1),
+        (4096, 4096, 5, 1024, 2),
+        (4096, 4096, 5, 224, 4),  # 256 >= 224; r=5 would give 128
+        (4096, 4096, 2, 224, 2),  # no more than the codestream's levels
+        (2048, 2048, 0, 224, 0),
+        (200, 200, 5, 224, 0),  # already smaller than needed
+        (2049, 1000, 5, 1024, 1),  # 1025 >= 1024: openjpeg rounds up
+    ],
+)
+def test_reduction_keeps_the_longer_side_at_least_the_need(
+    rows: int, columns: int, levels: int, min_side: int, expected: int
+) -> None:
+    assert j2k.reduction(rows, columns, levels, min_side) == expected
+
+
+def test_the_need_is_the_larger_of_the_backbone_input_and_the_capture() -> None:
+    assert j2k.DISPLAY_SIDE == sc.IMAGE_SIDE
+    assert common.needed_side(CLIP_SPEC) == sc.IMAGE_SIDE
+    assert common.needed_side(InputSpec(image_size=1536, mean=(0, 0, 0), std=(1, 1, 1))) == 1536
+
+
+def j2k_radiograph(
+    *frames: np.ndarray, resolutions: int, sop_class: str = ComputedRadiographyImageStorage
+) -> Dataset:
+    """A CR (or other `sop_class`) of 16-bit `frames`, each encoded by Pillow as lossless JPEG 2000."""
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, generate_uid()
+    ds.Modality = "OPT" if sop_class == OphthalmicTomographyImageStorage else "CR"
+    ds.Rows, ds.Columns = frames[0].shape
+    if len(frames) > 1:
+        ds.NumberOfFrames = len(frames)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    streams = []
+    for frame in frames:
+        stream = io.BytesIO()
+        Image.fromarray(frame).save(stream, format="JPEG2000", no_jp2=True, num_resolutions=resolutions)
+        streams.append(stream.getvalue())
+    ds.PixelData = encapsulate(streams)
+    return ds
+
+
+def smooth_image(rows: int, columns: int) -> np.ndarray:
+    y, x = np.mgrid[0:rows, 0:columns]
+    return (2000 + 1000 * np.sin(x / 90) * np.cos(y / 70) + (x + y) / 4).astype(np.uint16)
+
+
+def test_codestream_with_fewer_levels_is_reduced_only_as_far_as_it_allows() -> None:
+    ds = j2k_radiograph(smooth_image(512, 512), resolutions=2)
+    assert j2k.decomposition_levels(get_frame(ds.PixelData, 0, number_of_frames=1)) == 1
+    assert display_pixels(ds, min_side=64).shape == (256, 256)
+    flat = j2k_radiograph(smooth_image(512, 512), resolutions=1)
+    assert display_pixels(flat, min_side=64).shape == (512, 512)
+
+
+def test_reduced_decode_that_fails_falls_back_to_the_full_decode(monkeypatch) -> None:
+    # A header that promises more levels than the tiles hold (tile-part COD markers may): openjpeg
+    # refuses, and the frame is decoded in full rather than lost.
+    ds = j2k_radiograph(smooth_image(512, 512), resolutions=2)
+    monkeypatch.setattr(j2k, "decomposition_levels", lambda codestream: 5)
+    full = display_pixels(j2k_radiograph(smooth_image(512, 512), resolutions=2))
+    np.testing.assert_array_equal(display_pixels(ds, min_side=64), full)
+
+
+def test_codestream_whose_sign_contradicts_pixel_representation_is_decoded_in_full() -> None:
+    # Its coarse levels average uncorrected values; pydicom's per-value sign fix cannot apply.
+    ds = read("J2K_pixelrep_mismatch.dcm")
+    np.testing.assert_array_equal(display_pixels(ds, min_side=224), shown("J2K_pixelrep_mismatch.dcm"))
+
+
+def test_multiframe_jpeg2000_frames_are_each_reduced_only_when_larger_than_needed() -> None:
+    ds = read("emri_small_jpeg_2k_lossless.dcm")  # 10 frames of 64 x 64
+    full = list(common.display_frames(ds))
+    reduced = list(common.display_frames(ds, min_side=32))
+    assert len(reduced) == len(full) == 10
+    assert all(small.shape == (32, 32) for small in reduced)
+    # Each reduced frame is its own full frame downsampled, nearer to it than to any other frame.
+    halved = [fitted(whole, 32) for whole in full]
+    for index, small in enumerate(reduced):
+        distances = [np.abs(small - other).mean() for other in halved]
+        assert int(np.argmin(distances)) == index
+    unneeded = list(common.display_frames(ds, min_side=64))
+    for same, whole in zip(unneeded, full, strict=True):
+        np.testing.assert_array_equal(same, whole)
+
+
+def test_chest_preparer_decodes_a_large_jpeg2000_radiograph_at_the_capture_size(tmp_path: Path) -> None:
+    path = tmp_path / "cr.dcm"
+    j2k_radiograph(smooth_image(2100, 2300), resolutions=6).save_as(path, enforce_file_format=True)
+    sample = cxr.prepare(path, CLIP_SPEC)
+    assert sample.display.shape == (1050, 1150)  # 2300 / 2 >= 1024 > 2300 / 4
+    whole = to_sample("1.2.3", display_pixels(pydicom.dcmread(path)), CLIP_SPEC)
+    assert np.abs(sample.pixels - whole.pixels).mean() < 0.01 * float(np.ptp(whole.pixels))
+
+
+def test_oct_preparer_reduces_wide_jpeg2000_b_scans_to_the_capture_size(tmp_path: Path) -> None:
+    path = tmp_path / "oct.dcm"
+    scans = (smooth_image(1100, 2300), smooth_image(1100, 2300)[::-1].copy())
+    volume = j2k_radiograph(*scans, resolutions=6, sop_class=OphthalmicTomographyImageStorage)
+    volume.save_as(path, enforce_file_format=True)
+    samples = oct.prepare([path], CLIP_SPEC, {})
+    assert [sample.frame for sample in samples] == [1, 2]
+    assert all(sample.display.shape == (550, 1150) for sample in samples)
+
+
+def test_truncated_codestream_header_falls_back_to_the_full_decode_and_its_error() -> None:
+    ds = j2k_radiograph(smooth_image(512, 512), resolutions=3)
+    codestream = get_frame(ds.PixelData, 0, number_of_frames=1)
+    cod = codestream.index(b"\xff\x52")
+    with pytest.raises((ValueError, IndexError)):
+        j2k.decomposition_levels(codestream[: cod + 8])
+    ds.PixelData = encapsulate([codestream[: cod + 8]])
+    with pytest.raises(ImagingError, match="cannot decode Pixel Data in transfer syntax JPEG 2000"):
+        display_pixels(ds, min_side=64)

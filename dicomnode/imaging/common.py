@@ -9,6 +9,7 @@ anything away. Domain modules (cxr, ...) choose which instances are acceptable a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,13 +18,17 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
+from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, get_decoder
 from pydicom.uid import UID
 
 from dicomnode.flow import InputSpec, Sample
+from dicomnode.imaging import j2k
 from dicomnode.privacy import uid_tag
+
+LOG = logging.getLogger(__name__)
 
 GRAYSCALE = frozenset({"MONOCHROME1", "MONOCHROME2"})
 
@@ -72,10 +77,13 @@ def require_pixel_data(ds: Dataset) -> None:
         raise ImagingError(f"{kind} has no Pixel Data (7FE0,0010) ({instance_label(ds)})")
 
 
-def display_pixels(ds: Dataset, index: int = 0) -> np.ndarray:
+def display_pixels(ds: Dataset, index: int = 0, *, min_side: int | None = None) -> np.ndarray:
     """Frame `index` (0-based) of `ds` as a viewer displays it, float32 in [0, 1].
 
-    Returns shape (rows, columns) for grayscale and (rows, columns, 3) RGB for colour.
+    Returns shape (rows, columns) for grayscale and (rows, columns, 3) RGB for colour. With
+    `min_side`, the longer side the caller will use, a JPEG 2000 frame larger than needed is
+    decoded at 1/2^r of its size, the smallest that keeps the longer side >= `min_side`
+    (see `dicomnode.imaging.j2k`); its values are those of the full decode, only fewer.
     Grayscale goes through the Modality LUT (LUT sequence, else rescale slope/intercept), then
     the VOI LUT sequence, else the first window (LINEAR, LINEAR_EXACT or SIGMOID), else a
     min-max stretch of the frame, then MONOCHROME1 is inverted. Enhanced multi-frame objects
@@ -83,17 +91,22 @@ def display_pixels(ds: Dataset, index: int = 0) -> np.ndarray:
     for is decoded, so a volume is read one frame at a time. Presentation LUT Shape is not
     applied separately: for MONOCHROME1 it restates the same inversion.
     """
-    frame, meta = _decode_frame(ds, index)
+    frame, meta = _decode_frame(ds, index, min_side)
     return _shown(frame, meta, ds, index)
 
 
-def display_frames(ds: Dataset) -> Iterator[np.ndarray]:
-    """Every frame of `ds` in order, each as `display_pixels` shows it.
+def display_frames(ds: Dataset, *, min_side: int | None = None) -> Iterator[np.ndarray]:
+    """Every frame of `ds` in order, each as `display_pixels` shows it (`min_side` likewise).
 
     The frames are decoded in one pass over the Pixel Data, so a compressed volume costs no more
-    than its frames, and only one decoded frame is held at a time.
+    than its frames, and only one decoded frame is held at a time. JPEG 2000 frames that may be
+    reduced are read one by one, each at the reduction its own codestream allows.
     """
     transfer_syntax = _transfer_syntax(ds)
+    if min_side is not None and transfer_syntax in j2k.REDUCIBLE:
+        for index in range(frame_count(ds)):
+            yield display_pixels(ds, index, min_side=min_side)
+        return
     frames = get_decoder(transfer_syntax).iter_array(ds)
     index = 0
     while True:
@@ -129,7 +142,7 @@ def to_sample(
     The whole image is kept: it is resized so its longer side is `spec.image_size` and padded
     with black to a square, because cropping could cut off the lung apices or costophrenic
     angles that a finding depends on. Grayscale is replicated to the three channels the
-    backbone was trained on. The display copy is the full-resolution uint8 luminance.
+    backbone was trained on. The display copy is the uint8 luminance at the decoded size.
     """
     if display.ndim not in (2, 3) or (display.ndim == 3 and display.shape[2] != 3):
         raise ImagingError(f"display image has shape {display.shape}, expected (rows, cols[, 3])")
@@ -146,6 +159,11 @@ def to_sample(
         display=_luminance_uint8(display),
         frame=frame,
     )
+
+
+def needed_side(spec: InputSpec) -> int:
+    """The longer side a display image must keep: the backbone's input or the capture's image."""
+    return max(spec.image_size, j2k.DISPLAY_SIDE)
 
 
 def frame_count(ds: Dataset) -> int:
@@ -187,11 +205,55 @@ def _decoding(ds: Dataset, transfer_syntax: UID) -> Iterator[None]:
         ) from exc
 
 
-def _decode_frame(ds: Dataset, index: int) -> tuple[np.ndarray, dict]:
-    """Decode only frame `index`; return it with the decoder's description of it."""
+def _decode_frame(ds: Dataset, index: int, min_side: int | None = None) -> tuple[np.ndarray, dict]:
+    """Decode only frame `index`; return it with the decoder's description of it.
+
+    A JPEG 2000 frame is decoded reduced when `min_side` allows (see `display_pixels`), and in
+    full when it does not or when the reduced decode fails for any reason.
+    """
     transfer_syntax = _transfer_syntax(ds)
+    if min_side is not None and transfer_syntax in j2k.REDUCIBLE:
+        reduced = _decode_reduced(ds, index, transfer_syntax, min_side)
+        if reduced is not None:
+            return reduced
     with _decoding(ds, transfer_syntax):
         return get_decoder(transfer_syntax).as_array(ds, index=index)
+
+
+def _decode_reduced(
+    ds: Dataset, index: int, transfer_syntax: UID, min_side: int
+) -> tuple[np.ndarray, dict] | None:
+    """Frame `index` with the resolution levels `min_side` does not need discarded.
+
+    None when no level can be discarded (the frame is no larger than needed, its codestream has
+    no levels to spare, or its values need pydicom's sign correction) or when the reduced
+    decode fails: the caller then decodes in full,
+    which reports a corrupt frame as it always has.
+    """
+    try:
+        offsets = None
+        if "ExtendedOffsetTable" in ds:
+            offsets = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+        count = frame_count(ds)
+        codestream = get_frame(ds.PixelData, index, extended_offsets=offsets, number_of_frames=count)
+        if j2k.sign_mismatch(codestream, ds):
+            return None
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        r = j2k.reduction(rows, columns, j2k.decomposition_levels(codestream), min_side)
+        if r == 0:
+            return None
+        reduced_rows, reduced_columns = j2k.reduced_size(rows, columns, r)
+        return get_decoder(transfer_syntax).as_array(
+            ds,
+            index=index,
+            decoding_plugin=j2k.PLUGIN,
+            rows=reduced_rows,
+            columns=reduced_columns,
+            j2k_reduce=r,
+        )
+    except (*DECODE_FAILURES, IndexError, OSError, Image.DecompressionBombError) as exc:
+        LOG.debug("reduced JPEG 2000 decode failed, decoding in full (%s): %s", instance_label(ds), exc)
+        return None
 
 
 def _frame_item(ds: Dataset, macro_keyword: str, index: int = 0) -> Dataset:

@@ -18,6 +18,7 @@ from dicomnode.imaging.common import (
     ImagingError,
     display_pixels,
     instance_label,
+    needed_side,
     read_dataset,
     require_pixel_data,
     to_sample,
@@ -36,7 +37,7 @@ def prepare(path: Path, spec: InputSpec) -> Sample:
     """
     ds = read_dataset(path)
     _require_projection_image(ds)
-    return to_sample(str(ds.SOPInstanceUID), display_pixels(ds), spec)
+    return to_sample(str(ds.SOPInstanceUID), display_pixels(ds, min_side=needed_side(spec)), spec)
 
 
 def prepare_each(paths: Sequence[Path], spec: InputSpec, options: Mapping[str, object]) -> list[Sample]:

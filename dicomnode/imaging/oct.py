@@ -28,6 +28,7 @@ from dicomnode.imaging.common import (
     display_frames,
     frame_count,
     instance_label,
+    needed_side,
     read_dataset,
     require_pixel_data,
     to_sample,
@@ -65,7 +66,7 @@ def prepare(paths: Sequence[Path], spec: InputSpec, options: Mapping[str, object
         uid = str(ds.SOPInstanceUID)
         # A multi-frame object's frames are referenced by number, even a volume of one.
         numbered = "NumberOfFrames" in ds
-        for index, display in enumerate(display_frames(ds)):
+        for index, display in enumerate(display_frames(ds, min_side=needed_side(spec))):
             samples.append(to_sample(uid, display, spec, frame=index + 1 if numbered else None))
         if len(samples) < count:
             raise ImagingError(
