@@ -93,6 +93,20 @@ def test_a_broken_volume_is_refused_naming_what_is_wrong(tmp_path, change, messa
         imaging.prepare_unit("oct", [_saved(volume, tmp_path, "bad.dcm")], SPEC)
 
 
+def test_a_volume_short_of_frames_is_refused_even_after_a_whole_one(tmp_path):
+    whole = _saved(oct_volume(4), tmp_path, "whole.dcm")
+    short = oct_volume(4)
+    short.compress(RLELossless)
+    frames = list(generate_frames(short.PixelData, number_of_frames=4))
+    short.PixelData = encapsulate(frames[:2])  # two B-scans where Number of Frames says four
+    short = _saved(short, tmp_path, "short.dcm")
+    for paths in ([short], [whole, short]):
+        with pytest.raises(
+            ImagingError, match=r"Pixel Data holds 2 frames, Number of Frames \(0028,0008\) says 4"
+        ):
+            imaging.prepare_unit("oct", paths, SPEC)
+
+
 def test_an_undecodable_frame_is_refused_naming_the_transfer_syntax(tmp_path):
     volume = oct_volume(3)
     volume.compress(RLELossless)

@@ -66,13 +66,16 @@ def prepare(paths: Sequence[Path], spec: InputSpec, options: Mapping[str, object
         uid = str(ds.SOPInstanceUID)
         # A multi-frame object's frames are referenced by number, even a volume of one.
         numbered = "NumberOfFrames" in ds
-        for index, display in enumerate(display_frames(ds, min_side=needed_side(spec))):
-            samples.append(to_sample(uid, display, spec, frame=index + 1 if numbered else None))
-        if len(samples) < count:
+        frames = [
+            to_sample(uid, display, spec, frame=index + 1 if numbered else None)
+            for index, display in enumerate(display_frames(ds, min_side=needed_side(spec)))
+        ]
+        if len(frames) < count:
             raise ImagingError(
-                f"Pixel Data holds {len(samples)} frames, Number of Frames (0028,0008) says {count} "
+                f"Pixel Data holds {len(frames)} frames, Number of Frames (0028,0008) says {count} "
                 f"({instance_label(ds)})"
             )
+        samples.extend(frames)
     return samples
 
 
