@@ -389,7 +389,7 @@ def test_a_study_moves_the_counters_with_their_labels_and_no_patient_data(orthan
     assert value(samples, "dicomnode_destination_unreachable", destination="orthanc") == 0
     assert value(samples, "dicomnode_free_bytes") > 0
     stages = {dict(labels)["stage"] for name, labels in samples if name == "dicomnode_stage_stuck"}
-    assert stages == {"scp", "studies-0", "studies-1", "outbox-orthanc", "inference-cpu"}
+    assert stages == {"scp", "studies-0", "studies-1", "outbox-orthanc", "inference-cpu", "prompt-watcher"}
     assert value(samples, "dicomnode_healthy") == 1.0
     response = healthz(node.metrics_url)
     assert (response.status_code, response.text) == (200, "ok\n")
