@@ -34,6 +34,7 @@ import os
 import queue
 import select
 import ssl
+import struct
 import threading
 from datetime import datetime
 
@@ -43,12 +44,19 @@ from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
+
+from dicomnode.net.storestream import ProtocolError, StoreStream
 
 log = logging.getLogger(__name__)
 
 #: pynetdicom versions whose reactor loops the ones below were compared with, line by line.
 CHECKED_VERSIONS = frozenset({"3.0.4"})
+
+#: PDU types of PS3.8 9.3 (A-ASSOCIATE-RQ to A-ABORT), and P-DATA-TF's.
+_PDU_TYPES = frozenset(range(0x01, 0x08))
+_P_DATA_TF = 0x04
 
 #: Longest a thread waits without being woken, and so the longest a missed wake-up costs.
 MAX_WAIT_S = 0.05
@@ -73,6 +81,12 @@ class EventDrivenDUL(DULServiceProvider):
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
         self._wake_open = True
+        #: Serves C-STORE requests off the P-DATA this thread reads (net.storestream); set by
+        #: the SCP before the association starts. None: all PDUs go to pynetdicom.
+        self.store_stream: StoreStream | None = None
+        #: Largest PDU this thread reads into memory (a larger one closes the connection).
+        self.max_pdu_read_bytes = 1 << 20
+        self._buffer = bytearray()
 
     def _wake(self) -> None:
         """Interrupt the thread's select(); a no-op once the thread ended and closed its pipe."""
@@ -103,6 +117,8 @@ class EventDrivenDUL(DULServiceProvider):
         try:
             self._react()
         finally:
+            if self.store_stream is not None:
+                self.store_stream.close()
             with self._wake_lock:
                 self._wake_open = False
                 os.close(self._wake_read)
@@ -152,6 +168,67 @@ class EventDrivenDUL(DULServiceProvider):
             if event != "Evt10" or self.assoc.dimse.msg_queue.qsize() or self.to_user_queue.qsize():
                 self.activity.set()
             wait = False
+
+    def _read_pdu_data(self) -> None:
+        """Read one PDU; serve its C-STOREs where the stream takes them, else as pynetdicom would.
+
+        Once the association is established (Sta6) a P-DATA-TF goes to `store_stream`, whose
+        fragments for pynetdicom are handed to its DIMSE layer as its own DT-2 action does;
+        other PDUs are decoded into their state machine events as pynetdicom's own read does.
+        """
+        if self.store_stream is None or self.state_machine.current_state != "Sta6":
+            super()._read_pdu_data()
+            return
+        try:
+            header = bytes(self._read_exactly(6))
+            pdu_type, _, length = struct.unpack(">BBL", header)
+            if pdu_type not in _PDU_TYPES:
+                log.error("association aborted: unknown PDU type 0x%02X received", pdu_type)
+                self.event_queue.put("Evt19")
+                return
+            if length > self.max_pdu_read_bytes:
+                peer = self.assoc.requestor.address
+                log.warning("connection from %s closed: a PDU of %d bytes announced", peer, length)
+                raise ConnectionError(f"PDU of {length} bytes exceeds {self.max_pdu_read_bytes}")
+            body = self._read_exactly(length)
+        except (OSError, EOFError):  # as pynetdicom: the transport connection is gone (Evt17)
+            self.event_queue.put("Evt17")
+            return
+        if pdu_type != _P_DATA_TF:
+            try:
+                pdu, event = self._decode_pdu(bytearray(header) + body)
+            except Exception as exc:
+                log.error("association aborted: a PDU could not be decoded (%s)", exc.__class__.__name__)
+                self.event_queue.put("Evt19")
+                return
+            self.event_queue.put(event)
+            self._recv_pdu.put(pdu)
+            return
+        try:
+            passed = self.store_stream.receive(body)
+        except ProtocolError as exc:
+            log.error("association aborted: %s", exc)
+            self.event_queue.put("Evt19")
+            return
+        if passed:
+            primitive = P_DATA()
+            primitive.presentation_data_value_list = passed
+            self.assoc.dimse.receive_primitive(primitive)
+            self.activity.set()
+
+    def _read_exactly(self, size: int) -> memoryview:
+        """`size` bytes from the socket into the thread's buffer (valid until the next read)."""
+        if len(self._buffer) < size:
+            self._buffer = bytearray(size)
+        view = memoryview(self._buffer)[:size]
+        connection = self.socket.socket
+        received = 0
+        while received < size:
+            count = connection.recv_into(view[received:], size - received)
+            if not count:
+                raise EOFError("the peer closed the connection inside a PDU")
+            received += count
+        return view
 
     def _wait_for_work(self) -> None:
         """Block until the socket is readable, a wake-up comes, or a timer may have expired."""

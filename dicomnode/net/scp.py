@@ -6,10 +6,12 @@ instance durable; anything else gets the DICOM status that tells the sender what
 Association outcomes go to the audit log, without patient data: who is refused is decided
 by the access policy at the association request, and the audit states that decision's reason.
 
-Datasets are received to disk, not memory: pynetdicom writes each one, as it arrives, to a
-file in the spool's `incoming/` folder, the handler reads its header only, and the spool
-moves the file into place. Receiving a whole-slide level of a gigabyte needs no more memory
-than receiving a CT slice.
+Datasets are received to disk, not memory: each is written, as it arrives, to a file in
+the spool's `incoming/` folder, the handler reads its header only (net.header), and the
+spool moves the file into place. Receiving a whole-slide level of a gigabyte needs no more
+memory than receiving a CT slice. The writing is done by the association's reading thread
+(net.storestream), which serves C-STOREs itself, or, for the messages it passes on, by
+pynetdicom; both end in `StorageHandlers.store`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from dicomnode.config import ScpConfig
 from dicomnode.identity import NODE_MANUFACTURER
 from dicomnode.net.access import SERVICE_PROVIDER_PRESENTATION, AccessPolicy, Rejection, describe_rejection
-from dicomnode.net.reactor import acceptor_association
+from dicomnode.net.header import Header, Unusual, read_header
+from dicomnode.net.reactor import EventDrivenDUL, acceptor_association
+from dicomnode.net.storestream import StoreRequest, StoreStream
 from dicomnode.net.tls import HandshakingServer
 from dicomnode.privacy import uid_tag, where_raised
 from dicomnode.spool import Spool, SpoolFull, is_valid_uid
@@ -79,7 +83,9 @@ class TruncatedDataset(ValueError):
 
 
 def _read_header(path: Path) -> Dataset:
-    """Parse the received file's elements, leaving long values (pixel data) on disk.
+    """Parse the received file's elements with pydicom, leaving long values (pixel data) on disk.
+
+    For the streams net.header's quick walk does not read (it reads the common ones).
 
     The parse walks every top-level element, seeking past long values, so a malformed stream
     fails here. A stream cut short is found at its end: the last element must end where the
@@ -97,6 +103,17 @@ def _read_header(path: Path) -> Dataset:
             path, ds.get_item(next(reversed(ds.keys())), keep_deferred=True), syntax.is_little_endian
         )
     return ds
+
+
+def _header_of(ds: Dataset) -> Header:
+    """The attributes the SCP decides on, from a data set pydicom read."""
+    return Header(
+        sop_class_uid=str(ds.get("SOPClassUID", "")).strip(),
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "")).strip(),
+        study_instance_uid=str(ds.get("StudyInstanceUID", "")).strip(),
+        series_instance_uid=str(ds.get("SeriesInstanceUID", "")).strip(),
+        manufacturer=str(ds.get("Manufacturer", "")).strip(),
+    )
 
 
 #: Sequence Delimitation Item (FFFE,E0DD) with its zero length, by byte order.
@@ -120,16 +137,16 @@ def _check_complete(path: Path, last: RawDataElement | DataElement, little_endia
             )
 
 
-def _is_own_result(ds: Dataset, spool: Spool) -> bool:
+def _is_own_result(header: Header, spool: Spool) -> bool:
     """True for an object this node wrote, as a PACS that forwards everything sends it back.
 
     Two signatures, either enough: the Manufacturer the results are signed with, and a SOP
     Instance UID the node wrote into its outbox (a PACS may coerce attributes, but it keeps
     the UID it stores an instance under).
     """
-    if str(ds.get("Manufacturer", "")).strip() == NODE_MANUFACTURER:
+    if header.manufacturer == NODE_MANUFACTURER:
         return True
-    return spool.wrote_result(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
+    return spool.wrote_result(header.study_instance_uid, header.sop_instance_uid)
 
 
 def _receive_to_disk() -> None:
@@ -169,14 +186,18 @@ def _discard_partial(assoc) -> None:
         Path(received.name).unlink(missing_ok=True)
 
 
-def _check_identity(ds: Dataset, affected_sop_instance_uid: str) -> Refusal | None:
-    for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"):
-        value = str(ds.get(keyword, "")).strip()
+def _check_identity(header: Header, affected_sop_instance_uid: str) -> Refusal | None:
+    for keyword, value in (
+        ("SOPInstanceUID", header.sop_instance_uid),
+        ("StudyInstanceUID", header.study_instance_uid),
+        ("SeriesInstanceUID", header.series_instance_uid),
+        ("SOPClassUID", header.sop_class_uid),
+    ):
         if not value:
             return Refusal(CANNOT_UNDERSTAND, f"{keyword} missing")
         if not is_valid_uid(value):
             return Refusal(CANNOT_UNDERSTAND, f"{keyword} is not a valid UID")
-    if ds.SOPInstanceUID != affected_sop_instance_uid:
+    if header.sop_instance_uid != affected_sop_instance_uid:
         return Refusal(CANNOT_UNDERSTAND, "SOPInstanceUID differs from Affected SOP Instance UID")
     return None
 
@@ -196,49 +217,76 @@ class StorageHandlers:
         if cleared:
             log.info("deleted %d instances a previous run left half-received", cleared)
 
-    def _count(self, event: evt.Event, outcome: str) -> None:
+    def _count(self, assoc, outcome: str) -> None:
         with self._lock:
-            self._counts.setdefault(id(event.assoc), Counter())[outcome] += 1
+            self._counts.setdefault(id(assoc), Counter())[outcome] += 1
 
     def on_echo(self, event: evt.Event) -> int:
         """C-ECHO: always success while the node is up."""
         return SUCCESS
 
     def on_store(self, event: evt.Event) -> int | Dataset:
-        """C-STORE: parse the header, make durable, then acknowledge; refuse with the reason otherwise.
+        """C-STORE as pynetdicom serves it (see `store`)."""
+        refusal = self.store(event.assoc, str(event.request.AffectedSOPInstanceUID), event.dataset_path)
+        return SUCCESS if refusal is None else refusal.as_dataset()
+
+    def on_streamed_store(self, assoc, request: StoreRequest) -> tuple[int, str | None]:
+        """C-STORE as net.storestream serves it (see `store`): its status and Error Comment."""
+        if request.write_error is not None:
+            log.error(
+                "refused instance %s: cannot write the received data (%s)",
+                uid_tag(request.sop_instance_uid),
+                request.write_error.strerror,
+            )
+            self._count(assoc, "refused")
+            reason = f"node cannot write received data: {request.write_error.strerror}"
+            return OUT_OF_RESOURCES, reason[:64]
+        refusal = self.store(assoc, request.sop_instance_uid, request.path, data_synced=True)
+        return (SUCCESS, None) if refusal is None else (refusal.status, refusal.reason[:64])
+
+    def store(self, assoc, affected: str, received: Path, data_synced: bool = False) -> Refusal | None:
+        """Parse the header, make durable, then acknowledge (None); else the refusal and its reason.
+
+        `data_synced`: the received file's data is on disk already (only its name is not).
 
         The node's own results, forwarded back by a PACS, are acknowledged (or the PACS would
         retry them forever) but not stored: they must never re-open their study.
         """
-        request = event.request
-        affected = str(request.AffectedSOPInstanceUID)
-        received = event.dataset_path
         try:
-            ds = _read_header(received)
+            header = read_header(received)
+        except Unusual:  # pydicom judges what the quick walk does not read
+            header = None
+        except OSError as exc:
+            log.error("cannot read received instance %s: %s", uid_tag(affected), exc.strerror)
+            self._count(assoc, "refused")
+            return Refusal(OUT_OF_RESOURCES, f"node cannot read received data: {exc.strerror}")
+        try:
+            header = header or _header_of(_read_header(received))
         except Exception as exc:  # pydicom raises many types for a bad stream; all mean the same
             log.warning("refused instance %s: cannot parse (%s)", uid_tag(affected), exc.__class__.__name__)
-            self._count(event, "refused")
-            return Refusal(CANNOT_UNDERSTAND, "dataset cannot be parsed").as_dataset()
-        refusal = _check_identity(ds, affected)
-        if refusal is None and _is_own_result(ds, self.spool):
+            self._count(assoc, "refused")
+            return Refusal(CANNOT_UNDERSTAND, "dataset cannot be parsed")
+        refusal = _check_identity(header, affected)
+        if refusal is None and _is_own_result(header, self.spool):
             audit.info(
                 "own result not stored peer=%s calling=%s instance=%s study=%s",
-                event.assoc.requestor.address,
-                event.assoc.requestor.ae_title,
+                assoc.requestor.address,
+                assoc.requestor.ae_title,
                 uid_tag(affected),
-                uid_tag(ds.StudyInstanceUID),
+                uid_tag(header.study_instance_uid),
             )
-            self._count(event, "own results")
-            return SUCCESS
+            self._count(assoc, "own results")
+            return None
         if refusal is None:
             try:
                 self.spool.store(
                     received,
-                    sop_instance_uid=ds.SOPInstanceUID,
-                    sop_class_uid=ds.SOPClassUID,
-                    study_instance_uid=ds.StudyInstanceUID,
-                    series_instance_uid=ds.SeriesInstanceUID,
-                    calling_ae=event.assoc.requestor.ae_title,
+                    sop_instance_uid=header.sop_instance_uid,
+                    sop_class_uid=header.sop_class_uid,
+                    study_instance_uid=header.study_instance_uid,
+                    series_instance_uid=header.series_instance_uid,
+                    calling_ae=assoc.requestor.ae_title,
+                    data_synced=data_synced,
                 )
             except SpoolFull as exc:
                 refusal = Refusal(OUT_OF_RESOURCES, f"node storage full: {exc}")
@@ -247,11 +295,11 @@ class StorageHandlers:
                 refusal = Refusal(OUT_OF_RESOURCES, f"node cannot store: {exc.__class__.__name__}")
         if refusal is not None:
             log.warning("refused instance %s: %s", uid_tag(affected), refusal.reason)
-            self._count(event, "refused")
-            return refusal.as_dataset()
-        log.info("stored instance %s of study %s", uid_tag(affected), uid_tag(ds.StudyInstanceUID))
-        self._count(event, "stored")
-        return SUCCESS
+            self._count(assoc, "refused")
+            return refusal
+        log.info("stored instance %s of study %s", uid_tag(affected), uid_tag(header.study_instance_uid))
+        self._count(assoc, "stored")
+        return None
 
     def on_requested(self, event: evt.Event) -> None:
         """Decide, before pynetdicom negotiates, whether this peer may associate; refuse if not.
@@ -358,6 +406,7 @@ class BoundedPduRequestHandler(RequestHandler):
 
     def _create_association(self):
         assoc = acceptor_association(self)
+        _stream_stores(assoc)
         sock = assoc.dul.socket
         read = sock.recv
 
@@ -370,6 +419,23 @@ class BoundedPduRequestHandler(RequestHandler):
 
         sock.recv = bounded_read
         return assoc
+
+
+def _stream_stores(assoc) -> None:
+    """Have the association's DUL thread serve C-STOREs itself (net.storestream), where it can.
+
+    It can when the association is event-driven (net.reactor) and its C-STORE handler is a
+    StorageHandlers': C-STOREs then take one thread and no queue, everything else pynetdicom's
+    path. The stream reads PDUs no larger than the handler's bound.
+    """
+    bound = assoc.get_handlers(evt.EVT_C_STORE)
+    owner = getattr(bound[0], "__self__", None) if isinstance(bound, tuple) else None
+    if not isinstance(assoc.dul, EventDrivenDUL) or not isinstance(owner, StorageHandlers):
+        return
+    assoc.dul.max_pdu_read_bytes = MAX_PDU_READ_BYTES
+    assoc.dul.store_stream = StoreStream(
+        assoc, owner.on_streamed_store, owner.spool.incoming_dir, assoc.dul.socket.send
+    )
 
 
 def _transport(assoc) -> str:

@@ -33,13 +33,15 @@ class InstanceStore(Journal):
         study_instance_uid: str,
         series_instance_uid: str,
         calling_ae: str,
+        data_synced: bool = False,
     ) -> StoredInstance:
         """Make one received instance durable and journal it; idempotent per SOP Instance UID.
 
         `content` is the instance as a DICOM file: its bytes, or a file under `incoming_dir`
-        that is moved into the spool (left where it is when nothing needs storing). A
-        byte-identical resend of an instance we hold changes nothing: PACS retry whole
-        studies, and that must not re-process a finished one (a failed one is retried). An
+        that is moved into the spool (left where it is when nothing needs storing), its data
+        already on disk if `data_synced` (synced by whoever wrote it). A byte-identical
+        resend of an instance we hold changes nothing: PACS retry whole studies, and that
+        must not re-process a finished one (a failed one is retried). An
         instance that moved to another study leaves no stale file behind. Raises SpoolFull
         below the free-space floor and SpoolError when the disk write fails, in both cases
         before anything is acknowledged.
@@ -65,7 +67,7 @@ class InstanceStore(Journal):
             path=path,
             calling_ae=calling_ae,
         )
-        if isinstance(content, Path):
+        if isinstance(content, Path) and not data_synced:
             # Its data on disk before the group commit, so that the associations sending at
             # once sync their files side by side, not one after another.
             try:
