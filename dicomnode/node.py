@@ -371,7 +371,11 @@ def serve(cfg: NodeConfig) -> None:
     log.info("dicomnode ready: state in %s", cfg.state_dir)
     # Ready for systemd only now: the SCP listens and every served prompt set is warm.
     notifier.ready(f"serving: Storage SCP {cfg.scp.ae_title} on port {cfg.scp.port}")
-    stopping.wait()
+    # Python runs signal handlers in the main thread only, and the kernel may deliver SIGTERM
+    # to any thread: a main thread blocked in wait() without a timeout never woke for one
+    # (a test's SIGTERM went unanswered for 90 s). It looks every half second.
+    while not stopping.wait(0.5):
+        pass
     log.info("stopping")
     notifier.stopping()
     node.stop()
