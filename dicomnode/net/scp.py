@@ -172,9 +172,15 @@ def _incoming_dir() -> Path | None:
     an SCP that is not ours: the spool then copies instead of renaming.
     """
     assoc = getattr(threading.current_thread(), "assoc", None)
-    bound = assoc.get_handlers(evt.EVT_C_STORE) if assoc is not None else None
+    owner = _storage_handlers(assoc) if assoc is not None else None
+    return owner.spool.incoming_dir if owner is not None else None
+
+
+def _storage_handlers(assoc) -> StorageHandlers | None:
+    """The StorageHandlers the association's C-STORE handler is bound to; None for another SCP's."""
+    bound = assoc.get_handlers(evt.EVT_C_STORE)
     owner = getattr(bound[0], "__self__", None) if isinstance(bound, tuple) else None
-    return owner.spool.incoming_dir if isinstance(owner, StorageHandlers) else None
+    return owner if isinstance(owner, StorageHandlers) else None
 
 
 def _discard_partial(assoc) -> None:
@@ -428,9 +434,8 @@ def _stream_stores(assoc) -> None:
     StorageHandlers': C-STOREs then take one thread and no queue, everything else pynetdicom's
     path. The stream reads PDUs no larger than the handler's bound.
     """
-    bound = assoc.get_handlers(evt.EVT_C_STORE)
-    owner = getattr(bound[0], "__self__", None) if isinstance(bound, tuple) else None
-    if not isinstance(assoc.dul, EventDrivenDUL) or not isinstance(owner, StorageHandlers):
+    owner = _storage_handlers(assoc)
+    if not isinstance(assoc.dul, EventDrivenDUL) or owner is None:
         return
     assoc.dul.max_pdu_read_bytes = MAX_PDU_READ_BYTES
     assoc.dul.store_stream = StoreStream(

@@ -24,7 +24,7 @@ import os
 import struct
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from io import BytesIO
 from pathlib import Path
 
@@ -83,15 +83,10 @@ Store = Callable[[object, StoreRequest], tuple[int, "str | None"]]
 
 @dataclass
 class _Receiving:
-    """The C-STORE whose data set is arriving."""
+    """The C-STORE whose data set is arriving into `request.path`, open as `fd`."""
 
-    message_id: int
-    context_id: int
-    sop_class_uid: str
-    sop_instance_uid: str
-    transfer_syntax: str
+    request: StoreRequest
     fd: int
-    path: Path
     error: OSError | None = None
 
 
@@ -139,7 +134,7 @@ class StoreStream:
         if receiving is not None:
             if control & _COMMAND:
                 raise ProtocolError("a command arrived before the last fragment of a data set")
-            if context_id != receiving.context_id:
+            if context_id != receiving.request.context_id:
                 raise ProtocolError("a data set fragment arrived on another presentation context")
             self._write(receiving, fragment)
             if control & _LAST:
@@ -180,9 +175,10 @@ class StoreStream:
             return False
         transfer_syntax = str(context.transfer_syntax[0])
         fd, name = tempfile.mkstemp(dir=self._incoming_dir, prefix=".received-", suffix=".dcm")
-        receiving = _Receiving(
-            message_id, context_id, sop_class_uid, sop_instance_uid, transfer_syntax, fd, Path(name)
+        request = StoreRequest(
+            message_id, context_id, sop_class_uid, sop_instance_uid, transfer_syntax, Path(name)
         )
+        receiving = _Receiving(request, fd)
         self._write(receiving, file_meta(sop_class_uid, sop_instance_uid, transfer_syntax))
         self._receiving = receiving
         return True
@@ -211,28 +207,19 @@ class StoreStream:
             except OSError as exc:
                 receiving.error = exc
         os.close(receiving.fd)
-        receiving.fd = -1
-        request = StoreRequest(
-            receiving.message_id,
-            receiving.context_id,
-            receiving.sop_class_uid,
-            receiving.sop_instance_uid,
-            receiving.transfer_syntax,
-            receiving.path,
-            receiving.error,
-        )
+        request = replace(receiving.request, write_error=receiving.error)
         try:
             status, comment = self._store(self.assoc, request)
         except Exception as exc:  # as pynetdicom answers a handler that raised
             log.error("C-STORE handler failed (%s)", exc.__class__.__name__)
             status, comment = HANDLER_FAILED, None
         finally:
-            receiving.path.unlink(missing_ok=True)
+            request.path.unlink(missing_ok=True)
         response = c_store_response(
-            receiving.message_id, receiving.sop_class_uid, receiving.sop_instance_uid, status, comment
+            request.message_id, request.sop_class_uid, request.sop_instance_uid, status, comment
         )
-        self._send(p_data(receiving.context_id, response, self.assoc.requestor.maximum_length))
-        self._tell_observers(receiving.context_id, response)
+        self._send(p_data(request.context_id, response, self.assoc.requestor.maximum_length))
+        self._tell_observers(request.context_id, response)
 
     def _tell_observers(self, context_id: int, response: bytes) -> None:
         """Trigger EVT_DIMSE_SENT with the response as sent, as pynetdicom does for its messages.
@@ -254,7 +241,7 @@ class StoreStream:
         if receiving is not None:
             with contextlib.suppress(OSError):
                 os.close(receiving.fd)
-            receiving.path.unlink(missing_ok=True)
+            receiving.request.path.unlink(missing_ok=True)
 
 
 def _elements(command: bytes) -> dict[int, bytes]:
