@@ -118,6 +118,43 @@ def test_an_identical_resend_of_a_large_instance_keeps_the_first_file(tmp_path, 
     assert not list(spool.incoming_dir.iterdir())
 
 
+def test_an_identical_resend_of_a_slice_held_in_memory_leaves_nothing_behind(scp):
+    spool, port = scp
+    ct_small = Path(get_testdata_file("CT_small.dcm", download=False))
+    assert _storescu(port, ct_small).returncode == 0
+    (stored,) = _stored_files(spool)
+    first = stored.stat().st_ino
+
+    assert _storescu(port, ct_small).returncode == 0
+
+    assert _stored_files(spool) == [stored]
+    assert stored.stat().st_ino == first
+    assert not list(spool.incoming_dir.iterdir())
+
+
+def test_a_slice_header_is_read_from_the_bytes_held_in_memory_a_large_instance_from_its_file(
+    tmp_path, scp, monkeypatch
+):
+    from dicomnode.net import scp as scp_module
+
+    spool, port = scp
+    read = []
+    walk = scp_module.read_header
+    monkeypatch.setattr(
+        scp_module, "read_header", lambda path, content=None: read.append(content) or walk(path, content)
+    )
+    ct_small = Path(get_testdata_file("CT_small.dcm", download=False))
+    large = write_large_instance(tmp_path / "large.dcm", megabytes=2)
+
+    assert _storescu(port, ct_small).returncode == 0
+    assert _storescu(port, large).returncode == 0
+
+    held, not_held = read
+    stored = {path.name: path for path in _stored_files(spool)}
+    assert held == stored[f"{pydicom.dcmread(ct_small).SOPInstanceUID}.dcm"].read_bytes()
+    assert not_held is None
+
+
 def _result_like(source: Path, folder: Path, **changes) -> Path:
     ds = pydicom.dcmread(source)
     for keyword, value in changes.items():
@@ -142,6 +179,7 @@ def test_an_instance_signed_by_the_node_is_acknowledged_but_not_stored_and_audit
     (line,) = [r.getMessage() for r in caplog.records if "own result" in r.getMessage()]
     assert "calling=STORESCU" in line
     assert str(pydicom.dcmread(ours).StudyInstanceUID) not in line
+    assert not list(spool.incoming_dir.iterdir()), "acknowledged, not stored, and not left behind"
 
 
 def test_a_result_whose_manufacturer_a_pacs_rewrote_is_still_recognised_by_its_uid(tmp_path, scp, chest_cr):

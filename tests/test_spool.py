@@ -940,7 +940,7 @@ def test_a_received_resend_is_compared_chunk_by_chunk_same_size_different_bytes_
     same = _received(spool, first)
     _store(spool, "1.2.3.4.5", content=same)
     assert spool.study(STUDY).state == "done", "byte-identical: nothing changes"
-    assert same.exists(), "left for the SCP to delete"
+    assert not same.exists(), "the resend is the spool's once stored: deleted, not left behind"
 
     changed = first[:-1] + b"\x01"
     _store(spool, "1.2.3.4.5", content=_received(spool, changed))

@@ -190,10 +190,14 @@ def _identity(ds: pydicom.Dataset) -> tuple[str, ...]:
 
 
 def _walked(path: Path) -> tuple[str, ...] | None:
+    """What the walk reads of `path`, the same from the file as from its bytes held in memory."""
     try:
         header = read_header(path)
     except Unusual:
+        with pytest.raises(Unusual):
+            read_header(path, path.read_bytes())
         return None
+    assert read_header(path, path.read_bytes()) == header
     fields = (
         "sop_class_uid",
         "sop_instance_uid",

@@ -16,6 +16,7 @@ SCP then reads the file with pydicom, which judges it as before.
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,22 +67,31 @@ _DICOM_ROOT = "1.2.840.10008.1.2"
 _META_START = 144
 
 
-def read_header(path: Path) -> Header:
+def read_header(path: Path, content: bytes | None = None) -> Header:
     """The header of the received DICOM file at `path` (preamble, file meta, data set).
 
+    `content`: the file's bytes, when the receiver kept them: read instead of the file.
     Raises Unusual for anything the walk does not read; OSError when the file cannot be read.
     """
+    if content is not None:
+        return _read_whole(content)
     with path.open("rb") as handle:
-        if path.stat().st_size < _META_START:
+        if os.fstat(handle.fileno()).st_size < _META_START:  # mmap refuses an empty file
             raise Unusual("too short for a preamble and a file meta group")
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            try:
-                return _read(data)
-            except (struct.error, IndexError) as exc:
-                raise Unusual("an element header runs past the end") from exc
+            return _read_whole(data)
 
 
-def _read(data: mmap.mmap) -> Header:
+def _read_whole(data: bytes | mmap.mmap) -> Header:
+    if len(data) < _META_START:
+        raise Unusual("too short for a preamble and a file meta group")
+    try:
+        return _read(data)
+    except (struct.error, IndexError) as exc:
+        raise Unusual("an element header runs past the end") from exc
+
+
+def _read(data: bytes | mmap.mmap) -> Header:
     if data[128:132] != b"DICM" or data[132:138] != b"\2\0\0\0UL":
         raise Unusual("no file meta group length")
     meta_end = _META_START + struct.unpack_from("<L", data, 140)[0]
@@ -96,7 +106,7 @@ def _read(data: mmap.mmap) -> Header:
     return Header(**{name: _text(kept.get(tag, b"")) for tag, name in _WANTED.items()})
 
 
-def _transfer_syntax(data: mmap.mmap, offset: int, end: int) -> str:
+def _transfer_syntax(data: bytes | mmap.mmap, offset: int, end: int) -> str:
     """(0002,0010) of the file meta group (explicit VR little endian) between offset and end."""
     while offset < end:
         group, element, vr = struct.unpack_from("<HH2s", data, offset)
@@ -122,7 +132,7 @@ def _text(value: bytes) -> str:
 class _Walker:
     """Walks the elements, sequences and items of one byte order, keeping wanted top-level values."""
 
-    def __init__(self, data: mmap.mmap, little: bool) -> None:
+    def __init__(self, data: bytes | mmap.mmap, little: bool) -> None:
         self.data = data
         order = "<" if little else ">"
         self.tag = struct.Struct(order + "HH").unpack_from

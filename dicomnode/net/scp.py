@@ -247,19 +247,25 @@ class StorageHandlers:
             self._count(assoc, "refused")
             reason = f"node cannot write received data: {request.write_error.strerror}"
             return OUT_OF_RESOURCES, reason[:64]
-        refusal = self.store(assoc, request.sop_instance_uid, request.path, data_synced=True)
+        refusal = self.store(
+            assoc, request.sop_instance_uid, request.path, data_synced=True, content=request.content
+        )
         return (SUCCESS, None) if refusal is None else (refusal.status, refusal.reason[:64])
 
-    def store(self, assoc, affected: str, received: Path, data_synced: bool = False) -> Refusal | None:
+    def store(
+        self, assoc, affected: str, received: Path, data_synced: bool = False, content: bytes | None = None
+    ) -> Refusal | None:
         """Parse the header, make durable, then acknowledge (None); else the refusal and its reason.
 
         `data_synced`: the received file's data is on disk already (only its name is not).
+        `content`: the file's bytes, when the receiver kept them, to read the header from.
+        Once acknowledged, the file is the node's: moved into the spool, or deleted.
 
         The node's own results, forwarded back by a PACS, are acknowledged (or the PACS would
         retry them forever) but not stored: they must never re-open their study.
         """
         try:
-            header = read_header(received)
+            header = read_header(received, content)
         except Unusual:  # pydicom judges what the quick walk does not read
             header = None
         except OSError as exc:
@@ -282,6 +288,7 @@ class StorageHandlers:
                 uid_tag(header.study_instance_uid),
             )
             self._count(assoc, "own results")
+            received.unlink(missing_ok=True)
             return None
         if refusal is None:
             try:

@@ -43,6 +43,7 @@ NO_DATA_SET = 0x0101
 _COMMAND, _LAST = 0x01, 0x02
 #: Status sent when the node's store raises instead of answering (pynetdicom's for a failed handler).
 HANDLER_FAILED = 0xC211
+SUCCESS = 0x0000
 
 _PDU_HEADER = struct.Struct(">BBL")  # PDU type, reserved, length
 _PDV_HEADER = struct.Struct(">LBB")  # item length, presentation context ID, message control header
@@ -52,6 +53,9 @@ _ELEMENT_EXPLICIT_SHORT = struct.Struct("<HH2sH")  # explicit VR, 2-byte length 
 _ELEMENT_EXPLICIT_LONG = struct.Struct("<HH2sHL")  # explicit VR, reserved, 4-byte length (OB)
 _PREAMBLE = b"\0" * 128 + b"DICM"
 _UNTIL_DATA_SET_ENDS, _FOR_GOOD = "until its data set ends", "for good"
+#: Largest instance whose bytes are kept in memory while it is written (a CT or MR slice is
+#: 40-520 KB), so that the node reads its header without opening and mapping the file again.
+HELD_BYTES = 1 << 20
 
 
 class ProtocolError(ValueError):
@@ -74,10 +78,13 @@ class StoreRequest:
     transfer_syntax: str
     path: Path
     write_error: OSError | None = None
+    #: The file's bytes as written, for an instance of at most HELD_BYTES (its header is then
+    #: read from memory, not the file); None for a larger one.
+    content: bytes | None = None
 
 
-#: The node's store: (association, request) to (status, Error Comment or None). It owns the
-#: file from then on (moves it into the spool, or leaves it to be deleted).
+#: The node's store: (association, request) to (status, Error Comment or None). On success it
+#: owns the file (moves it into the spool, or deletes it); after a refusal the stream deletes it.
 Store = Callable[[object, StoreRequest], tuple[int, "str | None"]]
 
 
@@ -88,6 +95,8 @@ class _Receiving:
     request: StoreRequest
     fd: int
     error: OSError | None = None
+    #: What was written, while it is at most HELD_BYTES; None once it grew larger.
+    held: bytearray | None = None
 
 
 class StoreStream:
@@ -178,7 +187,7 @@ class StoreStream:
         request = StoreRequest(
             message_id, context_id, sop_class_uid, sop_instance_uid, transfer_syntax, Path(name)
         )
-        receiving = _Receiving(request, fd)
+        receiving = _Receiving(request, fd, held=bytearray())
         self._write(receiving, file_meta(sop_class_uid, sop_instance_uid, transfer_syntax))
         self._receiving = receiving
         return True
@@ -188,6 +197,11 @@ class StoreStream:
         """Append to the received file; after a failure, read on and drop (the request is refused)."""
         if receiving.error is not None:
             return
+        if receiving.held is not None:
+            if len(receiving.held) + len(data) <= HELD_BYTES:
+                receiving.held += data
+            else:
+                receiving.held = None
         view = memoryview(data)
         try:
             while view:
@@ -196,10 +210,11 @@ class StoreStream:
             receiving.error = exc
 
     def _complete(self, receiving: _Receiving) -> None:
-        """Sync and close the file, have the node store it, answer, delete what the node did not keep.
+        """Sync and close the file, have the node store it, answer; delete the file if refused.
 
         The data is synced here, on the descriptor written through, rather than by the spool,
-        which would open the file again for it.
+        which would open the file again for it. A stored instance's file is the node's: deleting
+        it here would take the write lock of `incoming/` that the next file's creation waits on.
         """
         if receiving.error is None:
             try:
@@ -207,14 +222,20 @@ class StoreStream:
             except OSError as exc:
                 receiving.error = exc
         os.close(receiving.fd)
-        request = replace(receiving.request, write_error=receiving.error)
+        held = receiving.held
+        request = replace(
+            receiving.request,
+            write_error=receiving.error,
+            content=bytes(held) if held is not None and receiving.error is None else None,
+        )
+        status, comment = HANDLER_FAILED, None
         try:
             status, comment = self._store(self.assoc, request)
         except Exception as exc:  # as pynetdicom answers a handler that raised
             log.error("C-STORE handler failed (%s)", exc.__class__.__name__)
-            status, comment = HANDLER_FAILED, None
         finally:
-            request.path.unlink(missing_ok=True)
+            if status != SUCCESS:
+                request.path.unlink(missing_ok=True)
         response = c_store_response(
             request.message_id, request.sop_class_uid, request.sop_instance_uid, status, comment
         )

@@ -38,8 +38,8 @@ class InstanceStore(Journal):
         """Make one received instance durable and journal it; idempotent per SOP Instance UID.
 
         `content` is the instance as a DICOM file: its bytes, or a file under `incoming_dir`
-        that is moved into the spool (left where it is when nothing needs storing), its data
-        already on disk if `data_synced` (synced by whoever wrote it). A byte-identical
+        that is the spool's once stored (moved into the spool, or deleted when nothing needs
+        storing), its data already on disk if `data_synced` (synced by whoever wrote it). A byte-identical
         resend of an instance we hold changes nothing: PACS retry whole studies, and that
         must not re-process a finished one (a failed one is retried). An
         instance that moved to another study leaves no stale file behind. Raises SpoolFull
@@ -157,6 +157,8 @@ class InstanceStore(Journal):
             and Path(previous["path"]) == stored.path
             and _holds(stored.path, content, arrival.size)
         ):
+            if isinstance(content, Path):
+                content.unlink(missing_ok=True)
             arrival.committed = True
             return False
         arrival.previous = Path(previous["path"]) if previous is not None else None
