@@ -137,38 +137,41 @@ class _Walker:
         order = "<" if little else ">"
         self.tag = struct.Struct(order + "HH").unpack_from
         self.long = struct.Struct(order + "L").unpack_from
-        self.short = struct.Struct(order + "H").unpack_from
+        # An element's header in one unpack, as (group, element, VR, length): explicit VR with
+        # its short length, implicit with no VR (b""). The walk is the node's largest cost in
+        # Python for a CT slice of 258 elements.
+        self.explicit_header = struct.Struct(order + "HH2sH").unpack_from
+        self.implicit_header = struct.Struct(order + "HH0sL").unpack_from
 
     def elements(self, offset: int, end: int, explicit: bool, kept: dict | None, in_item: bool) -> int:
         """Walk elements from `offset`: to `end` at the top level, to the item delimiter in an
         item of undefined length. Returns the offset after them."""
-        data, tag_of, long_of, short_of = self.data, self.tag, self.long, self.short
+        data, long_of = self.data, self.long
+        header_of = self.explicit_header if explicit else self.implicit_header
         while offset < end:
-            group, element = tag_of(data, offset)
-            tag = group << 16 | element
-            if tag == _ITEM_END:
+            group, element, vr, length = header_of(data, offset)
+            if group == 0xFFFE and element == 0xE00D:  # an item delimiter: no VR even when explicit
                 if not in_item or long_of(data, offset + 4)[0] != 0:
                     raise Unusual("an item delimiter out of place")
                 return offset + 8
-            if explicit:
-                vr = data[offset + 4 : offset + 6]
-                if vr not in _VRS:
-                    raise Unusual("an unknown VR")
-                if vr in _LONG_VRS:
-                    length, offset = long_of(data, offset + 8)[0], offset + 12
-                else:
-                    length, offset = short_of(data, offset + 6)[0], offset + 8
+            if not explicit:
+                offset += 8
+            elif vr in _LONG_VRS:
+                length, offset = long_of(data, offset + 8)[0], offset + 12
+            elif vr in _VRS:
+                offset += 8
             else:
-                vr = b""
-                length, offset = long_of(data, offset + 4)[0], offset + 8
+                raise Unusual("an unknown VR")
             if length == _UNDEFINED:
                 # A sequence, encapsulated pixel data, or UN whose content is implicit VR (PS3.5 6.2.2).
                 offset = self.items(offset, end, explicit and vr != b"UN")
                 continue
             if offset + length > end:
                 raise Unusual("an element runs past the end")
-            if kept is not None and tag in _WANTED:
-                kept[tag] = data[offset : offset + length]
+            if kept is not None and (group == 0x0008 or group == 0x0020):
+                tag = group << 16 | element
+                if tag in _WANTED:
+                    kept[tag] = data[offset : offset + length]
             offset += length
         if in_item or offset != end:
             raise Unusual("the stream ends inside an element or an item")
