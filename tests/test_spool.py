@@ -133,6 +133,9 @@ def test_valid_uids_are_digits_and_dots_without_leading_zeros():
     assert is_valid_uid("1.0.3")
     assert not is_valid_uid("1.2.840.10008.5.1.4.1.1.2 ")
     assert not is_valid_uid("1.2.840\x00")
+    assert is_valid_uid("0") and is_valid_uid("1" * 64)
+    for bad in ("", "1" * 65, "1.02", "1..2", ".1", "1.", "00", "1.2\n", "1.\u0663", "1.2.a"):
+        assert not is_valid_uid(bad), repr(bad)
 
 
 def test_below_the_free_space_floor_store_raises_spoolfull_before_writing_anything(tmp_path):

@@ -21,7 +21,7 @@ import logging
 import ssl
 import tempfile
 import threading
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,7 +215,7 @@ class StorageHandlers:
         self.spool = spool
         self.scp = scp
         self.policy = AccessPolicy(scp)
-        self._counts: dict[int, Counter[str]] = {}
+        self._counts: defaultdict[int, Counter[str]] = defaultdict(Counter)
         self._refusals: dict[int, str] = {}
         self._lock = threading.Lock()
         _receive_to_disk()
@@ -225,7 +225,7 @@ class StorageHandlers:
 
     def _count(self, assoc, outcome: str) -> None:
         with self._lock:
-            self._counts.setdefault(id(assoc), Counter())[outcome] += 1
+            self._counts[id(assoc)][outcome] += 1
 
     def on_echo(self, event: evt.Event) -> int:
         """C-ECHO: always success while the node is up."""

@@ -7,6 +7,7 @@ share one journal and commit their steps in its transactions.
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -86,7 +87,8 @@ _ADDED_COLUMNS = {
     "reports": {"prompt_set": "TEXT"},
 }
 
-_UID_CHARS = frozenset("0123456789.")
+#: PS3.5 9.1: components of digits without a leading zero (but "0" itself), joined by dots.
+_UID = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
 
 _STUDY_LOCKS = 64
 
@@ -101,11 +103,7 @@ class SpoolFull(SpoolError):
 
 def is_valid_uid(uid: str) -> bool:
     """True for a syntactically valid DICOM UID (PS3.5 9.1), which is also a safe file name."""
-    return (
-        0 < len(uid) <= 64
-        and set(uid) <= _UID_CHARS
-        and all(part and (part == "0" or not part.startswith("0")) for part in uid.split("."))
-    )
+    return len(uid) <= 64 and _UID.fullmatch(uid) is not None
 
 
 class Journal:
