@@ -406,11 +406,14 @@ def test_concurrent_stores_from_several_threads_are_all_journaled(spool):
     assert len(_files(spool.instances_dir)) == 40
 
 
-def _store_waiting(spool: Spool, sops: list[str], outcomes: dict) -> dict[str, tuple[threading.Thread, Path]]:
-    """Stores of received files, one thread each, started while the test holds the commit.
+def _store_waiting(
+    spool: Spool, sops: list[str], outcomes: dict, study_of: dict[str, str] | None = None
+) -> dict[str, tuple[threading.Thread, Path]]:
+    """Stores of received files (into STUDY, or `study_of[sop]`), one thread each, started while
+    the test holds the group commit.
 
-    Returns once all are waiting for it, each sop's thread and received file; each thread
-    records its StoredInstance or exception in `outcomes`.
+    Returns once all wait for it, their files placed, each sop's thread and received file;
+    each thread records its StoredInstance or exception in `outcomes`.
     """
 
     def receive(sop: str, received: Path) -> None:
@@ -419,7 +422,7 @@ def _store_waiting(spool: Spool, sops: list[str], outcomes: dict) -> dict[str, t
                 received,
                 sop_instance_uid=sop,
                 sop_class_uid=CT_IMAGE_STORAGE,
-                study_instance_uid=STUDY,
+                study_instance_uid=(study_of or {}).get(sop, STUDY),
                 series_instance_uid=SERIES,
                 calling_ae="MODALITY",
             )
@@ -432,7 +435,7 @@ def _store_waiting(spool: Spool, sops: list[str], outcomes: dict) -> dict[str, t
     threads = [threading.Thread(target=receive, args=(sop, received[sop])) for sop in sops]
     for thread in threads:
         thread.start()
-    wait_until(lambda: len(spool._arrivals) == len(sops), 30, interval=0.01, what="all stores waiting")
+    wait_until(lambda: spool._commits.waiting == len(sops), 30, interval=0.01, what="all stores waiting")
     return {sop: (thread, received[sop]) for sop, thread in zip(sops, threads, strict=True)}
 
 
@@ -447,7 +450,7 @@ def test_stores_that_arrive_while_another_commits_share_one_folder_sync_and_one_
     outcomes: dict = {}
     sops = [f"1.2.3.4.{n}" for n in range(1, 5)]
 
-    with spool._committing:
+    with spool._commits.running:
         waiting = _store_waiting(spool, sops, outcomes)
     for thread, _ in waiting.values():
         thread.join()
@@ -458,19 +461,45 @@ def test_stores_that_arrive_while_another_commits_share_one_folder_sync_and_one_
     assert transactions == [4]
 
 
-def test_a_store_that_cannot_be_placed_fails_alone_and_the_rest_of_its_group_is_committed(spool):
+def test_a_folder_that_cannot_be_synced_fails_its_stores_alone_and_the_rest_of_the_group_commits(
+    spool, monkeypatch
+):
+    def fsync_dir(folder: Path) -> None:
+        if folder.name == OTHER_STUDY:
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(instances, "fsync_dir", fsync_dir)
     outcomes: dict = {}
     sops = ["1.2.3.4.1", "1.2.3.4.2", "1.2.3.4.3"]
 
-    with spool._committing:
-        waiting = _store_waiting(spool, sops, outcomes)
-        waiting["1.2.3.4.2"][1].unlink()
+    with spool._commits.running:
+        waiting = _store_waiting(spool, sops, outcomes, study_of={"1.2.3.4.2": OTHER_STUDY})
     for thread, _ in waiting.values():
         thread.join()
 
     assert isinstance(outcomes["1.2.3.4.2"], SpoolError)
-    assert "cannot write instance file" in str(outcomes["1.2.3.4.2"])
+    assert "cannot sync instance folder" in str(outcomes["1.2.3.4.2"])
     assert {stored.sop_instance_uid for stored in spool.instances(STUDY)} == {"1.2.3.4.1", "1.2.3.4.3"}
+    assert spool.study(OTHER_STUDY) is None, "not acknowledged, not journaled"
+
+
+def test_a_received_file_that_cannot_be_placed_fails_its_store_alone_and_stays_for_the_scp(spool):
+    (spool.instances_dir / OTHER_STUDY).write_bytes(b"a file where the study folder belongs")
+    received = _received(spool, b"instance")
+
+    with pytest.raises(SpoolError, match="cannot write instance file"):
+        spool.store(
+            received,
+            sop_instance_uid="1.2.3.4.1",
+            sop_class_uid=CT_IMAGE_STORAGE,
+            study_instance_uid=OTHER_STUDY,
+            series_instance_uid=SERIES,
+            calling_ae="MODALITY",
+        )
+
+    assert received.exists(), "refused: the SCP deletes it"
+    assert spool.study(OTHER_STUDY) is None
+    assert _store(spool, "1.2.3.4.2").path.exists()
 
 
 def test_a_journal_that_fails_fails_every_store_of_its_group_and_none_is_acknowledged(spool, monkeypatch):
@@ -481,7 +510,7 @@ def test_a_journal_that_fails_fails_every_store_of_its_group_and_none_is_acknowl
     outcomes: dict = {}
     sops = ["1.2.3.4.1", "1.2.3.4.2", "1.2.3.4.3"]
 
-    with spool._committing:
+    with spool._commits.running:
         waiting = _store_waiting(spool, sops, outcomes)
     for thread, _ in waiting.values():
         thread.join()
@@ -742,6 +771,32 @@ def test_a_purge_racing_late_instances_never_loses_an_acknowledged_one(spool):
     assert {i.sop_instance_uid for i in spool.instances("1.2.9.1")} >= {i.sop_instance_uid for i in stored}
 
 
+def test_a_store_that_comes_while_a_purge_waits_goes_after_it(spool):
+    _finish(spool, "1.2.9.1.1", "1.2.9.1", "done", ("sent",))
+    lock = spool._study_lock("1.2.9.1")
+    purged: list[int] = []
+    stored: list = []
+    purge = threading.Thread(
+        target=lambda: (purged.append(spool.purge_finished(time.time() + 1)), spool.close())
+    )
+    store = threading.Thread(
+        target=lambda: (stored.append(_store(spool, "1.2.9.1.2", study="1.2.9.1")), spool.close())
+    )
+
+    with lock.shared():  # a store under way
+        purge.start()
+        wait_until(lambda: lock._purges_waiting == 1, 10, interval=0.01, what="purge waiting")
+        store.start()
+        store.join(0.3)
+        assert store.is_alive(), "a store arriving behind a waiting purge waits for it"
+    purge.join()
+    store.join()
+
+    assert purged == [1], "the purge was not held off by the store behind it"
+    assert [i.sop_instance_uid for i in spool.instances("1.2.9.1")] == ["1.2.9.1.2"]
+    assert stored[0].path.exists() and spool.study("1.2.9.1").state == "receiving"
+
+
 def _version(number: int, replaces: ReportVersion | None = None, study: str = STUDY) -> ReportVersion:
     def reference(kind: str) -> ObjectReference:
         return ObjectReference(f"2.25.{number}1{kind}", f"2.25.{number}2{kind}", f"1.2.840.{kind}")
@@ -923,15 +978,62 @@ def test_a_received_file_is_moved_into_the_spool_by_a_rename(spool):
     assert not received.exists()
 
 
-def test_a_received_file_is_synced_before_it_takes_its_name_in_the_spool(spool, monkeypatch):
-    events = []
-    monkeypatch.setattr(instances, "fsync_file", lambda path: events.append(("fsync", path)))
+def _record_syncs(spool: Spool, monkeypatch) -> list[tuple]:
+    """fsync_file and fsync_dir as the spool calls them: what, where the bytes were, and rows then."""
+    events: list[tuple] = []
+
+    def fsync_file(path: Path) -> None:
+        events.append(("fsync", path, path.read_bytes(), len(spool.instances(STUDY))))
+
+    monkeypatch.setattr(instances, "fsync_file", fsync_file)
     monkeypatch.setattr(instances, "fsync_dir", lambda path: events.append(("fsync_dir", path)))
+    return events
+
+
+def test_a_new_instance_takes_its_name_then_is_synced_and_its_folder_before_its_row(spool, monkeypatch):
+    events = _record_syncs(spool, monkeypatch)
     received = _received(spool, b"instance bytes")
 
     stored = _store(spool, "1.2.3.4.5", content=received)
 
-    assert events == [("fsync", received), ("fsync_dir", stored.path.parent)]
+    assert events == [("fsync", stored.path, b"instance bytes", 0), ("fsync_dir", stored.path.parent)]
+    assert not received.exists()
+
+
+def test_a_changed_resend_is_synced_before_it_takes_the_name_of_the_file_its_row_refers_to(
+    spool, monkeypatch
+):
+    first = _store(spool, "1.2.3.4.5", content=_received(spool, b"first bytes"))
+    events = _record_syncs(spool, monkeypatch)
+    received = _received(spool, b"changed bytes")
+
+    stored = _store(spool, "1.2.3.4.5", content=received)
+
+    assert stored.path == first.path
+    assert events == [("fsync", received, b"changed bytes", 1), ("fsync_dir", stored.path.parent)]
+    assert stored.path.read_bytes() == b"changed bytes"
+
+
+def test_a_purge_waits_for_a_store_placed_in_its_study_and_then_leaves_the_study_reopened(spool):
+    _finish(spool, "1.2.9.1.1", "1.2.9.1", "done", ("sent",))
+    outcomes: dict = {}
+
+    with spool._commits.running:
+        waiting = _store_waiting(spool, ["1.2.9.1.2"], outcomes, study_of={"1.2.9.1.2": "1.2.9.1"})
+        purged: list[int] = []
+        purge = threading.Thread(
+            target=lambda: (purged.append(spool.purge_finished(time.time() + 1)), spool.close())
+        )
+        purge.start()
+        purge.join(0.5)
+        assert purge.is_alive(), "the purge must wait: the placed file has no row yet"
+    purge.join()
+    for thread, _ in waiting.values():
+        thread.join()
+
+    assert purged == [0]
+    assert outcomes["1.2.9.1.2"].path.exists()
+    assert spool.study("1.2.9.1").state == "receiving"
 
 
 def test_a_received_resend_is_compared_chunk_by_chunk_same_size_different_bytes_replaces(spool, monkeypatch):

@@ -202,16 +202,20 @@ def _bench_scenario(scenario: Scenario, rounds: int, root: Path, report: Callabl
     )
     runs: list[ReceiveRun] = []
     concurrent = scenario.associations > 1
-    # What the rounds received is deleted when the scenario ends, not after each round: on an ext4
-    # without a journal, creating a file skips every inode freed in the last seconds to minutes
-    # (ext4's recently_deleted), and the receiver that runs right after a mass deletion paid up to
-    # 0.8 ms per instance for it, storescp and dicomnode alike.
+    # Neither receiver inherits the other's disk work. What storescp wrote without syncing is
+    # flushed before the next run starts (untimed), or its write-back would run during the node's
+    # run. What the rounds received is deleted when the scenario ends, not after each round: on
+    # an ext4 without a journal, creating a file skips every inode freed in the last seconds to
+    # minutes (ext4's recently_deleted), and the receiver that ran right after a mass deletion
+    # paid up to 0.8 ms per instance for it.
     for round_number in progress(range(rounds), description=scenario.name, unit="round"):
         target = root / f"round{round_number}"
         with _storescp(target / "storescp", fork=concurrent) as port:
             runs.append(ReceiveRun("storescp", _send_all(port, "STORESCP", paths, scenario.associations)))
+        os.sync()
         with _dicomnode_scp(target / "dicomnode") as port:
             runs.append(ReceiveRun("dicomnode", _send_all(port, "DICOMNODE", paths, scenario.associations)))
+        os.sync()
     shutil.rmtree(root)
     times = {
         name: sorted(r.seconds for r in runs if r.receiver == name) for name in ("storescp", "dicomnode")

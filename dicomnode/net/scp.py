@@ -247,17 +247,12 @@ class StorageHandlers:
             self._count(assoc, "refused")
             reason = f"node cannot write received data: {request.write_error.strerror}"
             return OUT_OF_RESOURCES, reason[:64]
-        refusal = self.store(
-            assoc, request.sop_instance_uid, request.path, data_synced=True, content=request.content
-        )
+        refusal = self.store(assoc, request.sop_instance_uid, request.path, content=request.content)
         return (SUCCESS, None) if refusal is None else (refusal.status, refusal.reason[:64])
 
-    def store(
-        self, assoc, affected: str, received: Path, data_synced: bool = False, content: bytes | None = None
-    ) -> Refusal | None:
+    def store(self, assoc, affected: str, received: Path, content: bytes | None = None) -> Refusal | None:
         """Parse the header, make durable, then acknowledge (None); else the refusal and its reason.
 
-        `data_synced`: the received file's data is on disk already (only its name is not).
         `content`: the file's bytes, when the receiver kept them, to read the header from.
         Once acknowledged, the file is the node's: moved into the spool, or deleted.
 
@@ -299,7 +294,6 @@ class StorageHandlers:
                     study_instance_uid=header.study_instance_uid,
                     series_instance_uid=header.series_instance_uid,
                     calling_ae=assoc.requestor.ae_title,
-                    data_synced=data_synced,
                 )
             except SpoolFull as exc:
                 refusal = Refusal(OUT_OF_RESOURCES, f"node storage full: {exc}")

@@ -65,9 +65,9 @@ class ProtocolError(ValueError):
 @dataclass(frozen=True)
 class StoreRequest:
     """A C-STORE-RQ whose data set was received whole into `path` (a DICOM file, with file meta,
-    its data synced to disk).
+    not yet synced).
 
-    `write_error` is set when the file could not be written or synced: the data set was read
+    `write_error` is set when the file could not be written: the data set was read
     to its end and dropped, and the request must be refused with a status that asks for a retry.
     """
 
@@ -210,17 +210,12 @@ class StoreStream:
             receiving.error = exc
 
     def _complete(self, receiving: _Receiving) -> None:
-        """Sync and close the file, have the node store it, answer; delete the file if refused.
+        """Close the file, have the node store it, answer; delete the file if refused.
 
-        The data is synced here, on the descriptor written through, rather than by the spool,
-        which would open the file again for it. A stored instance's file is the node's: deleting
-        it here would take the write lock of `incoming/` that the next file's creation waits on.
+        The node syncs the file once it is in its place in the spool (see InstanceStore._place).
+        A stored instance's file is the node's: deleting it here would take the write lock of
+        `incoming/` that the next file's creation waits on.
         """
-        if receiving.error is None:
-            try:
-                os.fsync(receiving.fd)
-            except OSError as exc:
-                receiving.error = exc
         os.close(receiving.fd)
         held = receiving.held
         request = replace(

@@ -10,14 +10,13 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import threading
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 from dicomnode.durable import fsync_dir, fsync_file, make_folder_durably, write_durably
 from dicomnode.flow import StoredInstance
+from dicomnode.spool.batch import Batch
 from dicomnode.spool.journal import Journal, SpoolError, SpoolFull, is_valid_uid
 
 
@@ -33,17 +32,15 @@ class InstanceStore(Journal):
         study_instance_uid: str,
         series_instance_uid: str,
         calling_ae: str,
-        data_synced: bool = False,
     ) -> StoredInstance:
         """Make one received instance durable and journal it; idempotent per SOP Instance UID.
 
         `content` is the instance as a DICOM file: its bytes, or a file under `incoming_dir`
-        that is the spool's once stored (moved into the spool, or deleted when nothing needs
-        storing), its data already on disk if `data_synced` (synced by whoever wrote it). A byte-identical
-        resend of an instance we hold changes nothing: PACS retry whole studies, and that
-        must not re-process a finished one (a failed one is retried). An
-        instance that moved to another study leaves no stale file behind. Raises SpoolFull
-        below the free-space floor and SpoolError when the disk write fails, in both cases
+        that is the spool's once stored (moved into the spool and synced there, or deleted when
+        nothing needs storing). A byte-identical resend of an instance we hold changes nothing:
+        PACS retry whole studies, and that must not re-process a finished one (a failed one is
+        retried). An instance that moved to another study leaves no stale file behind. Raises
+        SpoolFull below the free-space floor and SpoolError when the disk write fails, in both cases
         before anything is acknowledged.
         """
         for name, uid in (
@@ -67,79 +64,60 @@ class InstanceStore(Journal):
             path=path,
             calling_ae=calling_ae,
         )
-        if isinstance(content, Path) and not data_synced:
-            # Its data on disk before the group commit, so that the associations sending at
-            # once sync their files side by side, not one after another.
-            try:
-                fsync_file(content)
-            except OSError as exc:
-                raise SpoolError(f"cannot sync received file: {exc.strerror}") from exc
-        return self._commit(_Arrival(stored, content, size))
+        arrival = _Arrival(stored, content, size, synced=isinstance(content, bytes))
+        # A purge of the study waits until the row is committed, or it could delete the file
+        # from under it; stores into one study go side by side and meet at the flushes.
+        with self._study_lock(study_instance_uid).shared():
+            if self._place(arrival):
+                self._commits.run(arrival)
+        if arrival.committed:
+            return stored
+        raise arrival.error or SpoolError("instance not committed")
 
     def _locate(self, state_dir: Path, min_free_bytes: int, mode: str) -> None:
         super()._locate(state_dir, min_free_bytes, mode)
-        self._arrivals: list[_Arrival] = []
-        self._arrivals_lock = threading.Lock()
-        self._committing = threading.Lock()
+        self._commits: Batch[_Arrival] = Batch(self._commit_group)
 
-    def _commit(self, arrival: _Arrival) -> StoredInstance:
-        """Group commit: whoever commits takes every arrival waiting, and waiters find theirs done.
+    def _commit_group(self, arrivals: list[_Arrival]) -> None:
+        """Group commit: sync each folder once, then commit all rows in one transaction.
 
-        Associations that store at once share the folder fsync (one per study folder) and the
-        journal commit (one WAL fsync) instead of queueing for one each; an association alone
-        commits alone, at the same cost as before. Each instance is still durable (file, name,
-        row) before its store returns.
+        Associations that store at once (each file placed and synced in its own thread, side
+        by side) share the folder fsync and the journal's WAL fsync instead of queueing for
+        one each; an association alone commits alone. Each instance is still durable (file,
+        name, row) before its store returns.
         """
-        with self._arrivals_lock:
-            self._arrivals.append(arrival)
-        with self._committing:
-            if not arrival.done:
-                with self._arrivals_lock:
-                    group, self._arrivals = self._arrivals, []
-                self._commit_group(group)
-        if arrival.committed:
-            return arrival.stored
-        raise arrival.error or SpoolError("instance not committed")
-
-    def _commit_group(self, group: list[_Arrival]) -> None:
-        """Place each file, sync each folder once, commit all rows in one transaction.
-
-        The per-study locks (a purge must not interleave with a store into its study) are
-        taken in one order, so that two committers can never wait on each other.
-        """
+        for folder in {arrival.stored.path.parent for arrival in arrivals}:
+            try:
+                fsync_dir(folder)
+            except OSError as exc:
+                for arrival in arrivals:
+                    if arrival.stored.path.parent == folder:
+                        arrival.error = SpoolError(f"cannot sync instance folder: {exc.strerror}")
+        synced = [arrival for arrival in arrivals if arrival.error is None]
+        if not synced:
+            return
         try:
-            locks = {self._study_lock(arrival.stored.study_instance_uid) for arrival in group}
-            with ExitStack() as held:
-                for lock in sorted(locks, key=self._study_locks.index):
-                    held.enter_context(lock)
-                placed = [arrival for arrival in group if self._place(arrival)]
-                for folder in {arrival.stored.path.parent for arrival in placed}:
-                    try:
-                        fsync_dir(folder)
-                    except OSError as exc:
-                        for arrival in placed:
-                            if arrival.stored.path.parent == folder:
-                                arrival.error = SpoolError(f"cannot sync instance folder: {exc.strerror}")
-                placed = [arrival for arrival in placed if arrival.error is None]
-                if placed:
-                    self._journal(placed)
-                for arrival in placed:
-                    arrival.committed = True
-                    if arrival.previous is not None and arrival.previous != arrival.stored.path:
-                        arrival.previous.unlink(missing_ok=True)
+            self._journal(synced)
         except BaseException as exc:
-            for arrival in group:
-                if not arrival.committed and arrival.error is None:
-                    arrival.error = exc
+            for arrival in synced:
+                arrival.error = exc
             raise
-        finally:
-            for arrival in group:
-                arrival.done = True
+        for arrival in synced:
+            arrival.committed = True
+            if arrival.previous is not None and arrival.previous != arrival.stored.path:
+                arrival.previous.unlink(missing_ok=True)
 
     def _place(self, arrival: _Arrival) -> bool:
-        """Put an arrival's file in place, its name not yet synced; False when no row is to be written.
+        """Put an arrival's file in place with its data on disk, its name not yet synced; False
+        when no row is to be written (a byte-identical resend, or a failure: the arrival's error).
 
-        A byte-identical resend of an instance held (and not failed) is committed as it is.
+        A received file that no row refers to by its new name takes the name first and is synced
+        under it: on journaling file systems (ext4, XFS) the file's own sync then carries the
+        name, and the folder's sync that follows finds nothing left to write (7 us instead of
+        0.3 ms per instance on ext4). Until the row is committed nothing reads the name, and a
+        crash leaves at most an unreferenced file that a resend replaces. A file that replaces
+        one a row refers to is synced before it takes the name, so the old one stays whole until
+        the new one is.
         """
         stored, content = arrival.stored, arrival.content
         previous = (
@@ -151,25 +129,39 @@ class InstanceStore(Journal):
             )
             .fetchone()
         )
-        if (
-            previous is not None
-            and previous["state"] != "failed"
-            and Path(previous["path"]) == stored.path
-            and _holds(stored.path, content, arrival.size)
-        ):
+        referred = previous is not None and Path(previous["path"]) == stored.path
+        if referred and previous["state"] != "failed" and _holds(stored.path, content, arrival.size):
             if isinstance(content, Path):
                 content.unlink(missing_ok=True)
             arrival.committed = True
             return False
         arrival.previous = Path(previous["path"]) if previous is not None else None
-        try:
-            if isinstance(content, Path):
-                _move(content, stored.path)
-            else:
+        if isinstance(content, bytes):
+            try:
                 write_durably(stored.path, lambda handle: handle.write(content))
+            except OSError as exc:
+                arrival.error = SpoolError(f"cannot write instance file: {exc.strerror}")
+                return False
+            return True
+        if not arrival.synced and referred:
+            try:
+                fsync_file(content)
+            except OSError as exc:
+                arrival.error = SpoolError(f"cannot sync received file: {exc.strerror}")
+                return False
+            arrival.synced = True
+        try:
+            _move(content, stored.path)
         except OSError as exc:
             arrival.error = SpoolError(f"cannot write instance file: {exc.strerror}")
             return False
+        if not arrival.synced:
+            try:
+                fsync_file(stored.path)
+            except OSError as exc:
+                stored.path.unlink(missing_ok=True)  # no row refers to it, and its data may be torn
+                arrival.error = SpoolError(f"cannot sync received file: {exc.strerror}")
+                return False
         return True
 
     def _journal(self, arrivals: list[_Arrival]) -> None:
@@ -257,15 +249,16 @@ class InstanceStore(Journal):
 
 @dataclass
 class _Arrival:
-    """An instance waiting for its group's commit, and what became of it."""
+    """An instance on its way through the steps of storing, and what became of it."""
 
     stored: StoredInstance
     content: bytes | Path
     size: int
+    #: Its data is on disk (synced by whoever wrote it, or written durably here).
+    synced: bool
     previous: Path | None = None
     committed: bool = False
     error: BaseException | None = None
-    done: bool = False
 
 
 #: Bytes compared at a time when a resend is checked against the stored file.

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Self
 from urllib.parse import quote
 
+from dicomnode.spool.batch import StudyLock
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
     sop_instance_uid TEXT PRIMARY KEY,
@@ -163,10 +165,10 @@ class Journal:
         self.journal_path = self.state_dir / "journal.sqlite"
         self._uri = f"file:{quote(str(self.journal_path))}?mode={mode}"
         self._local = threading.local()
-        self._study_locks = [threading.Lock() for _ in range(_STUDY_LOCKS)]
+        self._study_locks = [StudyLock() for _ in range(_STUDY_LOCKS)]
 
-    def _study_lock(self, study_instance_uid: str) -> threading.Lock:
-        """One of a fixed set of locks, picked by study: stores of other studies run in parallel."""
+    def _study_lock(self, study_instance_uid: str) -> StudyLock:
+        """One of a fixed set of locks, picked by study: shared by stores, held alone by a purge."""
         return self._study_locks[hash(study_instance_uid) % _STUDY_LOCKS]
 
     def _migrate(self) -> None:
