@@ -64,7 +64,7 @@ class InstanceStore(Journal):
             path=path,
             calling_ae=calling_ae,
         )
-        arrival = _Arrival(stored, content, size, synced=isinstance(content, bytes))
+        arrival = _Arrival(stored, content, size)
         # A purge of the study waits until the row is committed, or it could delete the file
         # from under it; stores into one study go side by side and meet at the flushes.
         with self._study_lock(study_instance_uid).shared():
@@ -143,19 +143,18 @@ class InstanceStore(Journal):
                 arrival.error = SpoolError(f"cannot write instance file: {exc.strerror}")
                 return False
             return True
-        if not arrival.synced and referred:
-            try:
+        try:
+            if referred:
                 fsync_file(content)
-            except OSError as exc:
-                arrival.error = SpoolError(f"cannot sync received file: {exc.strerror}")
-                return False
-            arrival.synced = True
+        except OSError as exc:
+            arrival.error = SpoolError(f"cannot sync received file: {exc.strerror}")
+            return False
         try:
             _move(content, stored.path)
         except OSError as exc:
             arrival.error = SpoolError(f"cannot write instance file: {exc.strerror}")
             return False
-        if not arrival.synced:
+        if not referred:
             try:
                 fsync_file(stored.path)
             except OSError as exc:
@@ -254,8 +253,6 @@ class _Arrival:
     stored: StoredInstance
     content: bytes | Path
     size: int
-    #: Its data is on disk (synced by whoever wrote it, or written durably here).
-    synced: bool
     previous: Path | None = None
     committed: bool = False
     error: BaseException | None = None
@@ -286,7 +283,7 @@ def _holds(path: Path, content: bytes | Path, size: int) -> bool:
 
 
 def _move(received: Path, path: Path) -> None:
-    """Move a received file, its data already synced, into place; its new name is synced by the caller."""
+    """Move a received file into place; its data and its new name are synced by the caller."""
     make_folder_durably(path.parent)
     try:
         os.replace(received, path)
