@@ -867,6 +867,7 @@ def test_status_and_requeue_change_neither_the_schema_nor_the_files_of_the_journ
         "journal.sqlite",
         "journal.sqlite-shm",
         "journal.sqlite-wal",
+        "journal.sqlite-writer",  # the node's, not the commands'
     ]
 
 

@@ -6,6 +6,8 @@ on the same folder, as after a crash of the node.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
 import sqlite3
 import stat
@@ -19,6 +21,7 @@ from unittest import mock
 import pytest
 
 import dicomnode.spool.instances as instances
+import dicomnode.spool.journal as journal_module
 from dicomnode.flow import ObjectReference, ReportVersion
 from dicomnode.privacy import uid_tag
 from dicomnode.spool import Spool, SpoolError, SpoolFull, StudyRecord, is_valid_uid
@@ -93,10 +96,61 @@ def test_journal_files_are_0600_and_folders_0700_even_under_a_permissive_umask(t
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in journal_files}
         journal.close()
 
-    assert sorted(modes) == ["journal.sqlite", "journal.sqlite-shm", "journal.sqlite-wal"]
+    assert sorted(modes) == [
+        "journal.sqlite",
+        "journal.sqlite-shm",
+        "journal.sqlite-wal",
+        "journal.sqlite-writer",
+    ]
     assert set(modes.values()) == {0o600}, modes
     for folder in (journal.state_dir, journal.instances_dir, journal.outbox_dir):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+
+
+def test_a_write_waits_its_turn_while_another_process_holds_the_journal_writer_lock(spool):
+    # flock belongs to the open file: a second open of the lock file locks as another process would.
+    other = os.open(spool.writer_lock_path, os.O_RDONLY)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    stored = threading.Event()
+    writer = threading.Thread(target=lambda: (_store(spool, "1.2.3.4.5"), stored.set()))
+    try:
+        writer.start()
+        assert not stored.wait(0.5)
+        assert spool.instances(STUDY) == ()
+    finally:
+        fcntl.flock(other, fcntl.LOCK_UN)
+        os.close(other)
+    assert stored.wait(10)
+    writer.join()
+    assert [i.sop_instance_uid for i in spool.instances(STUDY)] == ["1.2.3.4.5"]
+
+
+def test_a_write_fails_with_spoolerror_when_the_writer_lock_stays_held(spool, monkeypatch):
+    monkeypatch.setattr(journal_module, "WRITER_WAIT_S", 0.3)
+    other = os.open(spool.writer_lock_path, os.O_RDONLY)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(SpoolError, match="journal stayed locked by another process"):
+            _store(spool, "1.2.3.4.5")
+        assert spool.instances(STUDY) == ()
+    finally:
+        fcntl.flock(other, fcntl.LOCK_UN)
+        os.close(other)
+    _store(spool, "1.2.3.4.5")  # the lock released, writes go in again
+    assert len(spool.instances(STUDY)) == 1
+
+
+def test_a_command_on_a_journal_without_writer_lock_writes_and_creates_no_file(tmp_path):
+    # A journal an older node wrote has no lock file; a command run as root must not create one
+    # the service user could not open.
+    Spool(tmp_path / "var").close()
+    (tmp_path / "var" / "journal.sqlite-writer").unlink()
+    journal = Spool.open_existing(tmp_path / "var", read_only=False)
+
+    assert journal.requeue_dead() == 0
+    assert journal.requeue_failed() == []
+    journal.close()
+    assert not (tmp_path / "var" / "journal.sqlite-writer").exists()
 
 
 def test_duplicate_sop_instance_uid_is_idempotent_one_row_and_one_file(spool):

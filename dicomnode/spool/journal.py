@@ -6,10 +6,13 @@ share one journal and commit their steps in its transactions.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import sqlite3
 import threading
+import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -72,6 +75,10 @@ CREATE TABLE IF NOT EXISTS reports (
 CREATE INDEX IF NOT EXISTS reports_by_study ON reports(study_instance_uid, number);
 """
 
+#: Longest a write transaction waits for the journal's writer lock before it fails, as long as
+#: SQLite itself waits on a locked journal (the connections' timeout).
+WRITER_WAIT_S = 30.0
+
 #: Version 1: retry bookkeeping (attempts, not_before) on studies.
 #: Version 2: the report versions written per study (table `reports`, created above when
 #: missing) and when a delivery first failed (`outbox.first_failed_at`, for `retry_for_hours`).
@@ -125,6 +132,7 @@ class Journal:
         # its -wal and -shm files the journal's own mode: created 0600 here, all three stay
         # private whatever the umask. An existing journal is opened as it is, its mode kept.
         os.close(os.open(self.journal_path, os.O_WRONLY | os.O_CREAT, 0o600))
+        os.close(os.open(self.writer_lock_path, os.O_WRONLY | os.O_CREAT, 0o600))
         self._db().executescript(_SCHEMA)
         self._migrate()
 
@@ -163,8 +171,12 @@ class Journal:
         self.incoming_dir = self.state_dir / "incoming"
         self.min_free_bytes = min_free_bytes
         self.journal_path = self.state_dir / "journal.sqlite"
+        self.writer_lock_path = self.state_dir / "journal.sqlite-writer"
         self._uri = f"file:{quote(str(self.journal_path))}?mode={mode}"
         self._local = threading.local()
+        self._writing = threading.Lock()
+        self._writer_fd: int | None = None
+        self._writer_closer: weakref.finalize | None = None
         self._study_locks = [StudyLock() for _ in range(_STUDY_LOCKS)]
 
     def _study_lock(self, study_instance_uid: str) -> StudyLock:
@@ -200,18 +212,78 @@ class Journal:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction, taken in turn with every other writer of this journal.
+
+        SQLite lets one writer in at a time and has the others poll, sleeping 1, 2, 5, 10 ms
+        and longer between tries: a store's commit that meets a study worker's or another
+        process's sleeps past the moment the journal is free. Writers queue on a lock instead,
+        and the next one goes in as soon as the last is done: threads of this process on a
+        lock of their own, processes on this state folder (a CLI command beside the node) on
+        `journal.sqlite-writer`. Each waits up to WRITER_WAIT_S, then fails with SpoolError.
+        """
         db = self._db()
-        db.execute("BEGIN IMMEDIATE")
+        with self._writer_locked():
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    @contextmanager
+    def _writer_locked(self) -> Iterator[None]:
+        if not self._writing.acquire(timeout=WRITER_WAIT_S):
+            raise SpoolError(f"the journal stayed locked by another thread for {WRITER_WAIT_S:.0f} s")
         try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+            fd = self._writer_lock_fd()
+            if fd is not None:
+                _lock_exclusively(fd, WRITER_WAIT_S)
+            try:
+                yield
+            finally:
+                if fd is not None:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            self._writing.release()
+
+    def _writer_lock_fd(self) -> int | None:
+        """The open writer lock file; None where a node of this version never ran (it creates it,
+        private to the service user: opened, never created, by `open_existing`)."""
+        if self._writer_fd is None:
+            try:
+                self._writer_fd = os.open(self.writer_lock_path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return None
+            self._writer_closer = weakref.finalize(self, os.close, self._writer_fd)
+        return self._writer_fd
 
     def close(self) -> None:
-        """Close this thread's connection."""
+        """Close this thread's connection, and the writer lock file (opened again by the next write)."""
         db = getattr(self._local, "db", None)
         if db is not None:
             db.close()
             self._local.db = None
+        with self._writing:
+            if self._writer_closer is not None:
+                self._writer_closer()
+                self._writer_fd = self._writer_closer = None
+
+
+def _lock_exclusively(fd: int, wait_s: float) -> None:
+    """flock `fd` exclusively, polling at most every 2 ms; SpoolError after `wait_s`.
+
+    Another process holds it only for one transaction's statements (a dead process's lock is
+    released by the kernel), so the first try nearly always succeeds.
+    """
+    deadline = time.monotonic() + wait_s
+    pause = 50e-6
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise SpoolError(f"the journal stayed locked by another process for {wait_s:.0f} s") from None
+            time.sleep(pause)
+            pause = min(pause * 2, 2e-3)
