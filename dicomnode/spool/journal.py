@@ -176,7 +176,6 @@ class Journal:
         self._local = threading.local()
         self._writing = threading.Lock()
         self._writer_fd: int | None = None
-        self._writer_closer: weakref.finalize | None = None
         self._study_locks = [StudyLock() for _ in range(_STUDY_LOCKS)]
 
     def _study_lock(self, study_instance_uid: str) -> StudyLock:
@@ -249,25 +248,24 @@ class Journal:
 
     def _writer_lock_fd(self) -> int | None:
         """The open writer lock file; None where a node of this version never ran (it creates it,
-        private to the service user: opened, never created, by `open_existing`)."""
+        private to the service user: opened, never created, by `open_existing`).
+
+        Opened once, under the thread lock, and closed when the journal object goes.
+        """
         if self._writer_fd is None:
             try:
                 self._writer_fd = os.open(self.writer_lock_path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 return None
-            self._writer_closer = weakref.finalize(self, os.close, self._writer_fd)
+            weakref.finalize(self, os.close, self._writer_fd)
         return self._writer_fd
 
     def close(self) -> None:
-        """Close this thread's connection, and the writer lock file (opened again by the next write)."""
+        """Close this thread's connection."""
         db = getattr(self._local, "db", None)
         if db is not None:
             db.close()
             self._local.db = None
-        with self._writing:
-            if self._writer_closer is not None:
-                self._writer_closer()
-                self._writer_fd = self._writer_closer = None
 
 
 def _lock_exclusively(fd: int, wait_s: float) -> None:
