@@ -655,6 +655,9 @@ def bench_receive(
     count: Annotated[int | None, typer.Option(min=1, help="Instances per run (default: 500 and 40).")] = None,
     associations: Annotated[int, typer.Option(min=1, help="With --file: associations at once.")] = 1,
     rounds: Annotated[int, typer.Option(min=1, help="Runs per receiver; the median counts.")] = 3,
+    receivers: Annotated[
+        int, typer.Option(min=1, max=64, help="dicomnode's receiving processes (scp.receivers).")
+    ] = 1,
     memory: Annotated[
         list[int] | None,
         typer.Option(help="Instead: peak memory while receiving one instance of this many MB (repeatable)."),
@@ -673,7 +676,7 @@ def bench_receive(
             scenarios = standard_scenarios(count)
         else:
             scenarios = [Scenario(file.name, file, count or 50, associations)]
-        run(scenarios, rounds, typer.echo)
+        run(scenarios, rounds, typer.echo, receivers=receivers)
     except BenchError as exc:
         typer.echo(f"benchmark failed: {exc}", err=True)
         raise typer.Exit(1) from None

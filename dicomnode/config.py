@@ -131,6 +131,9 @@ class ScpConfig(_Strict):
     tls: ScpTlsConfig | None = None
     require_called_ae: bool = True
     max_associations: int = Field(default=10, ge=1, le=1000)
+    #: Processes that receive on the port, the node's own included (net.receivers): one takes
+    #: about 1,000 CT slices/s however many associations send; more use more cores.
+    receivers: int = Field(default=1, ge=1, le=64)
     min_free_mb: int = Field(default=500, ge=0)
     acse_timeout_s: float = Field(default=30.0, gt=0)
     dimse_timeout_s: float = Field(default=60.0, gt=0)

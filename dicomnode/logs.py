@@ -16,6 +16,7 @@ import socket
 from datetime import UTC, datetime
 
 from dicomnode.config import AuditConfig
+from dicomnode.privacy import withhold_warning_texts
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -34,6 +35,17 @@ class JsonLinesFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
+
+
+def set_levels(level: str) -> None:
+    """dicomnode's loggers at `level`; the DICOM libraries' silenced: pynetdicom's debug output
+    dumps datasets, pydicom and highdicom quote attribute values (names included) in their
+    messages, highdicom's INFO lines raw UIDs. Python's warnings are logged without their text."""
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("dicomnode").setLevel(level)
+    for library in ("pynetdicom", "pydicom", "highdicom"):
+        logging.getLogger(library).setLevel(logging.CRITICAL)
+    withhold_warning_texts()
 
 
 def formatter(log_format: str) -> logging.Formatter:

@@ -56,6 +56,26 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 12
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+def count_scp(server: ThreadedAssociationServer, count: Callable[[str, str], None]) -> None:
+    """Have `count(family, outcome)` called for each association's outcome ("associations":
+    accepted, rejected, released, aborted) and each C-STORE response sent ("instances")."""
+
+    def association(event: evt.Event, outcome: str) -> None:
+        count("associations", outcome)
+
+    def dimse_sent(event: evt.Event) -> None:
+        message = event.message
+        if type(message).__name__ != "C_STORE_RSP":
+            return
+        status = int(message.command_set.Status)
+        count("instances", _STORE_OUTCOMES.get(status, f"0x{status:04X}"))
+
+    for event, outcome in _ASSOCIATION_OUTCOMES.items():
+        server.bind(event, association, [outcome])
+    # The response as sent is the truth of what the peer was told, whatever the handler did.
+    server.bind(evt.EVT_DIMSE_SENT, dimse_sent)
+
+
 class NodeMetrics:
     """The node's metrics, in a registry of its own, and the hooks that feed them."""
 
@@ -117,20 +137,12 @@ class NodeMetrics:
 
     def watch_scp(self, server: ThreadedAssociationServer) -> None:
         """Count the SCP's associations and C-STORE answers as they happen."""
-        for event, outcome in _ASSOCIATION_OUTCOMES.items():
-            server.bind(event, self._association, [outcome])
-        # The response as sent is the truth of what the peer was told, whatever the handler did.
-        server.bind(evt.EVT_DIMSE_SENT, self._dimse_sent)
+        count_scp(server, self.count)
 
-    def _association(self, event: evt.Event, outcome: str) -> None:
-        self.associations.labels(outcome).inc()
-
-    def _dimse_sent(self, event: evt.Event) -> None:
-        message = event.message
-        if type(message).__name__ != "C_STORE_RSP":
-            return
-        status = int(message.command_set.Status)
-        self.instances.labels(_STORE_OUTCOMES.get(status, f"0x{status:04X}")).inc()
+    def count(self, family: str, outcome: str, times: int = 1) -> None:
+        """Count SCP outcomes: of `associations` or `instances` (what count_scp reports); the
+        node's receivers in other processes report theirs here too (net.receivers)."""
+        {"associations": self.associations, "instances": self.instances}[family].labels(outcome).inc(times)
 
     def study_processed(self, study_instance_uid: str, seconds: float) -> None:
         """A study worker finished one attempt at a study: count it by what the journal recorded."""

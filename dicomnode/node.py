@@ -1,6 +1,7 @@
 """`dicomnode serve`: wires receive -> route -> image -> infer -> results -> deliver.
 
-One process: the SCP's association threads write the spool; one study worker takes quiet
+One process (and `scp.receivers - 1` more that only receive, net.receivers): the SCP's
+association threads write the spool; one study worker takes quiet
 studies from the journal and processes them; one outbox worker per destination sends the
 results. Every hand-over goes through the journal, so a crash at any point resumes on the
 next start.
@@ -11,33 +12,37 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
-import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicomnode.config import AuditConfig, ConfigError, NodeConfig, RoutingConfig, load_routing
 from dicomnode.engine import Engine, EngineError
 from dicomnode.flow import ResultSet, StudyJob
 from dicomnode.health import Heartbeat
-from dicomnode.logs import formatter, syslog_handler
+from dicomnode.logs import formatter, set_levels, syslog_handler
 from dicomnode.model.backbone import BackboneError
 from dicomnode.model.library import PromptSetLibrary
 from dicomnode.model.promptset import PromptSet, PromptSetError
 from dicomnode.monitor import Monitor
+from dicomnode.net.receivers import Receivers, ReceiverSetup, check_port_free
 from dicomnode.net.scp import start_scp
 from dicomnode.net.stow import check_endpoints
 from dicomnode.net.tls import check_tls, scp_context
-from dicomnode.notify import SystemdNotifier
+from dicomnode.notify import StopSignals, SystemdNotifier
 from dicomnode.outbox import DestinationWorker
 from dicomnode.pipeline import classify, imaging_pool
-from dicomnode.privacy import describe_error, uid_tag, where_raised, withhold_warning_texts
+from dicomnode.privacy import describe_error, uid_tag, where_raised
 from dicomnode.results import write_results
 from dicomnode.routing import Ignored, route_study
 from dicomnode.spool import Spool, StudyRecord
+
+if TYPE_CHECKING:
+    from pynetdicom.transport import ThreadedAssociationServer
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +78,7 @@ def configure_logging(
     logs.mkdir(parents=True, exist_ok=True, mode=0o700)
     fmt = formatter(log_format)
     root = logging.getLogger()
-    # Libraries log at WARNING and above only: highdicom's INFO lines quote raw UIDs.
-    root.setLevel(logging.WARNING)
-    logging.getLogger("dicomnode").setLevel(level)
+    set_levels(level)
     for handler in list(root.handlers):
         root.removeHandler(handler)
     for handler in (
@@ -89,9 +92,6 @@ def configure_logging(
     logging.getLogger("dicomnode.audit").addHandler(audit_file)
     if audit is not None and audit.syslog:
         logging.getLogger("dicomnode.audit").addHandler(syslog_handler(audit))
-    for library in ("pynetdicom", "pydicom", "highdicom"):
-        logging.getLogger(library).setLevel(logging.CRITICAL)
-    withhold_warning_texts()
 
 
 class StudyWorker(threading.Thread):
@@ -301,6 +301,7 @@ class Node:
         self.pool: Executor | None = None
         self.threads: list[threading.Thread] = []
         self.server = None
+        self.receivers: Receivers | None = None
 
     def start(self) -> None:
         """Resume interrupted work, then start receiving, processing and delivering."""
@@ -308,7 +309,7 @@ class Node:
         if recovered:
             log.info("resumed %d studies interrupted by the last stop", recovered)
         self.monitor.listen()
-        self.server = start_scp(self.spool, self.cfg.scp, scp_context(self.cfg))
+        self.server = self._start_receiving()
         self.prompt_sets.watch()
         self.pool = imaging_pool(self.cfg.studies.imaging_processes)
         self.threads = [
@@ -328,16 +329,41 @@ class Node:
             DestinationWorker(self.spool, d, self.cfg.scp.ae_title, self.stop_event)
             for d in self.cfg.destinations
         ]
-        watcher = self.prompt_sets.watcher
-        self.monitor.start(self.server, self.engine, self.threads, [watcher] if watcher else [])
+        watchers = [self.prompt_sets.watcher, self.receivers and self.receivers.supervisor]
+        self.monitor.start(self.server, self.engine, self.threads, [w for w in watchers if w])
         for thread in self.threads:
             thread.start()
+
+    def _start_receiving(self) -> ThreadedAssociationServer:
+        """The node's own SCP, and `scp.receivers - 1` receiving processes beside it."""
+        scp = self.cfg.scp
+        if scp.receivers == 1:
+            return start_scp(self.spool, scp, scp_context(self.cfg))
+        check_port_free(scp)
+        server = start_scp(self.spool, scp, scp_context(self.cfg), shared_port=True)
+        setup = ReceiverSetup(
+            scp,
+            self.cfg.state_dir,
+            tls_origin=f"{self.cfg.source}: scp.tls",
+            log_level=self.cfg.log_level,
+            count=self.cfg.metrics.enabled,
+        )
+        self.receivers = Receivers(setup, scp.receivers - 1, self.monitor.metrics.count)
+        try:
+            self.receivers.start()
+        except BaseException:
+            server.shutdown()
+            server.server_close()
+            raise
+        return server
 
     def stop(self) -> None:
         """Stop accepting, let workers finish their current step, close the journal."""
         self.monitor.stopping()
         if self.server is not None:
             self.server.shutdown()
+        if self.receivers is not None:
+            self.receivers.stop()
         self.stop_event.set()
         self.prompt_sets.stop()
         for thread in self.threads:
@@ -365,9 +391,7 @@ def serve(cfg: NodeConfig) -> None:
     except (ConfigError, PromptSetError, BackboneError, EngineError, OSError) as exc:
         log.error("cannot start: %s", exc)
         raise StartupError(str(exc)) from None
-    stopping = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopping.set())
+    stopping = StopSignals()
     log.info("dicomnode ready: state in %s", cfg.state_dir)
     # Ready for systemd only now: the SCP listens and every served prompt set is warm.
     notifier.ready(f"serving: Storage SCP {cfg.scp.ae_title} on port {cfg.scp.port}")

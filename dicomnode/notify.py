@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import time
 from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
@@ -87,3 +89,27 @@ class SystemdNotifier:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+
+
+class StopSignals:
+    """SIGTERM and SIGINT, caught: `received` once either came.
+
+    Python runs signal handlers in the main thread, between its bytecodes; the handler here
+    only sets a flag for the main thread to look at. One that set a threading.Event deadlocked
+    when the signal came while the main thread held that Event's lock in its own wait() (a
+    receiver then did not stop for 30 s, until it was killed).
+    """
+
+    def __init__(self) -> None:
+        self.received = False
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._receive)
+
+    def _receive(self, signum: int, frame: object) -> None:
+        self.received = True
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep `seconds` (a signal does not cut it short); whether a stop signal came."""
+        if not self.received:
+            time.sleep(seconds)
+        return self.received

@@ -868,6 +868,7 @@ def test_status_and_requeue_change_neither_the_schema_nor_the_files_of_the_journ
         "journal.sqlite-shm",
         "journal.sqlite-wal",
         "journal.sqlite-writer",  # the node's, not the commands'
+        "studies.lock",  # the node's too
     ]
 
 

@@ -92,7 +92,7 @@ def test_journal_files_are_0600_and_folders_0700_even_under_a_permissive_umask(t
         journal = Spool(tmp_path / "var")
         _store(journal, "1.2.3.4.5")
         # While a connection is open, SQLite's WAL mode keeps -wal and -shm beside the journal.
-        journal_files = sorted(journal.state_dir.glob("journal.sqlite*"))
+        journal_files = sorted(p for p in journal.state_dir.iterdir() if p.is_file())
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in journal_files}
         journal.close()
 
@@ -101,6 +101,7 @@ def test_journal_files_are_0600_and_folders_0700_even_under_a_permissive_umask(t
         "journal.sqlite-shm",
         "journal.sqlite-wal",
         "journal.sqlite-writer",
+        "studies.lock",
     ]
     assert set(modes.values()) == {0o600}, modes
     for folder in (journal.state_dir, journal.instances_dir, journal.outbox_dir):

@@ -26,6 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicomnode.bench import BenchError, free_port, wait_for_port
 from dicomnode.config import ScpConfig
+from dicomnode.net.receivers import Receivers, ReceiverSetup
 from dicomnode.net.scp import start_scp
 from dicomnode.progress import progress
 from dicomnode.spool import Spool
@@ -146,15 +147,30 @@ def _storescp(folder: Path, fork: bool) -> Iterator[int]:
 
 
 @contextmanager
-def _dicomnode_scp(folder: Path) -> Iterator[int]:
+def _dicomnode_scp(folder: Path, receivers: int = 1) -> Iterator[int]:
+    """The node's SCP and spool, and `receivers - 1` receiving processes beside it (as `serve`
+    runs them with `scp.receivers`), listening until the block ends."""
     port = free_port()
     spool = Spool(folder, min_free_bytes=0)
-    server = start_scp(spool, ScpConfig(host="127.0.0.1", port=port, ae_title="DICOMNODE", min_free_mb=0))
+    scp = ScpConfig(
+        host="127.0.0.1",
+        port=port,
+        ae_title="DICOMNODE",
+        min_free_mb=0,
+        receivers=receivers,
+        max_associations=100,
+    )
+    server = start_scp(spool, scp, shared_port=receivers > 1)
+    others = Receivers(ReceiverSetup(scp, folder, log_level="WARNING", count=False), receivers - 1)
     try:
+        if receivers > 1:
+            others.start()
         wait_for_port(port)
         yield port
     finally:
         server.shutdown()
+        others.stop()
+        server.server_close()
         spool.close()
 
 
@@ -183,22 +199,29 @@ def standard_scenarios(count: int | None = None) -> list[Scenario]:
     ]
 
 
-def bench_receive(scenarios: list[Scenario], rounds: int, report: Callable[[str], None]) -> dict[str, float]:
-    """Speed of dicomnode relative to storescp (storescp's median time over dicomnode's) per scenario."""
+def bench_receive(
+    scenarios: list[Scenario], rounds: int, report: Callable[[str], None], receivers: int = 1
+) -> dict[str, float]:
+    """Speed of dicomnode relative to storescp (storescp's median time over dicomnode's) per scenario,
+    dicomnode receiving in `receivers` processes."""
     speeds = {}
     with tempfile.TemporaryDirectory(prefix="dicomnode-bench-") as tmp:
         for scenario in scenarios:
-            speeds[scenario.name] = _bench_scenario(scenario, rounds, Path(tmp) / scenario.name, report)
+            folder = Path(tmp) / scenario.name
+            speeds[scenario.name] = _bench_scenario(scenario, rounds, folder, report, receivers)
     return speeds
 
 
-def _bench_scenario(scenario: Scenario, rounds: int, root: Path, report: Callable[[str], None]) -> float:
+def _bench_scenario(
+    scenario: Scenario, rounds: int, root: Path, report: Callable[[str], None], receivers: int = 1
+) -> float:
     (root / "in").mkdir(parents=True)
     paths = make_instances(scenario.source, scenario.count, root / "in")
     megabytes = sum(p.stat().st_size for p in paths) / 1e6
     report(
         f"receive {scenario.name}: {scenario.count} instances of {scenario.source.name}, "
-        f"{megabytes:.1f} MB, {scenario.associations} association(s), {rounds} rounds each"
+        f"{megabytes:.1f} MB, {scenario.associations} association(s), {rounds} rounds each, "
+        f"dicomnode in {receivers} receiving process(es)"
     )
     runs: list[ReceiveRun] = []
     concurrent = scenario.associations > 1
@@ -213,7 +236,7 @@ def _bench_scenario(scenario: Scenario, rounds: int, root: Path, report: Callabl
         with _storescp(target / "storescp", fork=concurrent) as port:
             runs.append(ReceiveRun("storescp", _send_all(port, "STORESCP", paths, scenario.associations)))
         os.sync()
-        with _dicomnode_scp(target / "dicomnode") as port:
+        with _dicomnode_scp(target / "dicomnode", receivers) as port:
             runs.append(ReceiveRun("dicomnode", _send_all(port, "DICOMNODE", paths, scenario.associations)))
         os.sync()
     shutil.rmtree(root)

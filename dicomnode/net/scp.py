@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import socket
 import ssl
 import tempfile
 import threading
@@ -34,6 +36,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicomnode.config import ScpConfig
 from dicomnode.identity import NODE_MANUFACTURER
+from dicomnode.locks import take_slot
 from dicomnode.net.access import SERVICE_PROVIDER_PRESENTATION, AccessPolicy, Rejection, describe_rejection
 from dicomnode.net.header import Header, Unusual, read_header
 from dicomnode.net.reactor import EventDrivenDUL, acceptor_association
@@ -208,18 +211,34 @@ def _check_identity(header: Header, affected_sop_instance_uid: str) -> Refusal |
     return None
 
 
-class StorageHandlers:
-    """The SCP's event handlers, bound to one spool."""
+#: A-ASSOCIATE-RJ of an SCP at its association limit, as pynetdicom sends it: rejected
+#: transient, by the service provider (presentation), local limit exceeded.
+_AT_LIMIT = (0x02, SERVICE_PROVIDER_PRESENTATION, 0x02)
 
-    def __init__(self, spool: Spool, scp: ScpConfig) -> None:
+
+class StorageHandlers:
+    """The SCP's event handlers, bound to one spool.
+
+    `clear_incoming`: delete what `incoming/` holds, left half-received by the last run. Only
+    the first SCP on a state folder may: a receiver started beside it (net.receivers) would
+    delete files other processes are receiving.
+
+    The association limit holds for every SCP on the state folder together: each accepted
+    association holds one of `max_associations` slots of `associations.lock` until its thread
+    ends (the kernel frees a dead process's).
+    """
+
+    def __init__(self, spool: Spool, scp: ScpConfig, *, clear_incoming: bool = True) -> None:
         self.spool = spool
         self.scp = scp
         self.policy = AccessPolicy(scp)
+        self.slots_path = spool.state_dir / "associations.lock"
+        os.close(os.open(self.slots_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
         self._counts: defaultdict[int, Counter[str]] = defaultdict(Counter)
         self._refusals: dict[int, str] = {}
         self._lock = threading.Lock()
         _receive_to_disk()
-        cleared = spool.clear_incoming()
+        cleared = spool.clear_incoming() if clear_incoming else 0
         if cleared:
             log.info("deleted %d instances a previous run left half-received", cleared)
 
@@ -324,6 +343,8 @@ class StorageHandlers:
             log.error("access check failed: %s", where_raised(exc))
             rejection = Rejection(f"access check failed ({exc.__class__.__name__}); refused to be safe")
         if rejection is None:
+            rejection = self._take_slot(assoc)
+        if rejection is None:
             return
         with self._lock:
             self._refusals[id(assoc)] = rejection.reason
@@ -331,6 +352,19 @@ class StorageHandlers:
         assoc.acse.send_reject(rejection.result, rejection.source, rejection.diagnostic)
         evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()
+
+    def _take_slot(self, assoc) -> Rejection | None:
+        """Give the association a slot of the limit, kept until its thread ends; else refuse it."""
+        try:
+            slot = take_slot(self.slots_path, self.scp.max_associations)
+        except OSError as exc:
+            log.error("association slots unavailable: %s", exc.strerror)
+            reason = f"association slots unavailable ({exc.strerror}); refused to be safe"
+            return Rejection(reason, *_AT_LIMIT)
+        if slot is None:
+            return Rejection(f"association limit of {self.scp.max_associations} reached", *_AT_LIMIT)
+        assoc.dicomnode_slot = slot
+        return None
 
     def on_accepted(self, event: evt.Event) -> None:
         """Audit the peer of every accepted association, and how it is secured."""
@@ -414,6 +448,7 @@ class BoundedPduRequestHandler(RequestHandler):
     def _create_association(self):
         assoc = acceptor_association(self)
         _stream_stores(assoc)
+        _free_slot_at_end(assoc)
         sock = assoc.dul.socket
         read = sock.recv
 
@@ -426,6 +461,23 @@ class BoundedPduRequestHandler(RequestHandler):
 
         sock.recv = bounded_read
         return assoc
+
+
+def _free_slot_at_end(assoc) -> None:
+    """Give back the association's slot of the limit (StorageHandlers._take_slot) when its thread
+    ends, however the association ended: released, aborted, rejected or broken off."""
+    run = assoc.run
+
+    def run_then_free_slot() -> None:
+        try:
+            run()
+        finally:
+            slot = getattr(assoc, "dicomnode_slot", None)
+            if slot is not None:
+                assoc.dicomnode_slot = None
+                os.close(slot)
+
+    assoc.run = run_then_free_slot
 
 
 def _stream_stores(assoc) -> None:
@@ -454,12 +506,28 @@ def _transport(assoc) -> str:
     return f"tls={connection.version()} client_certificate={subject.get('commonName', 'none')}"
 
 
+class SharedPortServer(HandshakingServer):
+    """An SCP that shares its port with the node's other receivers (SO_REUSEPORT): the kernel
+    spreads the connections over the processes listening."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 def start_scp(
-    spool: Spool, scp: ScpConfig, ssl_context: ssl.SSLContext | None = None
+    spool: Spool,
+    scp: ScpConfig,
+    ssl_context: ssl.SSLContext | None = None,
+    *,
+    shared_port: bool = False,
+    clear_incoming: bool = True,
 ) -> ThreadedAssociationServer:
     """Start listening in the background; every storage SOP class, every transfer syntax.
 
     With `ssl_context` (net.tls.scp_context) only DICOM TLS is spoken on the port.
+    `shared_port`: one of several receiving processes (net.receivers); `clear_incoming`: see
+    StorageHandlers.
     """
     ae = AE(ae_title=scp.ae_title)
     ae.add_supported_context(Verification)
@@ -473,13 +541,13 @@ def start_scp(
     ae.acse_timeout = scp.acse_timeout_s
     ae.dimse_timeout = scp.dimse_timeout_s
     ae.network_timeout = scp.network_timeout_s
-    handlers = StorageHandlers(spool, scp)
+    handlers = StorageHandlers(spool, scp, clear_incoming=clear_incoming)
     try:
         server = ae.make_server(
             (scp.host, scp.port),
             ssl_context=ssl_context,
             evt_handlers=handlers.bindings(),
-            server_class=HandshakingServer,
+            server_class=SharedPortServer if shared_port else HandshakingServer,
             request_handler=BoundedPduRequestHandler,
         )
     except OSError as exc:

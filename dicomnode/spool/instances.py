@@ -67,7 +67,7 @@ class InstanceStore(Journal):
         arrival = _Arrival(stored, content, size)
         # A purge of the study waits until the row is committed, or it could delete the file
         # from under it; stores into one study go side by side and meet at the flushes.
-        with self._study_lock(study_instance_uid).shared():
+        with self._study_locked(study_instance_uid, exclusive=False):
             if self._place(arrival):
                 self._commits.run(arrival)
         if arrival.committed:

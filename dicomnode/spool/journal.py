@@ -13,12 +13,14 @@ import sqlite3
 import threading
 import time
 import weakref
+import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Self
 from urllib.parse import quote
 
+from dicomnode.locks import byte_locked
 from dicomnode.spool.batch import StudyLock
 
 _SCHEMA = """
@@ -132,22 +134,24 @@ class Journal:
         # its -wal and -shm files the journal's own mode: created 0600 here, all three stay
         # private whatever the umask. An existing journal is opened as it is, its mode kept.
         os.close(os.open(self.journal_path, os.O_WRONLY | os.O_CREAT, 0o600))
-        os.close(os.open(self.writer_lock_path, os.O_WRONLY | os.O_CREAT, 0o600))
+        for lock in (self.writer_lock_path, self.study_lock_path):
+            os.close(os.open(lock, os.O_WRONLY | os.O_CREAT, 0o600))
         self._db().executescript(_SCHEMA)
         self._migrate()
 
     @classmethod
-    def open_existing(cls, state_dir: Path, *, read_only: bool) -> Self:
+    def open_existing(cls, state_dir: Path, *, read_only: bool, min_free_bytes: int = 0) -> Self:
         """A node's journal opened as it is, for `status` and `requeue` beside the running node.
 
         Unlike the constructor, it creates no folder or file, adds no table or column, and changes
         no mode: an administrator running it as root must not leave a file the service user cannot
         open, nor upgrade a journal that an older node still runs on. SQLite gives the -wal and
         -shm files it may create the journal's own mode and owner. Raises SpoolError when the
-        journal is missing or of another schema version.
+        journal is missing or of another schema version. The node's receivers (net.receivers)
+        open the journal the node has just brought up to date this way too.
         """
         journal = cls.__new__(cls)
-        journal._locate(state_dir, 0, "ro" if read_only else "rw")
+        journal._locate(state_dir, min_free_bytes, "ro" if read_only else "rw")
         if not journal.journal_path.is_file():
             raise SpoolError(f"no journal at {journal.journal_path}: the node has not run yet")
         try:
@@ -172,6 +176,7 @@ class Journal:
         self.min_free_bytes = min_free_bytes
         self.journal_path = self.state_dir / "journal.sqlite"
         self.writer_lock_path = self.state_dir / "journal.sqlite-writer"
+        self.study_lock_path = self.state_dir / "studies.lock"
         self._uri = f"file:{quote(str(self.journal_path))}?mode={mode}"
         self._local = threading.local()
         self._writing = threading.Lock()
@@ -181,6 +186,24 @@ class Journal:
     def _study_lock(self, study_instance_uid: str) -> StudyLock:
         """One of a fixed set of locks, picked by study: shared by stores, held alone by a purge."""
         return self._study_locks[hash(study_instance_uid) % _STUDY_LOCKS]
+
+    @contextmanager
+    def _study_locked(self, study_instance_uid: str, *, exclusive: bool) -> Iterator[None]:
+        """Hold a study shared (storing into it) or alone (purging it), against this process's
+        threads and every other process on the state folder (the node's receivers, net.receivers).
+
+        The threads of this process meet at the study's StudyLock, which makes stores arriving
+        while a purge waits queue behind it; processes meet at the study's byte of
+        `studies.lock` (an open file description lock, at the CRC-32 of the UID: Python's hash
+        differs per process). A state folder without the file (no node of this version has run)
+        has no other process to meet.
+        """
+        local = self._study_lock(study_instance_uid)
+        with local.exclusive() if exclusive else local.shared(), ExitStack() as held:
+            crc = zlib.crc32(study_instance_uid.encode())
+            with suppress(FileNotFoundError):
+                held.enter_context(byte_locked(self.study_lock_path, crc, exclusive=exclusive))
+            yield
 
     def _migrate(self) -> None:
         """Bring a journal written by an earlier version up to this schema, in place."""

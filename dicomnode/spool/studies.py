@@ -243,7 +243,7 @@ class StudyState(Journal):
         purged = 0
         for uid in candidates:
             # Rows and files go under the study's lock: a store into it waits, then re-creates it.
-            with self._study_lock(uid).exclusive():
+            with self._study_locked(uid, exclusive=True):
                 with self._transaction() as db:
                     # Checked again under the lock: a late instance may have re-opened the study.
                     finished = db.execute(

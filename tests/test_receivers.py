@@ -1,0 +1,330 @@
+"""Receiving in several processes (`scp.receivers`): one port, one state folder, nothing lost.
+
+Real peers: DCMTK's storescu over many associations, and pynetdicom's SCU where the test must
+know exactly which instances were acknowledged. The receivers are real processes, started as
+`serve` starts them; one is killed with SIGKILL while it receives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing
+import os
+import re
+import socket
+import stat
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pydicom
+import pytest
+import requests
+from pydicom.data import get_testdata_file
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from dicomnode.bench.receive import make_instances
+from dicomnode.config import ScpConfig
+from dicomnode.net.receivers import Receivers, ReceiverSetup, check_port_free
+from dicomnode.net.scp import start_scp
+from dicomnode.spool import Spool
+from tests.conftest import free_port, stop_process, wait_until
+
+CT = Path(get_testdata_file("CT_small.dcm"))
+
+
+@pytest.fixture
+def records(caplog) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.INFO, logger="dicomnode")
+    return caplog
+
+
+@contextmanager
+def receiving(state: Path, receivers: int, **settings) -> Iterator[tuple[int, Receivers, Spool, Counter]]:
+    """The node's SCP in this process and `receivers - 1` receiving processes, as `serve` runs
+    them; yields the port, the receivers, the spool and the counts the receivers reported."""
+    port = free_port()
+    scp = ScpConfig(host="127.0.0.1", port=port, min_free_mb=0, receivers=receivers, **settings)
+    spool = Spool(state, min_free_bytes=0)
+    check_port_free(scp)
+    server = start_scp(spool, scp, shared_port=True)
+    counts: Counter = Counter()
+    others = Receivers(
+        ReceiverSetup(scp, state),
+        receivers - 1,
+        lambda family, outcome, times: counts.update({outcome: times}),
+    )
+    try:
+        others.start()
+        yield port, others, spool, counts
+    finally:
+        server.shutdown()
+        others.stop()
+        server.server_close()
+        spool.close()
+
+
+def storescu(port: int, paths: list[Path], associations: int) -> None:
+    """DCMTK's storescu, `associations` of them at once, each sending its share of `paths`."""
+    senders = [
+        subprocess.Popen(
+            ["storescu", "-aec", "DICOMNODE", "127.0.0.1", str(port), *map(str, paths[i::associations])],
+            env={**os.environ, "TCP_NODELAY": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(associations)
+    ]
+    for sender in senders:
+        _, errors = sender.communicate(timeout=120)
+        assert sender.returncode == 0, errors
+
+
+def journal_rows(spool: Spool) -> dict[str, Path]:
+    return {
+        row["sop_instance_uid"]: Path(row["path"])
+        for row in spool._db().execute("SELECT sop_instance_uid, path FROM instances")
+    }
+
+
+def uid_of(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def digest(path: Path) -> str:
+    """The pixel data's: the node writes its own file meta, and the sender may have sent the
+    data set in another transfer syntax than the file's."""
+    return hashlib.sha256(pydicom.dcmread(path).PixelData).hexdigest()
+
+
+def test_every_instance_sent_over_many_associations_is_stored_whichever_process_took_it(tmp_path, records):
+    (tmp_path / "in").mkdir()
+    paths = make_instances(CT, 60, tmp_path / "in")
+    with receiving(tmp_path / "state", receivers=3, max_associations=16) as (port, _, spool, counts):
+        storescu(port, paths, associations=12)
+        rows = journal_rows(spool)
+
+        def released(by_receivers: bool) -> int:
+            return sum(
+                r.getMessage().startswith("association released")
+                for r in records.records
+                if not by_receivers or r.processName != "MainProcess"
+            )
+
+        # The receivers' records come over a queue, their counts twice a second.
+        wait_until(
+            lambda: released(False) == 12 and counts["released"] == released(True),
+            timeout=10,
+            what="every association's audit line and the receivers' counts",
+        )
+    assert set(rows) == {uid_of(p) for p in paths}
+    assert stat.S_IMODE((tmp_path / "state" / "associations.lock").stat().st_mode) == 0o600
+    sent = {uid_of(p): digest(p) for p in paths}
+    assert {uid: digest(path) for uid, path in rows.items()} == sent  # each row's file holds it
+    accepted = [r for r in records.records if r.getMessage().startswith("association accepted")]
+    assert len(accepted) == 12
+    # The kernel spread the twelve over the processes (all on one: 3 x (1/3)^12), and each
+    # receiver's audit lines reached this process's handlers, marked with its name.
+    assert len({r.processName for r in accepted}) >= 2
+    assert {r.processName for r in accepted} <= {"MainProcess", "receiver-1", "receiver-2"}
+    stored_by_receivers = sum(
+        int(re.search(r"stored=(\d+)", r.getMessage())[1])
+        for r in records.records
+        if r.getMessage().startswith("association released") and r.processName != "MainProcess"
+    )
+    assert counts["stored"] == stored_by_receivers  # C-STORE responses the receivers counted
+
+
+def send_until_done(
+    port: int, paths: list[Path], acknowledged: dict[str, str], stop: threading.Event
+) -> None:
+    """Send `paths` with pynetdicom, one association after another, until each was acknowledged
+    (status 0x0000, recorded in `acknowledged`) or `stop` is set; a broken association is
+    followed by a new one."""
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(CTImageStorage)
+    pending = list(paths)
+    while pending and not stop.is_set():
+        assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+        if not assoc.is_established:
+            time.sleep(0.1)
+            continue
+        while pending and assoc.is_established:
+            ds = pydicom.dcmread(pending[0])
+            try:
+                status = assoc.send_c_store(ds)
+            except (RuntimeError, OSError):  # the association broke down meanwhile
+                break
+            if status and status.Status == 0x0000:
+                acknowledged[str(ds.SOPInstanceUID)] = digest(pending.pop(0))
+        if assoc.is_established:
+            assoc.release()
+
+
+def test_a_receiver_killed_while_receiving_loses_no_acknowledged_instance_and_is_started_again(
+    tmp_path, records
+):
+    (tmp_path / "in").mkdir()
+    paths = make_instances(CT, 240, tmp_path / "in")
+    acknowledged: dict[str, str] = {}
+    stop = threading.Event()
+    with receiving(tmp_path / "state", receivers=2) as (port, others, spool, _):
+        victim = others.pids[0]
+        senders = [
+            threading.Thread(target=send_until_done, args=(port, paths[i::4], acknowledged, stop))
+            for i in range(4)
+        ]
+        for sender in senders:
+            sender.start()
+        # Kill it while it receives: once it has stored something.
+        wait_until(
+            lambda: any(
+                r.processName == "receiver-1" and "stored instance" in r.getMessage() for r in records.records
+            ),
+            timeout=60,
+            what="the receiver storing",
+        )
+        os.kill(victim, 9)
+        wait_until(lambda: others.pids[0] != victim, timeout=30, what="the receiver started again")
+        for sender in senders:
+            sender.join(timeout=180)
+        stop.set()
+        rows = journal_rows(spool)
+    assert len(acknowledged) == len(paths)  # every instance went in, some on a second try
+    for uid, sent in acknowledged.items():
+        assert uid in rows, "an acknowledged instance has no journal row"
+        assert digest(rows[uid]) == sent, "an acknowledged instance's file differs from what was sent"
+    restarted = [r.getMessage() for r in records.records if "starting it again" in r.getMessage()]
+    assert restarted == [f"receiver 1 (pid {victim}) ended with exit code -9; starting it again"]
+
+
+def hold_study(state: Path, study: str, held, release) -> None:
+    """In another process: hold `study` as a purge does, until told to let go."""
+    spool = Spool.open_existing(state, read_only=False)
+    with spool._study_locked(study, exclusive=True):
+        held.set()
+        release.wait(30)
+
+
+def test_a_store_waits_while_another_process_holds_its_study_for_a_purge(tmp_path):
+    spool = Spool(tmp_path / "state", min_free_bytes=0)
+    (tmp_path / "in").mkdir()
+    path = make_instances(CT, 1, tmp_path / "in")[0]
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    context = multiprocessing.get_context("spawn")
+    held, release = context.Event(), context.Event()
+    purger = context.Process(target=hold_study, args=(tmp_path / "state", ds.StudyInstanceUID, held, release))
+    purger.start()
+    try:
+        assert held.wait(30)
+        store = threading.Thread(
+            target=spool.store,
+            args=(path,),
+            kwargs={
+                "sop_instance_uid": ds.SOPInstanceUID,
+                "sop_class_uid": ds.SOPClassUID,
+                "study_instance_uid": ds.StudyInstanceUID,
+                "series_instance_uid": ds.SeriesInstanceUID,
+                "calling_ae": "PACS",
+            },
+        )
+        store.start()
+        store.join(0.5)
+        assert store.is_alive(), "the store went into a study another process holds for a purge"
+        assert journal_rows(spool) == {}
+        release.set()
+        store.join(10)
+        assert not store.is_alive()
+        assert set(journal_rows(spool)) == {ds.SOPInstanceUID}
+    finally:
+        release.set()
+        purger.join(10)
+        spool.close()
+
+
+def associate(port: int):
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(Verification)
+    return ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+
+
+def test_the_association_limit_holds_for_all_receiving_processes_together(tmp_path, records):
+    with receiving(tmp_path / "state", receivers=3, max_associations=2) as (port, *_):
+        held = [associate(port) for _ in range(2)]
+        assert all(a.is_established for a in held)
+        # Each process alone has room; the kernel spreads these over all three.
+        refused = [associate(port) for _ in range(8)]
+        assert not any(a.is_established for a in refused)
+        assert all(a.is_rejected for a in refused)
+        held[0].release()
+        # The slot comes back when the association's thread ends.
+        again = wait_until(
+            lambda: (a := associate(port)).is_established and a, timeout=10, what="a free slot"
+        )
+        again.release()
+        held[1].release()
+    reasons = [
+        r.getMessage().split(": ", 1)[1]
+        for r in records.records
+        if r.getMessage().startswith("association rejected")
+    ]
+    assert reasons[:8] == ["association limit of 2 reached"] * 8
+
+
+def test_receivers_do_not_start_on_a_port_another_process_listens_on(tmp_path):
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # would share it silently
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            check_port_free(ScpConfig(host="127.0.0.1", port=port, receivers=2))
+
+
+def test_a_receiver_that_cannot_start_fails_the_start_and_says_why(tmp_path, records):
+    scp = ScpConfig(host="127.0.0.1", port=free_port(), min_free_mb=0, receivers=2)
+    others = Receivers(ReceiverSetup(scp, tmp_path / "no-node-ran-here"), 1)
+    with pytest.raises(OSError, match=r"receiver 1 did not start \(exit code 1\)"):
+        others.start()
+    said = [r.getMessage() for r in records.records if r.processName == "receiver-1"]
+    assert any("receiver 1 cannot start: SpoolError: no journal at" in line for line in said), said
+
+
+def test_serve_with_receivers_counts_their_stores_and_stops_them_with_the_service(node_factory, tmp_path):
+    node = node_factory(scp={"receivers": 3})
+    log = wait_until(
+        lambda: (
+            (
+                m := re.search(
+                    r"2 receiving processes beside the node's own: \[(\d+), (\d+)\]", node.log.read_text()
+                )
+            )
+            and m
+        ),
+        timeout=60,
+        what="the receivers",
+    )
+    children = [int(pid) for pid in log.groups()]
+    (tmp_path / "in").mkdir()
+    paths = make_instances(CT, 24, tmp_path / "in")
+    storescu(node.port, paths, associations=8)
+
+    def stored() -> float:
+        metrics = requests.get(f"{node.metrics_url}/metrics", timeout=10).text
+        found = re.search(r'^dicomnode_instances_total\{outcome="stored"\} (\S+)$', metrics, re.M)
+        return float(found[1]) if found else 0.0
+
+    assert wait_until(lambda: stored() == 24, timeout=10, what="24 stores counted")
+    audit = (tmp_path / "var" / "logs" / "audit.log").read_text()
+    assert audit.count("association accepted") == 8
+    stop_process(node.process)
+    assert node.process.returncode == 0
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists(), "a receiver outlived the node"
