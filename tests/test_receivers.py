@@ -30,11 +30,13 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from dicomnode.bench.receive import make_instances
-from dicomnode.config import ScpConfig
+from dicomnode.config import ScpConfig, ScpTlsConfig
 from dicomnode.net.receivers import Receivers, ReceiverSetup, check_port_free
 from dicomnode.net.scp import start_scp
+from dicomnode.net.tls import server_context
 from dicomnode.spool import Spool
 from tests.conftest import free_port, stop_process, wait_until
+from tests.pki import make_pki
 
 CT = Path(get_testdata_file("CT_small.dcm"))
 
@@ -53,7 +55,7 @@ def receiving(state: Path, receivers: int, **settings) -> Iterator[tuple[int, Re
     scp = ScpConfig(host="127.0.0.1", port=port, min_free_mb=0, receivers=receivers, **settings)
     spool = Spool(state, min_free_bytes=0)
     check_port_free(scp)
-    server = start_scp(spool, scp, shared_port=True)
+    server = start_scp(spool, scp, scp.tls and server_context(scp.tls, "scp.tls"), shared_port=True)
     counts: Counter = Counter()
     others = Receivers(
         ReceiverSetup(scp, state),
@@ -70,11 +72,19 @@ def receiving(state: Path, receivers: int, **settings) -> Iterator[tuple[int, Re
         spool.close()
 
 
-def storescu(port: int, paths: list[Path], associations: int) -> None:
+def storescu(port: int, paths: list[Path], associations: int, *options: str) -> None:
     """DCMTK's storescu, `associations` of them at once, each sending its share of `paths`."""
     senders = [
         subprocess.Popen(
-            ["storescu", "-aec", "DICOMNODE", "127.0.0.1", str(port), *map(str, paths[i::associations])],
+            [
+                "storescu",
+                *options,
+                "-aec",
+                "DICOMNODE",
+                "127.0.0.1",
+                str(port),
+                *map(str, paths[i::associations]),
+            ],
             env={**os.environ, "TCP_NODELAY": "1"},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -140,6 +150,35 @@ def test_every_instance_sent_over_many_associations_is_stored_whichever_process_
         if r.getMessage().startswith("association released") and r.processName != "MainProcess"
     )
     assert counts["stored"] == stored_by_receivers  # C-STORE responses the receivers counted
+
+
+def test_receivers_speak_dicom_tls_with_the_configured_certificates(tmp_path, records, tmp_path_factory):
+    pki = make_pki(tmp_path_factory.mktemp("pki"))
+    tls = ScpTlsConfig(
+        certificate=pki.server.certificate,
+        private_key=pki.server.private_key,
+        ca_certificates=pki.ca.certificate,
+    )
+    (tmp_path / "in").mkdir()
+    paths = make_instances(CT, 24, tmp_path / "in")
+    client = pki.client
+    client_tls = ("+tls", str(client.private_key), str(client.certificate), "+cf", str(pki.ca.certificate))
+    with receiving(tmp_path / "state", receivers=3, max_associations=16, tls=tls) as (port, _, spool, _):
+        storescu(port, paths, 12, *client_tls)
+        rows = journal_rows(spool)
+        accepted = wait_until(
+            lambda: (
+                (found := [r for r in records.records if r.getMessage().startswith("association accepted")])
+                and len(found) == 12
+                and found
+            ),
+            timeout=10,
+            what="twelve audit lines",
+        )
+    assert set(rows) == {uid_of(p) for p in paths}
+    for record in accepted:
+        assert re.search(r"tls=TLSv1\.[23] client_certificate=pacs-client$", record.getMessage())
+    assert {r.processName for r in accepted} - {"MainProcess"}, "no receiver took an association"
 
 
 def send_until_done(
