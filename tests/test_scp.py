@@ -224,7 +224,11 @@ def test_an_association_aborted_in_the_middle_of_an_instance_leaves_nothing_behi
     assoc.abort()
 
     wait_until(lambda: not any(spool.incoming_dir.iterdir()), 30, what="half-received file deleted")
-    assert not _stored_files(spool)
+    # pynetdicom queues its A-ABORT behind the fragments it has queued already: on a loaded
+    # machine the whole instance may arrive first (seen once in CI), and it is then stored whole.
+    # What must never be stored is a part of it.
+    for stored in _stored_files(spool):
+        assert pydicom.dcmread(stored).PixelData == pydicom.dcmread(sent).PixelData
 
 
 def test_a_sender_killed_in_the_middle_of_an_instance_leaves_nothing_behind(tmp_path, scp):
