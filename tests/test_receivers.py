@@ -336,6 +336,15 @@ def test_a_receiver_that_cannot_start_fails_the_start_and_says_why(tmp_path, rec
     assert any("receiver 1 cannot start: SpoolError: no journal at" in line for line in said), said
 
 
+def running(pid: int) -> bool:
+    """Whether the process runs (a zombie waiting for its parent to reap it does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
 def test_serve_with_receivers_counts_their_stores_and_stops_them_with_the_service(node_factory, tmp_path):
     node = node_factory(scp={"receivers": 3})
     log = wait_until(
@@ -366,4 +375,21 @@ def test_serve_with_receivers_counts_their_stores_and_stops_them_with_the_servic
     stop_process(node.process)
     assert node.process.returncode == 0
     for pid in children:
-        assert not Path(f"/proc/{pid}").exists(), "a receiver outlived the node"
+        assert not running(pid), "a receiver outlived the node"
+
+
+def test_receivers_exit_and_free_the_port_when_the_node_is_killed(node_factory):
+    node = node_factory(scp={"receivers": 3})
+    found = wait_until(
+        lambda: re.search(
+            r"2 receiving processes beside the node's own: \[(\d+), (\d+)\]", node.log.read_text()
+        ),
+        timeout=60,
+        what="the receivers",
+    )
+    children = [int(pid) for pid in found.groups()]
+    node.process.kill()
+    node.process.wait()
+    # A receiver of no node would keep taking associations no node processes.
+    wait_until(lambda: not any(map(running, children)), timeout=10, what="receivers gone")
+    check_port_free(ScpConfig(host="127.0.0.1", port=node.port))

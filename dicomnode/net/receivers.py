@@ -278,6 +278,10 @@ def receive(setup: ReceiverSetup, index: int, messages, ready) -> None:
     report()
     spool.close()
     messages.close()
+    if os.getppid() != node:
+        # Nobody reads the queue any more, and every receiver holds its reading end: waiting
+        # for the last records to be written could wait for ever.
+        messages.cancel_join_thread()
     messages.join_thread()
 
 
