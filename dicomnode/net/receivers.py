@@ -19,6 +19,7 @@ as the node's own SCP does: a C-STORE not yet acknowledged is the sender's to se
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import multiprocessing
 import os
 import queue
@@ -208,25 +209,6 @@ def _said_ready(ready) -> bool:
         return False
 
 
-class _QueueHandler(logging.Handler):
-    """Sends each record, its message formatted and arguments dropped, to the node."""
-
-    def __init__(self, messages) -> None:
-        super().__init__()
-        self.messages = messages
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            record.msg = record.getMessage()
-            record.args = None
-            if record.exc_info:
-                record.exc_text = logging.Formatter().formatException(record.exc_info)
-            record.exc_info = None
-            self.messages.put(record)
-        except Exception:
-            self.handleError(record)
-
-
 def receive(setup: ReceiverSetup, index: int, messages, ready) -> None:
     """A receiver process: an SCP and spool on the node's state folder until told to stop.
 
@@ -249,8 +231,7 @@ def receive(setup: ReceiverSetup, index: int, messages, ready) -> None:
         server = start_scp(spool, setup.scp, tls, shared_port=True, clear_incoming=False)
     except Exception as exc:
         log.error("receiver %d cannot start: %s (%s)", index, describe_error(exc), where_raised(exc))
-        messages.close()
-        messages.join_thread()
+        _last_messages(messages, node)
         sys.exit(1)
     counts: Counter[tuple[str, str]] = Counter()
     counting = threading.Lock()
@@ -277,10 +258,15 @@ def receive(setup: ReceiverSetup, index: int, messages, ready) -> None:
     server.server_close()
     report()
     spool.close()
+    _last_messages(messages, node)
+
+
+def _last_messages(messages, node: int) -> None:
+    """Send what is queued for the node before the process exits; not if the node is gone:
+    nobody reads the queue then, and since every receiver holds its reading end, waiting for
+    the last records to be written could wait for ever."""
     messages.close()
     if os.getppid() != node:
-        # Nobody reads the queue any more, and every receiver holds its reading end: waiting
-        # for the last records to be written could wait for ever.
         messages.cancel_join_thread()
     messages.join_thread()
 
@@ -290,5 +276,6 @@ def _log_to(messages, level: str) -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    root.addHandler(_QueueHandler(messages))
+    # Each record is sent with its message (and traceback) formatted, its arguments dropped.
+    root.addHandler(logging.handlers.QueueHandler(messages))
     set_levels(level)
