@@ -408,3 +408,58 @@ def test_a_status_that_judges_the_object_is_a_refusal_and_out_of_resources_is_no
 def test_no_answer_is_not_a_refusal_but_a_rejected_presentation_context_is():
     assert not StoreOutcome(Path("r.dcm"), None, "no response (timeout or abort)").refused
     assert StoreOutcome(Path("r.dcm"), None, "no accepted context", context_rejected=True).refused
+
+
+class _LateReactorCheckpoint(threading.Event):
+    """pynetdicom's reactor pause, held open: each time the reactor passes it, the reactor
+    dawdles before looking at the message queue, while it still reads as paused."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        passed = super().wait(timeout)
+        time.sleep(0.1)
+        return passed
+
+
+def test_an_answer_that_arrives_while_pynetdicoms_reactor_looks_still_reaches_the_store(
+    tmp_path, monkeypatch
+):
+    """pynetdicom's requestor reactor can pass its pause just before a send takes it for paused;
+    an answer arriving then was dropped ("Received unexpected C-STORE service message") and the
+    store waited out its timeout, losing its association (seen once in 1,500 stores under load).
+
+    The race is made certain: the reactor dawdles 0.1 s past its pause, the store looks for its
+    answer 0.3 s after sending it, and storescp answers at once. Every store must succeed.
+    """
+    from dicomnode.net import scu
+
+    associate = scu._associate
+
+    def racing(ae, peer, contexts=None):
+        assoc = associate(ae, peer, contexts)
+        assoc._reactor_checkpoint = _LateReactorCheckpoint()
+        assoc._reactor_checkpoint.set()
+        send = assoc.dimse.send_msg
+
+        def send_then_dawdle(*args, **kwargs):
+            send(*args, **kwargs)
+            time.sleep(0.3)
+
+        assoc.dimse.send_msg = send_then_dawdle
+        return assoc
+
+    monkeypatch.setattr(scu, "_associate", racing)
+    storescp = shutil.which("storescp")
+    if storescp is None:
+        pytest.fail("storescp is not installed (Debian package dcmtk); .ci/run installs it")
+    port = free_port()
+    received = tmp_path / "received"
+    received.mkdir()
+    process = subprocess.Popen([storescp, "-od", str(received), str(port)])
+    try:
+        wait_for_port(port, process=process)
+        peer = scu.Peer("127.0.0.1", port, "STORESCP", timeout_s=3.0)
+        outcomes = scu.store(peer, [CT_SMALL] * 4)
+    finally:
+        stop_process(process)
+
+    assert [(o.status, o.comment) for o in outcomes] == [(0, "")] * 4

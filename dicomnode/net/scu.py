@@ -134,7 +134,33 @@ def _associate(ae: AE, peer: Peer, contexts: list | None = None):
             offered = ", ".join(sorted({str(c.abstract_syntax.name) for c in contexts or []}))
             raise ContextsRejected(f"{peer} accepted none of the SOP classes offered ({offered})")
         raise AssociationFailed(f"{peer} did not accept an association (unreachable or aborted)")
+    _leave_responses_to_the_caller(assoc)
     return assoc
+
+
+def _leave_responses_to_the_caller(assoc) -> None:
+    """Keep pynetdicom's reactor thread from taking the answer a send_c_store waits for.
+
+    Beside the caller, a requestor's association runs a reactor that takes each decoded DIMSE
+    message off the queue and serves it if it is a request, dropping anything else with
+    "Received unexpected C-STORE service message". A send pauses the reactor first, but the
+    pause can be read as taken while the reactor is already past it (pynetdicom 3.0.4); when
+    the peer answers in that moment, the reactor drops the answer and the send waits out its
+    DIMSE timeout, then aborts the association. Seen under load: one store of 1,500 timed out
+    and the rest of its association was lost. The reactor is now only shown requests; an
+    answer stays queued for the send that waits on it.
+    """
+    dimse = assoc.dimse
+    take = dimse.get_msg
+
+    def get_msg(block: bool = False):
+        if not block:  # the reactor's look; a send waits (block=True)
+            _, msg = dimse.peek_msg()
+            if msg is None or not msg.is_valid_request:
+                return None, None
+        return take(block)
+
+    dimse.get_msg = get_msg
 
 
 def echo(peer: Peer, calling_ae: str = "DICOMNODE") -> int:
