@@ -656,8 +656,13 @@ def bench_receive(
     associations: Annotated[int, typer.Option(min=1, help="With --file: associations at once.")] = 1,
     rounds: Annotated[int, typer.Option(min=1, help="Runs per receiver; the median counts.")] = 3,
     receivers: Annotated[
-        int, typer.Option(min=1, max=64, help="dicomnode's receiving processes (scp.receivers).")
-    ] = 1,
+        list[int] | None,
+        typer.Option(
+            min=1,
+            max=64,
+            help="dicomnode's receiving processes (scp.receivers); repeat to compare counts in one run.",
+        ),
+    ] = None,
     memory: Annotated[
         list[int] | None,
         typer.Option(help="Instead: peak memory while receiving one instance of this many MB (repeatable)."),
@@ -676,7 +681,7 @@ def bench_receive(
             scenarios = standard_scenarios(count)
         else:
             scenarios = [Scenario(file.name, file, count or 50, associations)]
-        run(scenarios, rounds, typer.echo, receivers=receivers)
+        run(scenarios, rounds, typer.echo, receivers=receivers or [1])
     except BenchError as exc:
         typer.echo(f"benchmark failed: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -25,6 +25,24 @@ def test_bench_receive_prints_rates_and_speed_against_storescp_for_small_large_a
     assert len(re.findall(r"speed dicomnode/storescp: \d+\.\d\dx", done.stdout)) == 3
 
 
+def test_bench_receive_compares_counts_of_receiving_processes_against_one_storescp_run():
+    from pydicom.data import get_testdata_file
+
+    ct = get_testdata_file("CT_small.dcm")
+    done = run_cli(
+        "bench", "receive", "--file", ct, "--count", "6", "--associations", "3", "--rounds", "1",
+        "--receivers", "1", "--receivers", "2", "--receivers", "2",
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    assert "3 association(s), 1 rounds each, dicomnode in 1, 2 receiving process(es)" in done.stdout
+    for receiver in ("storescp", "dicomnode x1", "dicomnode x2"):
+        rate = rf"  {receiver}\s+[\d.]+ s\s+[\d.]+ MB/s\s+[\d.]+ instances/s"
+        assert len(re.findall(rate, done.stdout)) == 1, done.stdout
+    speeds = re.findall(r"speed dicomnode x(\d)/storescp: \d+\.\d\dx", done.stdout)
+    assert speeds == ["1", "2"]
+
+
 def test_bench_receive_memory_prints_the_peak_while_receiving_each_size():
     done = run_cli("bench", "receive", "--memory", "4", "--memory", "12")
 

@@ -14,7 +14,7 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,29 +200,42 @@ def standard_scenarios(count: int | None = None) -> list[Scenario]:
 
 
 def bench_receive(
-    scenarios: list[Scenario], rounds: int, report: Callable[[str], None], receivers: int = 1
-) -> dict[str, float]:
-    """Speed of dicomnode relative to storescp (storescp's median time over dicomnode's) per scenario,
-    dicomnode receiving in `receivers` processes."""
+    scenarios: list[Scenario],
+    rounds: int,
+    report: Callable[[str], None],
+    receivers: Sequence[int] = (1,),
+) -> dict[tuple[str, int], float]:
+    """Speed of dicomnode relative to storescp (storescp's median time over dicomnode's), per
+    scenario and per count of receiving processes: each round sends to storescp, then to
+    dicomnode receiving in each of `receivers` processes in turn, so that every count is
+    measured against the same reference in the same run."""
+    receivers = list(dict.fromkeys(receivers))
     speeds = {}
     with tempfile.TemporaryDirectory(prefix="dicomnode-bench-") as tmp:
         for scenario in scenarios:
             folder = Path(tmp) / scenario.name
-            speeds[scenario.name] = _bench_scenario(scenario, rounds, folder, report, receivers)
+            for count, speed in _bench_scenario(scenario, rounds, folder, report, receivers).items():
+                speeds[scenario.name, count] = speed
     return speeds
 
 
 def _bench_scenario(
-    scenario: Scenario, rounds: int, root: Path, report: Callable[[str], None], receivers: int = 1
-) -> float:
+    scenario: Scenario,
+    rounds: int,
+    root: Path,
+    report: Callable[[str], None],
+    receivers: Sequence[int] = (1,),
+) -> dict[int, float]:
     (root / "in").mkdir(parents=True)
     paths = make_instances(scenario.source, scenario.count, root / "in")
     megabytes = sum(p.stat().st_size for p in paths) / 1e6
+    processes = ", ".join(str(count) for count in receivers)
     report(
         f"receive {scenario.name}: {scenario.count} instances of {scenario.source.name}, "
         f"{megabytes:.1f} MB, {scenario.associations} association(s), {rounds} rounds each, "
-        f"dicomnode in {receivers} receiving process(es)"
+        f"dicomnode in {processes} receiving process(es)"
     )
+    names = {count: "dicomnode" if len(receivers) == 1 else f"dicomnode x{count}" for count in receivers}
     runs: list[ReceiveRun] = []
     concurrent = scenario.associations > 1
     # Neither receiver inherits the other's disk work. What storescp wrote without syncing is
@@ -236,20 +249,24 @@ def _bench_scenario(
         with _storescp(target / "storescp", fork=concurrent) as port:
             runs.append(ReceiveRun("storescp", _send_all(port, "STORESCP", paths, scenario.associations)))
         os.sync()
-        with _dicomnode_scp(target / "dicomnode", receivers) as port:
-            runs.append(ReceiveRun("dicomnode", _send_all(port, "DICOMNODE", paths, scenario.associations)))
-        os.sync()
+        for count in receivers:
+            with _dicomnode_scp(target / f"dicomnode-{count}", count) as port:
+                seconds = _send_all(port, "DICOMNODE", paths, scenario.associations)
+            runs.append(ReceiveRun(names[count], seconds))
+            os.sync()
     shutil.rmtree(root)
     times = {
-        name: sorted(r.seconds for r in runs if r.receiver == name) for name in ("storescp", "dicomnode")
+        name: sorted(r.seconds for r in runs if r.receiver == name) for name in ("storescp", *names.values())
     }
     for name, seconds in times.items():
         median = statistics.median(seconds)
         rate = f"{megabytes / median:8.1f} MB/s  {scenario.count / median:8.1f} instances/s"
-        report(f"  {name:10s} {median:7.3f} s  {rate}  (range {seconds[0]:.3f}-{seconds[-1]:.3f} s)")
-    speed = statistics.median(times["storescp"]) / statistics.median(times["dicomnode"])
-    report(f"  speed dicomnode/storescp: {speed:.2f}x")
-    return speed
+        report(f"  {name:13s} {median:7.3f} s  {rate}  (range {seconds[0]:.3f}-{seconds[-1]:.3f} s)")
+    speeds = {}
+    for count, name in names.items():
+        speeds[count] = statistics.median(times["storescp"]) / statistics.median(times[name])
+        report(f"  speed {name}/storescp: {speeds[count]:.2f}x")
+    return speeds
 
 
 def _peak_rss_mib() -> float:
