@@ -54,8 +54,7 @@ class RecordingSpool(Spool):
         return super().store(content, **kwargs)
 
 
-@pytest.fixture
-def scp(tmp_path) -> Iterator[tuple[RecordingSpool, int]]:
+def _running_scp(tmp_path: Path) -> Iterator[tuple[RecordingSpool, int]]:
     spool = RecordingSpool(tmp_path / "var")
     port = free_port()
     server = start_scp(spool, ScpConfig(host="127.0.0.1", port=port, ae_title="DICOMNODE", min_free_mb=0))
@@ -63,6 +62,27 @@ def scp(tmp_path) -> Iterator[tuple[RecordingSpool, int]]:
     yield spool, port
     server.shutdown()
     spool.close()
+
+
+@pytest.fixture
+def scp(tmp_path) -> Iterator[tuple[RecordingSpool, int]]:
+    yield from _running_scp(tmp_path)
+
+
+@pytest.fixture
+def scp_slow_to_accept(tmp_path, monkeypatch) -> Iterator[tuple[RecordingSpool, int]]:
+    """The SCP, whose EVT_ACCEPTED handler (the audit line) takes 0.3 s: a sender's first C-STORE
+    arrives while the association is not yet established."""
+    from dicomnode.net import scp as scp_module
+
+    accepted = scp_module.StorageHandlers.on_accepted
+
+    def slowly(self, event) -> None:
+        time.sleep(0.3)
+        accepted(self, event)
+
+    monkeypatch.setattr(scp_module.StorageHandlers, "on_accepted", slowly)
+    yield from _running_scp(tmp_path)
 
 
 def _storescu(port: int, *paths: Path):
@@ -155,6 +175,25 @@ def test_a_slice_header_is_read_from_the_bytes_held_in_memory_a_large_instance_f
     stored = {path.name: path for path in _stored_files(spool)}
     assert held == stored[f"{pydicom.dcmread(ct_small).SOPInstanceUID}.dcm"].read_bytes()
     assert not_held is None
+
+
+def test_a_store_arriving_while_the_association_is_being_established_waits_and_is_read_from_memory(
+    scp_slow_to_accept, monkeypatch
+):
+    from dicomnode.net import scp as scp_module
+
+    spool, port = scp_slow_to_accept
+    read = []
+    walk = scp_module.read_header
+    monkeypatch.setattr(
+        scp_module, "read_header", lambda path, content=None: read.append(content) or walk(path, content)
+    )
+    ct_small = Path(get_testdata_file("CT_small.dcm", download=False))
+
+    assert _storescu(port, ct_small).returncode == 0
+
+    (stored,) = _stored_files(spool)
+    assert read == [stored.read_bytes()], "served by the stream, as every other store"
 
 
 def _result_like(source: Path, folder: Path, **changes) -> Path:

@@ -61,6 +61,10 @@ _P_DATA_TF = 0x04
 #: Longest a thread waits without being woken, and so the longest a missed wake-up costs.
 MAX_WAIT_S = 0.05
 
+#: Longest the DUL thread waits, with a PDU to read, for its association thread to finish
+#: establishing the association (EVT_ACCEPTED's handlers). Past it the PDU goes to pynetdicom.
+ESTABLISHING_WAIT_S = 1.0
+
 
 def event_driven() -> bool:
     """True when the installed pynetdicom is one whose loops this module replaces."""
@@ -191,6 +195,10 @@ class EventDrivenDUL(DULServiceProvider):
         if self.store_stream is None or self.state_machine.current_state != "Sta6":
             super()._read_pdu_data()
             return
+        # The peer may send its first C-STORE as soon as it has the A-ASSOCIATE-AC, while the
+        # association thread is still in EVT_ACCEPTED's handlers: the stream serves only an
+        # established association's, so wait for it rather than leave this one to pynetdicom.
+        self.assoc.established.wait(ESTABLISHING_WAIT_S)
         try:
             header = bytes(self._read_exactly(6))
             pdu_type, _, length = struct.unpack(">BBL", header)
@@ -265,11 +273,23 @@ class EventDrivenAssociation(Association):
     """pynetdicom's acceptor association, whose thread waits on its DUL instead of sleeping."""
 
     def __init__(self, ae, mode: str) -> None:
+        #: Set once the association is first established, after EVT_ACCEPTED's handlers.
+        self.established = threading.Event()
         super().__init__(ae, mode)
         self.dul = EventDrivenDUL(self)
         # pynetdicom's timeout setters configure the DUL's timers: configure the new one's.
         self.acse_timeout = self.ae.acse_timeout
         self.network_timeout = self.ae.network_timeout
+
+    @property
+    def is_established(self) -> bool:
+        return self._is_established
+
+    @is_established.setter
+    def is_established(self, value: bool) -> None:
+        self._is_established = value
+        if value:
+            self.established.set()
 
     def kill(self) -> None:
         """As pynetdicom's, waiting for the DUL thread to stop instead of polling every 10 ms."""
