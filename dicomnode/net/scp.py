@@ -42,6 +42,7 @@ from dicomnode.net.header import Header, Unusual, read_header
 from dicomnode.net.reactor import EventDrivenDUL, acceptor_association
 from dicomnode.net.storestream import StoreRequest, StoreStream
 from dicomnode.net.tls import HandshakingServer
+from dicomnode.net.uids import remember_uids
 from dicomnode.privacy import uid_tag, where_raised
 from dicomnode.spool import Spool, SpoolFull, is_valid_uid
 
@@ -238,6 +239,7 @@ class StorageHandlers:
         self._refusals: dict[int, str] = {}
         self._lock = threading.Lock()
         _receive_to_disk()
+        remember_uids()
         cleared = spool.clear_incoming() if clear_incoming else 0
         if cleared:
             log.info("deleted %d instances a previous run left half-received", cleared)
