@@ -9,6 +9,7 @@ next start.
 
 from __future__ import annotations
 
+import gc
 import logging
 import logging.handlers
 import os
@@ -375,6 +376,22 @@ class Node:
         log.info("dicomnode stopped")
 
 
+def settle_heap() -> int:
+    """Collect what start-up left behind, then exempt every object alive from the cyclic
+    garbage collector (gc.freeze); how many objects that is.
+
+    torch, open_clip, highdicom and the model are about half a million objects that live as
+    long as the node. Left in the collector, every full collection walks them all: 230 ms on
+    the development VM, with every association waiting on the GIL, and pynetdicom's server
+    forces one every 60 associations. Frozen, a collection walks only what the node allocated
+    since. They are still freed by reference counting; a cycle among them that becomes garbage
+    later (a prompt set replaced by a reload, if it holds one) is kept until the node restarts.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 def serve(cfg: NodeConfig) -> None:
     """Run the node until SIGTERM or SIGINT."""
     os.umask(0o077)  # state, spool and logs are private to the service user
@@ -387,6 +404,7 @@ def serve(cfg: NodeConfig) -> None:
     notifier = SystemdNotifier.from_environment()
     try:
         node = Node(cfg, notifier)
+        log.info("start-up objects exempt from garbage collection: %d", settle_heap())
         node.start()
     except (ConfigError, PromptSetError, BackboneError, EngineError, OSError) as exc:
         log.error("cannot start: %s", exc)

@@ -47,6 +47,7 @@ def test_json_log_format_writes_one_object_per_line_to_stderr_and_the_files(node
     for records in (_json_lines(node.log), _json_lines(logs / "dicomnode.log")):
         assert all(set(record) >= JSON_KEYS for record in records)
         assert any(r["message"].startswith("dicomnode ready") and r["level"] == "INFO" for r in records)
+        assert any(r["message"].startswith("start-up objects exempt from garbage") for r in records)
     [rejected] = [r for r in _json_lines(logs / "audit.log") if "association rejected" in r["message"]]
     assert rejected["logger"] == "dicomnode.audit"
     assert "called AE title 'NOTUS' is not ours" in rejected["message"]

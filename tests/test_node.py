@@ -6,13 +6,15 @@ are not DICOM, so routing ignores the study without the engine ever being needed
 
 from __future__ import annotations
 
+import gc
 import sqlite3
 import threading
+import weakref
 
 import pytest
 
 from dicomnode.config import load_config, load_routing
-from dicomnode.node import StudyWorker
+from dicomnode.node import StudyWorker, settle_heap
 from dicomnode.spool import Spool
 from tests.conftest import free_port, wait_until, write_node_config
 
@@ -71,3 +73,27 @@ def test_a_locked_journal_when_a_study_finishes_puts_it_back_in_the_queue_not_st
     record = spool.study(STUDY)
     assert record.attempts == 1, "the lost step counted as one failed attempt"
     assert "unreadable instance" in record.reason
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.itself = self
+
+
+@pytest.fixture
+def unfrozen():
+    yield
+    gc.unfreeze()
+
+
+def test_the_heap_at_start_up_is_collected_then_exempt_from_the_collector(unfrozen):
+    garbage = _Cycle()
+    collected = weakref.ref(garbage)
+    del garbage
+    alive = _Cycle()
+
+    frozen = settle_heap()
+
+    assert collected() is None, "what start-up left behind is collected first"
+    assert frozen == gc.get_freeze_count() > 0
+    assert not any(thing is alive for thing in gc.get_objects()), "a collection no longer walks it"
