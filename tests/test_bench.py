@@ -12,17 +12,18 @@ import pytest
 from tests.conftest import run_cli
 
 
-def test_bench_receive_prints_rates_and_speed_against_storescp_for_small_large_and_concurrent():
+def test_bench_receive_prints_rates_and_speed_against_storescp_for_each_standard_scenario():
     done = run_cli("bench", "receive", "--count", "4", "--rounds", "1")
 
     assert done.returncode == 0, done.stderr
     assert "receive small: 4 instances of CT_small.dcm" in done.stdout
     assert "receive large: 4 instances of RG1_UNCR.dcm" in done.stdout
     assert "receive concurrent: 4 instances of CT_small.dcm, 0.2 MB, 4 association(s)" in done.stdout
+    assert "receive per-instance: 4 instances of CT_small.dcm, 0.2 MB, one association each" in done.stdout
     for receiver in ("storescp", "dicomnode"):
         rate = rf"{receiver}\s+[\d.]+ s\s+[\d.]+ MB/s\s+[\d.]+ instances/s  \(range [\d.]+-[\d.]+ s\)"
-        assert len(re.findall(rate, done.stdout)) == 3
-    assert len(re.findall(r"speed dicomnode/storescp: \d+\.\d\dx", done.stdout)) == 3
+        assert len(re.findall(rate, done.stdout)) == 4
+    assert len(re.findall(r"speed dicomnode/storescp: \d+\.\d\dx", done.stdout)) == 4
 
 
 def test_bench_receive_compares_counts_of_receiving_processes_against_one_storescp_run():

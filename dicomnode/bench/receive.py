@@ -1,8 +1,8 @@
-"""`dicomnode bench receive`: DCMTK's storescu sends the same instances, over one association,
-once to DCMTK's storescp (the reference) and once to dicomnode's SCP with its spool (parse, fsync of file and
-folder, journal commit per instance). Runs alternate so that disk and CPU drift hit both.
-The ratio is what a PACS administrator feels: how much longer a study takes to reach us than
-to reach a plain DICOM archive.
+"""`dicomnode bench receive`: DCMTK's storescu sends the same instances (over one association,
+several at once, or one each) once to DCMTK's storescp (the reference) and once to dicomnode's
+SCP with its spool (parse, fsync of file and folder, journal commit per instance). Runs
+alternate so that disk and CPU drift hit both. The ratio is what a PACS administrator feels:
+how much longer a study takes to reach us than to reach a plain DICOM archive.
 """
 
 from __future__ import annotations
@@ -111,8 +111,11 @@ def _send(port: int, ae_title: str, paths: list[Path]) -> subprocess.Popen:
     )
 
 
-def _send_all(port: int, ae_title: str, paths: list[Path], associations: int) -> float:
-    """Seconds for `associations` storescu processes, started together, to send `paths` between them."""
+def _send_all(port: int, ae_title: str, paths: list[Path], associations: int, each: bool = False) -> float:
+    """Seconds for `associations` storescu processes, started together, to send `paths` between
+    them; `each`: for one storescu after another to send one instance each."""
+    if each:
+        return sum(_send_all(port, ae_title, [path], 1) for path in paths)
     started = time.perf_counter()
     senders = [_send(port, ae_title, paths[i::associations]) for i in range(associations)]
     errors = [sender.communicate()[1] for sender in senders]
@@ -176,17 +179,21 @@ def _dicomnode_scp(folder: Path, receivers: int = 1) -> Iterator[int]:
 
 @dataclass(frozen=True)
 class Scenario:
-    """What storescu sends: `count` copies of `source`, over `associations` at once."""
+    """What storescu sends: `count` copies of `source`, over `associations` at once; with
+    `association_each`, every copy over an association of its own, one after another, as a PACS
+    sends that forwards each instance as it stores it (Orthanc's usual routing)."""
 
     name: str
     source: Path
     count: int
     associations: int = 1
+    association_each: bool = False
 
 
 def standard_scenarios(count: int | None = None) -> list[Scenario]:
     """The issue's three: 500 CT slices of 39 KB, 40 radiographs of 7.2 MB, and the slices over 4
-    associations at once (pydicom's test files CT_small.dcm and RG1_UNCR.dcm)."""
+    associations at once; and 100 slices, each on an association of its own (pydicom's test
+    files CT_small.dcm and RG1_UNCR.dcm)."""
     from pydicom.data import get_testdata_file
 
     ct, cr = (get_testdata_file(name, download=False) for name in ("CT_small.dcm", "RG1_UNCR.dcm"))
@@ -196,6 +203,7 @@ def standard_scenarios(count: int | None = None) -> list[Scenario]:
         Scenario("small", Path(ct), count or 500),
         Scenario("large", Path(cr), count or 40),
         Scenario("concurrent", Path(ct), count or 500, associations=4),
+        Scenario("per-instance", Path(ct), count or 100, association_each=True),
     ]
 
 
@@ -208,7 +216,14 @@ def bench_receive(
     """Speed of dicomnode relative to storescp (storescp's median time over dicomnode's), per
     scenario and per count of receiving processes: each round sends to storescp, then to
     dicomnode receiving in each of `receivers` processes in turn, so that every count is
-    measured against the same reference in the same run."""
+    measured against the same reference in the same run.
+
+    The node's SCP runs in this process, which first takes the shape of `serve`'s: what serve
+    imports (torch, open_clip, highdicom) loaded, and the heap settled as serve settles it.
+    """
+    from dicomnode.node import settle_heap
+
+    settle_heap()
     receivers = list(dict.fromkeys(receivers))
     speeds = {}
     with tempfile.TemporaryDirectory(prefix="dicomnode-bench-") as tmp:
@@ -230,9 +245,11 @@ def _bench_scenario(
     paths = make_instances(scenario.source, scenario.count, root / "in")
     megabytes = sum(p.stat().st_size for p in paths) / 1e6
     processes = ", ".join(str(count) for count in receivers)
+    each = scenario.association_each
+    associations = "one association each" if each else f"{scenario.associations} association(s)"
     report(
         f"receive {scenario.name}: {scenario.count} instances of {scenario.source.name}, "
-        f"{megabytes:.1f} MB, {scenario.associations} association(s), {rounds} rounds each, "
+        f"{megabytes:.1f} MB, {associations}, {rounds} rounds each, "
         f"dicomnode in {processes} receiving process(es)"
     )
     names = {count: "dicomnode" if len(receivers) == 1 else f"dicomnode x{count}" for count in receivers}
@@ -247,11 +264,12 @@ def _bench_scenario(
     for round_number in progress(range(rounds), description=scenario.name, unit="round"):
         target = root / f"round{round_number}"
         with _storescp(target / "storescp", fork=concurrent) as port:
-            runs.append(ReceiveRun("storescp", _send_all(port, "STORESCP", paths, scenario.associations)))
+            seconds = _send_all(port, "STORESCP", paths, scenario.associations, each)
+        runs.append(ReceiveRun("storescp", seconds))
         os.sync()
         for count in receivers:
             with _dicomnode_scp(target / f"dicomnode-{count}", count) as port:
-                seconds = _send_all(port, "DICOMNODE", paths, scenario.associations)
+                seconds = _send_all(port, "DICOMNODE", paths, scenario.associations, each)
             runs.append(ReceiveRun(names[count], seconds))
             os.sync()
     shutil.rmtree(root)
