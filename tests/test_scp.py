@@ -152,48 +152,46 @@ def test_an_identical_resend_of_a_slice_held_in_memory_leaves_nothing_behind(scp
     assert not list(spool.incoming_dir.iterdir())
 
 
-def test_a_slice_header_is_read_from_the_bytes_held_in_memory_a_large_instance_from_its_file(
-    tmp_path, scp, monkeypatch
-):
+@pytest.fixture
+def headers_read(monkeypatch) -> list[bytes | None]:
+    """What the SCP reads each header from, in order: the bytes it held, or None (its file)."""
     from dicomnode.net import scp as scp_module
 
-    spool, port = scp
     read = []
     walk = scp_module.read_header
     monkeypatch.setattr(
         scp_module, "read_header", lambda path, content=None: read.append(content) or walk(path, content)
     )
+    return read
+
+
+def test_a_slice_header_is_read_from_the_bytes_held_in_memory_a_large_instance_from_its_file(
+    tmp_path, scp, headers_read
+):
+    spool, port = scp
     ct_small = Path(get_testdata_file("CT_small.dcm", download=False))
     large = write_large_instance(tmp_path / "large.dcm", megabytes=2)
 
-    # One association, the large instance first: the stream declines a store that arrives before
-    # the acceptor has finished establishing the association (pynetdicom's path serves it, from
-    # its file), so only a store after the first answer is certain to meet the stream.
+    # One association, the slice after the first answer: however long the acceptor takes to
+    # establish the association (the next test), the slice's store cannot arrive before.
     assert _storescu(port, large, ct_small).returncode == 0
 
-    not_held, held = read
+    not_held, held = headers_read
     stored = {path.name: path for path in _stored_files(spool)}
     assert held == stored[f"{pydicom.dcmread(ct_small).SOPInstanceUID}.dcm"].read_bytes()
     assert not_held is None
 
 
 def test_a_store_arriving_while_the_association_is_being_established_waits_and_is_read_from_memory(
-    scp_slow_to_accept, monkeypatch
+    scp_slow_to_accept, headers_read
 ):
-    from dicomnode.net import scp as scp_module
-
     spool, port = scp_slow_to_accept
-    read = []
-    walk = scp_module.read_header
-    monkeypatch.setattr(
-        scp_module, "read_header", lambda path, content=None: read.append(content) or walk(path, content)
-    )
     ct_small = Path(get_testdata_file("CT_small.dcm", download=False))
 
     assert _storescu(port, ct_small).returncode == 0
 
     (stored,) = _stored_files(spool)
-    assert read == [stored.read_bytes()], "served by the stream, as every other store"
+    assert headers_read == [stored.read_bytes()], "served by the stream, as every other store"
 
 
 def _result_like(source: Path, folder: Path, **changes) -> Path:
