@@ -164,15 +164,17 @@ def _dicomnode_scp(folder: Path, receivers: int = 1) -> Iterator[int]:
         max_associations=100,
     )
     server = start_scp(spool, scp, shared_port=receivers > 1)
-    others = Receivers(ReceiverSetup(scp, folder, log_level="WARNING", count=False), receivers - 1)
+    others = None
     try:
         if receivers > 1:
+            others = Receivers(ReceiverSetup(scp, folder, log_level="WARNING", count=False), receivers - 1)
             others.start()
         wait_for_port(port)
         yield port
     finally:
         server.shutdown()
-        others.stop()
+        if others is not None:
+            others.stop()
         server.server_close()
         spool.close()
 
