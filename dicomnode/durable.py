@@ -1,11 +1,14 @@
 """Writing files so that a crash leaves the old content or the new, never a torn file.
 
 Temporary file in the target folder, fsync, rename over the target, fsync of the folder: the
-sequence every durable write of the node (received instances, results) goes through.
+sequence every durable write of the node (received instances, results) goes through. A file
+written without it is made durable later, with everything else on its file system, by
+`sync_file_system`.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import tempfile
 from collections.abc import Callable
@@ -50,16 +53,47 @@ def fsync_file(path: Path) -> None:
 
 def write_durably(path: Path, write: Callable[[BinaryIO], object]) -> Path:
     """Atomically replace `path` with what `write` puts into the open file it is given."""
+    return _replace(path, write, sync=True)
+
+
+def write_unsynced(path: Path, data: bytes) -> Path:
+    """Replace `path` with `data` by a rename, as write_durably does but syncing nothing: for a
+    file whose content is held durably elsewhere until `sync_file_system` has run."""
+    return _replace(path, lambda handle: handle.write(data), sync=False)
+
+
+def _replace(path: Path, write: Callable[[BinaryIO], object], *, sync: bool) -> Path:
     make_folder_durably(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".incoming-", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+            if sync:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if sync:
+        fsync_dir(path.parent)
     return path
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def sync_file_system(path: Path) -> None:
+    """Put everything written to the file system holding `path` on disk: data, names, folders.
+
+    One pass of the kernel's write-back (syncfs(2)) with one journal commit, where syncing the
+    same files one by one costs a journal commit each. Raises OSError when it fails, and, on
+    Linux 5.8 and newer, when a write-back on that file system failed since the last call.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)

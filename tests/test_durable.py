@@ -45,3 +45,29 @@ def test_a_file_written_into_a_new_folder_syncs_the_folder_and_its_parent(tmp_pa
 
     assert synced == [tmp_path, tmp_path / "study"]
     assert (tmp_path / "study" / "sr.dcm").read_bytes() == b"report"
+
+
+def test_a_file_written_unsynced_replaces_the_old_by_a_rename_and_syncs_nothing(tmp_path, monkeypatch):
+    synced = _record_folder_syncs(monkeypatch)
+    monkeypatch.setattr(durable.os, "fsync", lambda fd: synced.append(fd))
+    (tmp_path / "sr.dcm").write_bytes(b"old")
+    before = (tmp_path / "sr.dcm").stat().st_ino
+
+    durable.write_unsynced(tmp_path / "sr.dcm", b"new")
+
+    assert synced == []
+    assert (tmp_path / "sr.dcm").read_bytes() == b"new"
+    assert (tmp_path / "sr.dcm").stat().st_ino != before, "a new file took the name: never torn"
+    assert [p.name for p in tmp_path.iterdir()] == ["sr.dcm"]
+
+
+def test_the_file_system_sync_runs_and_names_the_folder_it_could_not_open(tmp_path):
+    durable.sync_file_system(tmp_path)
+
+    missing = tmp_path / "missing"
+    try:
+        durable.sync_file_system(missing)
+    except FileNotFoundError as exc:
+        assert exc.filename == str(missing)
+    else:
+        raise AssertionError("a missing folder must fail")
