@@ -686,7 +686,7 @@ def test_a_journal_of_the_first_schema_is_migrated_in_place(tmp_path):
 
     study = spool.claim_quiet_study(0)
     assert study is not None and study.attempts == 0
-    assert spool._db().execute("PRAGMA user_version").fetchone()[0] == 3
+    assert spool._db().execute("PRAGMA user_version").fetchone()[0] == journal_module.SCHEMA_VERSION
 
 
 def test_a_journal_of_schema_1_gains_report_versions_and_keeps_its_deliveries(tmp_path):
@@ -710,7 +710,7 @@ def test_a_journal_of_schema_1_gains_report_versions_and_keeps_its_deliveries(tm
     spool.delivery_failed(delivery, "still down", retry_at=time.time() + 60)
     assert spool._db().execute("SELECT first_failed_at FROM outbox").fetchone()[0] is not None
     assert spool.latest_report(STUDY) is None
-    assert spool._db().execute("PRAGMA user_version").fetchone()[0] == 3
+    assert spool._db().execute("PRAGMA user_version").fetchone()[0] == journal_module.SCHEMA_VERSION
 
 
 def test_a_journal_of_schema_2_names_the_prompt_set_of_each_report_by_its_study(tmp_path):
@@ -724,7 +724,7 @@ def test_a_journal_of_schema_2_names_the_prompt_set_of_each_report_by_its_study(
     spool = Spool(state)
 
     assert spool.latest_report(STUDY, "cxr") == replace(_version(1), prompt_set="cxr")
-    assert spool._db().execute("PRAGMA user_version").fetchone()[0] == 3
+    assert spool._db().execute("PRAGMA user_version").fetchone()[0] == journal_module.SCHEMA_VERSION
 
 
 def test_each_prompt_set_of_a_study_has_its_own_chain_of_report_versions(spool):
@@ -1118,3 +1118,219 @@ def test_a_file_received_on_another_file_system_is_copied_durably(spool):
         assert stored.path.read_bytes() == b"from elsewhere"
     finally:
         received.unlink(missing_ok=True)
+
+
+# Landing: small instances durable by the journal's commit, their files synced by the settler.
+
+
+@pytest.fixture
+def landing(spool, monkeypatch) -> Iterator[Spool]:
+    """The spool settling as serve's does, but its settler asleep for the test's length: what
+    lands stays landed until the test settles it, or the state folder is opened again."""
+    monkeypatch.setattr(instances, "SETTLE_S", 3600.0)
+    spool.start_settling()
+    yield spool
+    spool.stop_settling()
+
+
+def _land(spool: Spool, sop: str, data: bytes, study: str = STUDY):
+    """Store as the SCP does an instance whose bytes it kept: the received file and its bytes."""
+    return spool.store(
+        _received(spool, data),
+        sop_instance_uid=sop,
+        sop_class_uid=CT_IMAGE_STORAGE,
+        study_instance_uid=study,
+        series_instance_uid=SERIES,
+        calling_ae="MODALITY",
+        held=data,
+    )
+
+
+def _landed(spool: Spool) -> dict[str, tuple[str, bytes]]:
+    rows = spool._db().execute("SELECT sop_instance_uid, path, content FROM landed").fetchall()
+    return {row[0]: (row[1], row[2]) for row in rows}
+
+
+def test_a_small_instance_lands_in_the_journal_with_its_row_and_its_file_is_not_synced(landing, monkeypatch):
+    events = _record_syncs(landing, monkeypatch)
+
+    stored = _land(landing, "1.2.3.4.5", b"slice bytes")
+
+    assert events == [], "neither the file nor its folder: the journal's commit makes it durable"
+    assert stored.path.read_bytes() == b"slice bytes"
+    assert _landed(landing) == {"1.2.3.4.5": (str(stored.path), b"slice bytes")}
+    assert landing.instances(STUDY) == (stored,)
+
+
+def test_settling_syncs_the_file_system_once_then_drops_what_landed(landing, monkeypatch):
+    synced = []
+    monkeypatch.setattr(instances, "sync_file_system", lambda path: synced.append(path))
+    for number in range(3):
+        _land(landing, f"1.2.3.4.{number}", b"slice %d" % number)
+
+    assert landing.settle_landed() == 3
+
+    assert synced == [landing.instances_dir]
+    assert _landed(landing) == {}
+    assert landing.settle_landed() == 0
+    assert synced == [landing.instances_dir], "nothing landed: nothing to sync"
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["over LANDING_BYTES", "bytes not kept", "not settling", "changed resend of a file a row refers to"],
+)
+def test_an_instance_that_does_not_land_is_synced_before_its_row_as_always(spool, monkeypatch, how):
+    size = instances.LANDING_BYTES + 1 if how == "over LANDING_BYTES" else 100
+    if how != "not settling":
+        monkeypatch.setattr(instances, "SETTLE_S", 3600.0)
+        spool.start_settling()
+    if how == "changed resend of a file a row refers to":
+        _land(spool, "1.2.3.4.5", bytes(size))
+    events = _record_syncs(spool, monkeypatch)
+    data = b"\x01" * size
+    received = _received(spool, data)
+
+    spool.store(
+        received,
+        sop_instance_uid="1.2.3.4.5",
+        sop_class_uid=CT_IMAGE_STORAGE,
+        study_instance_uid=STUDY,
+        series_instance_uid=SERIES,
+        calling_ae="MODALITY",
+        held=None if how == "bytes not kept" else data,
+    )
+
+    (stored,) = spool.instances(STUDY)
+    assert [event[0] for event in events] == ["fsync", "fsync_dir"]
+    assert _landed(spool) == {}, "nothing in the journal that a restore could write over it"
+    assert stored.path.read_bytes() == data
+    spool.stop_settling()
+
+
+def test_after_an_unclean_stop_landed_files_are_written_again_from_the_journal(tmp_path, landing):
+    kept = _land(landing, "1.2.3.4.1", b"kept by the disk")
+    lost = _land(landing, "1.2.3.4.2", b"lost with the page cache")
+    torn = _land(landing, "1.2.3.4.3", b"torn by the power loss")
+    # The power goes: what the kernel had not written back is gone or half written.
+    lost.path.unlink()
+    torn.path.write_bytes(b"torn")
+
+    restarted = Spool(tmp_path / "var")
+    assert restarted.restore_landed() == 3
+
+    assert kept.path.read_bytes() == b"kept by the disk"
+    assert lost.path.read_bytes() == b"lost with the page cache"
+    assert torn.path.read_bytes() == b"torn by the power loss"
+    assert _landed(restarted) == {}
+    assert restarted.restore_landed() == 0
+    restarted.close()
+
+
+def test_a_restore_never_writes_an_older_landing_over_what_was_stored_since(tmp_path, landing):
+    first = _land(landing, "1.2.3.4.5", b"first version")
+    # A changed resend of a file its row refers to is synced in full, as always.
+    _store(landing, "1.2.3.4.5", content=_received(landing, b"second version"))
+    moved = _land(landing, "1.2.3.4.6", b"moved instance")
+    _land(landing, "1.2.3.4.6", b"moved instance", study=OTHER_STUDY)
+
+    restarted = Spool(tmp_path / "var")
+    assert restarted.restore_landed() == 1, "the moved instance, where it now is"
+
+    assert first.path.read_bytes() == b"second version"
+    assert not moved.path.exists(), "not brought back into the study it left"
+    (now,) = restarted.instances(OTHER_STUDY)
+    assert now.path.read_bytes() == b"moved instance"
+    restarted.close()
+
+
+def test_an_instance_landed_again_while_the_file_system_syncs_waits_for_the_next_settling(
+    landing, monkeypatch
+):
+    _land(landing, "1.2.3.4.5", b"in the first study")
+
+    def sync_while_it_moves(path: Path) -> None:
+        _land(landing, "1.2.3.4.5", b"in the first study", study=OTHER_STUDY)
+
+    monkeypatch.setattr(instances, "sync_file_system", sync_while_it_moves)
+
+    assert landing.settle_landed() == 1
+    (now,) = landing.instances(OTHER_STUDY)
+    assert _landed(landing) == {"1.2.3.4.5": (str(now.path), b"in the first study")}
+
+
+def test_the_settler_keeps_what_it_cannot_sync_says_why_and_settles_it_once_it_can(
+    spool, monkeypatch, caplog
+):
+    monkeypatch.setattr(instances, "SETTLE_S", 0.05)
+    failing = threading.Event()
+    failing.set()
+
+    def sync(path: Path) -> None:
+        if failing.is_set():
+            raise OSError(5, "Input/output error", str(path))
+
+    monkeypatch.setattr(instances, "sync_file_system", sync)
+    spool.start_settling()
+    try:
+        _land(spool, "1.2.3.4.5", b"slice")
+        wait_until(lambda: "cannot settle" in caplog.text, timeout=10)
+        assert "Input/output error" in caplog.text
+        assert list(_landed(spool)) == ["1.2.3.4.5"]
+
+        failing.clear()
+        wait_until(lambda: not _landed(spool), timeout=10)
+    finally:
+        spool.stop_settling()
+
+
+def test_a_burst_wakes_the_settler_before_its_interval(spool, monkeypatch):
+    monkeypatch.setattr(instances, "SETTLE_S", 3600.0)
+    monkeypatch.setattr(instances, "SETTLE_COUNT", 5)
+    spool.start_settling()
+    try:
+        for number in range(5):
+            _land(spool, f"1.2.3.4.{number}", b"slice")
+        wait_until(lambda: not _landed(spool), timeout=10)
+    finally:
+        spool.stop_settling()
+
+
+def test_stopping_settles_what_landed_and_stops_landing(landing, monkeypatch):
+    _land(landing, "1.2.3.4.1", b"slice")
+
+    landing.stop_settling()
+
+    assert _landed(landing) == {}
+    events = _record_syncs(landing, monkeypatch)
+    _land(landing, "1.2.3.4.2", b"slice")
+    assert [event[0] for event in events] == ["fsync", "fsync_dir"]
+
+
+def test_a_journal_of_a_newer_node_is_refused_not_opened_and_downgraded(tmp_path):
+    Spool(tmp_path / "var").close()
+    newer = sqlite3.connect(tmp_path / "var" / "journal.sqlite")
+    newer.execute(f"PRAGMA user_version={journal_module.SCHEMA_VERSION + 1}")
+    newer.close()
+
+    with pytest.raises(SpoolError, match="newer dicomnode"):
+        Spool(tmp_path / "var")
+
+    check = sqlite3.connect(tmp_path / "var" / "journal.sqlite")
+    assert check.execute("PRAGMA user_version").fetchone()[0] == journal_module.SCHEMA_VERSION + 1
+
+
+def test_a_restore_never_brings_back_a_study_purged_since(tmp_path, landing):
+    _finish(landing, "1.2.9.1.1", "1.2.9.1", "done", ("sent",))
+    receiving = _store(landing, "1.2.9.6.1", study="1.2.9.6")
+    assert sorted(_landed(landing)) == ["1.2.9.1.1", "1.2.9.6.1"], "stored as bytes, they landed too"
+    assert landing.purge_finished(time.time() + 1) == 1
+
+    restarted = Spool(tmp_path / "var")
+    assert restarted.restore_landed() == 1
+
+    assert receiving.path.read_bytes() == b"instance 1.2.9.6.1"
+
+    assert not (restarted.instances_dir / "1.2.9.1").exists()
+    assert _landed(restarted) == {}
+    restarted.close()

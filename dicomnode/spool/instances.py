@@ -3,21 +3,53 @@
 An instance is durable when its file and folder are fsync'd and its row is committed; only
 then may the SCP acknowledge it. The SCP receives into `incoming/` on the same file system,
 so an instance of any size is stored by a rename, never held in memory or copied.
+
+A small instance (LANDING_BYTES at most) whose bytes the receiver kept lands in the journal
+instead, while the spool settles (`start_settling`): its bytes go into the transaction that
+commits its row, its file takes its place unsynced, and one device flush (the journal's)
+makes it durable where a file's own sync costs a file-system journal commit more. The settler
+syncs the file system every SETTLE_S and then drops what landed before; after an unclean stop
+`restore_landed` writes the files again from the journal before anything reads them.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
+import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicomnode.durable import fsync_dir, fsync_file, make_folder_durably, write_durably
+from dicomnode.durable import (
+    fsync_dir,
+    fsync_file,
+    make_folder_durably,
+    sync_file_system,
+    write_durably,
+    write_unsynced,
+)
 from dicomnode.flow import StoredInstance
 from dicomnode.spool.batch import Batch
 from dicomnode.spool.journal import Journal, SpoolError, SpoolFull, is_valid_uid
+
+log = logging.getLogger(__name__)
+
+#: Largest instance that lands in the journal. Measured on ext4 with a journal (one association,
+#: a store per transaction): 0.45 against 0.76 ms at 40 KB, 0.71 against 0.84 ms at 128 KB, and
+#: slower than its own file's sync from 256 KB (1.2 against 0.9 ms), where writing the bytes
+#: twice (journal, then its checkpoint into the database) costs more than the flush it saves.
+LANDING_BYTES = 128 << 10
+
+#: Longest an instance's bytes stay in the journal before the settler syncs its file.
+SETTLE_S = 1.0
+
+#: Instances landed since the last settling that make the settler run before SETTLE_S is up,
+#: which bounds the journal's share of a burst (64 MiB at most, 20 MiB of 40 KB slices).
+SETTLE_COUNT = 512
 
 
 class InstanceStore(Journal):
@@ -32,16 +64,18 @@ class InstanceStore(Journal):
         study_instance_uid: str,
         series_instance_uid: str,
         calling_ae: str,
+        held: bytes | None = None,
     ) -> StoredInstance:
         """Make one received instance durable and journal it; idempotent per SOP Instance UID.
 
         `content` is the instance as a DICOM file: its bytes, or a file under `incoming_dir`
         that is the spool's once stored (moved into the spool and synced there, or deleted when
-        nothing needs storing). A byte-identical resend of an instance we hold changes nothing:
-        PACS retry whole studies, and that must not re-process a finished one (a failed one is
-        retried). An instance that moved to another study leaves no stale file behind. Raises
-        SpoolFull below the free-space floor and SpoolError when the disk write fails, in both cases
-        before anything is acknowledged.
+        nothing needs storing); `held`, the received file's bytes when the receiver kept them
+        (it may then land in the journal, see the module). A byte-identical resend of an
+        instance we hold changes nothing: PACS retry whole studies, and that must not re-process
+        a finished one (a failed one is retried). An instance that moved to another study leaves
+        no stale file behind. Raises SpoolFull below the free-space floor and SpoolError when
+        the disk write fails, in both cases before anything is acknowledged.
         """
         for name, uid in (
             ("SOPInstanceUID", sop_instance_uid),
@@ -64,19 +98,79 @@ class InstanceStore(Journal):
             path=path,
             calling_ae=calling_ae,
         )
-        arrival = _Arrival(stored, content, size)
+        if isinstance(content, bytes):
+            held = content
+        landing = held if held is not None and len(held) == size <= LANDING_BYTES else None
+        settler = self._settler
+        arrival = _Arrival(stored, content, size, landing if settler is not None else None)
         # A purge of the study waits until the row is committed, or it could delete the file
         # from under it; stores into one study go side by side and meet at the flushes.
         with self._study_locked(study_instance_uid, exclusive=False):
             if self._place(arrival):
                 self._commits.run(arrival)
         if arrival.committed:
+            if settler is not None and arrival.landing is not None:
+                settler.landed()
             return stored
         raise arrival.error or SpoolError("instance not committed")
 
     def _locate(self, state_dir: Path, min_free_bytes: int, mode: str) -> None:
         super()._locate(state_dir, min_free_bytes, mode)
         self._commits: Batch[_Arrival] = Batch(self._commit_group)
+        self._settler: _Settler | None = None
+
+    def start_settling(self) -> None:
+        """Land small instances in the journal from now on, and settle them in a thread of this
+        process (see the module). Without it every instance is synced before it is acknowledged."""
+        if self._settler is None:
+            self._settler = _Settler(self)
+            self._settler.start()
+
+    def stop_settling(self) -> None:
+        """Stop landing and settle what landed; what cannot be settled now stays in the journal."""
+        settler, self._settler = self._settler, None
+        if settler is not None:
+            settler.stop()
+            try:
+                self.settle_landed()
+            except (OSError, SpoolError) as exc:
+                log.error("cannot settle the instances landed in the journal: %s", exc)
+
+    def settle_landed(self) -> int:
+        """Sync the spool's file system, then drop from the journal the instances landed before.
+
+        Any process's: a row is committed only after its file was written, so the file is in the
+        kernel's page cache when this sees the row, and the sync puts it on disk. A row replaced
+        meanwhile (a resend landed again) has a new id and waits for the next settling.
+        Raises OSError when the sync fails (the rows stay). Returns how many were settled.
+        """
+        ids = [(row[0],) for row in self._db().execute("SELECT id FROM landed")]
+        if not ids:
+            return 0
+        sync_file_system(self.instances_dir)
+        with self._transaction() as db:
+            db.executemany("DELETE FROM landed WHERE id=?", ids)
+        return len(ids)
+
+    def restore_landed(self) -> int:
+        """At start-up, before anything reads the spool: write again, durably, the files of the
+        instances that landed in the journal and were not settled when the node last stopped
+        (after a power loss the file may be missing or torn). Returns how many were restored.
+
+        A landed instance whose row now points elsewhere (moved to another study and stored
+        there) or is gone (its study was purged) is dropped, not restored.
+        """
+        db = self._db()
+        rows = db.execute(
+            "SELECT l.id, l.path FROM landed l JOIN instances i "
+            "ON i.sop_instance_uid = l.sop_instance_uid AND i.path = l.path"
+        ).fetchall()
+        for row in rows:
+            (content,) = db.execute("SELECT content FROM landed WHERE id=?", (row["id"],)).fetchone()
+            write_durably(Path(row["path"]), lambda handle, content=content: handle.write(content))
+        with self._transaction() as db:
+            db.execute("DELETE FROM landed")
+        return len(rows)
 
     def _commit_group(self, arrivals: list[_Arrival]) -> None:
         """Group commit: sync each folder once, then commit all rows in one transaction.
@@ -86,12 +180,13 @@ class InstanceStore(Journal):
         one each; an association alone commits alone. Each instance is still durable (file,
         name, row) before its store returns.
         """
-        for folder in {arrival.stored.path.parent for arrival in arrivals}:
+        # A landed instance's name is synced with its file system by the settler.
+        for folder in {a.stored.path.parent for a in arrivals if a.landing is None}:
             try:
                 fsync_dir(folder)
             except OSError as exc:
                 for arrival in arrivals:
-                    if arrival.stored.path.parent == folder:
+                    if arrival.stored.path.parent == folder and arrival.landing is None:
                         arrival.error = SpoolError(f"cannot sync instance folder: {exc.strerror}")
         synced = [arrival for arrival in arrivals if arrival.error is None]
         if not synced:
@@ -136,6 +231,19 @@ class InstanceStore(Journal):
             arrival.committed = True
             return False
         arrival.previous = Path(previous["path"]) if previous is not None else None
+        if referred:
+            # The file its row refers to stays whole until the new one is synced (below).
+            arrival.landing = None
+        if arrival.landing is not None:
+            try:
+                if isinstance(content, bytes):
+                    write_unsynced(stored.path, content)
+                else:
+                    _move(content, stored.path)
+            except OSError as exc:
+                arrival.error = SpoolError(f"cannot write instance file: {exc.strerror}")
+                return False
+            return True
         if isinstance(content, bytes):
             try:
                 write_durably(stored.path, lambda handle: handle.write(content))
@@ -167,7 +275,15 @@ class InstanceStore(Journal):
         """Record the arrivals' instances, and their studies as receiving, in one transaction."""
         now = time.time()
         with self._transaction() as db:
-            for stored in (arrival.stored for arrival in arrivals):
+            for arrival in arrivals:
+                stored = arrival.stored
+                if arrival.landing is not None:
+                    db.execute(
+                        "INSERT OR REPLACE INTO landed (sop_instance_uid, path, content) VALUES (?, ?, ?)",
+                        (stored.sop_instance_uid, str(stored.path), arrival.landing),
+                    )
+                else:  # synced: an earlier landing of this instance must not be restored over it
+                    db.execute("DELETE FROM landed WHERE sop_instance_uid=?", (stored.sop_instance_uid,))
                 db.execute(
                     "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT(sop_instance_uid) DO UPDATE SET sop_class_uid=excluded.sop_class_uid, "
@@ -253,6 +369,8 @@ class _Arrival:
     stored: StoredInstance
     content: bytes | Path
     size: int
+    #: The bytes that land in the journal with the row; None: the file is synced instead.
+    landing: bytes | None = None
     previous: Path | None = None
     committed: bool = False
     error: BaseException | None = None
@@ -293,3 +411,40 @@ def _move(received: Path, path: Path) -> None:
         # Received on another file system (not under incoming/): copied, a chunk at a time.
         with received.open("rb") as source:
             write_durably(path, lambda handle: shutil.copyfileobj(source, handle, _COMPARE_CHUNK))
+
+
+class _Settler(threading.Thread):
+    """Settles the instances landed in the journal every SETTLE_S, or sooner after SETTLE_COUNT."""
+
+    def __init__(self, store: InstanceStore) -> None:
+        super().__init__(name="spool-settler", daemon=True)
+        self._store = store
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._count_lock = threading.Lock()
+        self._since = 0
+
+    def landed(self) -> None:
+        with self._count_lock:
+            self._since += 1
+            if self._since >= SETTLE_COUNT:
+                self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        self.join()
+
+    def run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._wake.wait(SETTLE_S)
+                self._wake.clear()
+                with self._count_lock:
+                    self._since = 0
+                try:
+                    self._store.settle_landed()
+                except (OSError, SpoolError, sqlite3.Error) as exc:  # kept in the journal: tried again
+                    log.error("cannot settle the instances landed in the journal: %s", exc)
+        finally:
+            self._store.close()

@@ -75,6 +75,12 @@ CREATE TABLE IF NOT EXISTS reports (
     prompt_set TEXT
 );
 CREATE INDEX IF NOT EXISTS reports_by_study ON reports(study_instance_uid, number);
+CREATE TABLE IF NOT EXISTS landed (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sop_instance_uid TEXT NOT NULL UNIQUE,
+    path TEXT NOT NULL,
+    content BLOB NOT NULL
+);
 """
 
 #: Longest a write transaction waits for the journal's writer lock before it fails, as long as
@@ -86,7 +92,9 @@ WRITER_WAIT_S = 30.0
 #: missing) and when a delivery first failed (`outbox.first_failed_at`, for `retry_for_hours`).
 #: Version 3: the prompt set of each report version (`reports.prompt_set`): a study routed to
 #: several sets has a chain of versions per set.
-SCHEMA_VERSION = 3
+#: Version 4: small instances land in the journal (table `landed`, created above when missing)
+#: until their files are synced; a node that does not know it would lose them after a power loss.
+SCHEMA_VERSION = 4
 _ADDED_COLUMNS = {
     "studies": {
         "attempts": "INTEGER NOT NULL DEFAULT 0",
@@ -136,6 +144,14 @@ class Journal:
         os.close(os.open(self.journal_path, os.O_WRONLY | os.O_CREAT, 0o600))
         for lock in (self.writer_lock_path, self.study_lock_path):
             os.close(os.open(lock, os.O_WRONLY | os.O_CREAT, 0o600))
+        version = self._db().execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            self.close()
+            raise SpoolError(
+                f"the journal {self.journal_path} has schema version {version}, written by a newer"
+                f" dicomnode; this one knows versions up to {SCHEMA_VERSION} and would lose what the"
+                " newer one keeps there"
+            )
         self._db().executescript(_SCHEMA)
         self._migrate()
 
