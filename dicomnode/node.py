@@ -306,10 +306,14 @@ class Node:
 
     def start(self) -> None:
         """Resume interrupted work, then start receiving, processing and delivering."""
+        restored = self.spool.restore_landed()
+        if restored:
+            log.info("restored %d instance files from the journal after an unclean stop", restored)
         recovered = self.spool.recover(self.cfg.studies.quiet_period_s)
         if recovered:
             log.info("resumed %d studies interrupted by the last stop", recovered)
         self.monitor.listen()
+        self.spool.start_settling()
         self.server = self._start_receiving()
         self.prompt_sets.watch()
         self.pool = imaging_pool(self.cfg.studies.imaging_processes)
@@ -365,6 +369,7 @@ class Node:
             self.server.shutdown()
         if self.receivers is not None:
             self.receivers.stop()
+        self.spool.stop_settling()
         self.stop_event.set()
         self.prompt_sets.stop()
         for thread in self.threads:

@@ -8,6 +8,9 @@ in the node's logs.
 from __future__ import annotations
 
 import io
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
@@ -514,3 +517,43 @@ def test_a_late_instance_and_a_new_backbone_give_reports_in_orthanc_that_superse
     assert _predecessor_of(sr3s[0]) == _reference(sr2)
     assert "DEMO" not in _sr_text(sr3s[0])
     assert len({ds.SOPInstanceUID for ds in third}) == 6
+
+
+_UNCLEAN_STOP = """
+import os, sys
+from pathlib import Path
+from dicomnode.spool import Spool, instances
+instances.SETTLE_S = 3600.0
+spool = Spool(Path(sys.argv[1]))
+spool.start_settling()
+data = Path(sys.argv[2]).read_bytes()
+received = spool.incoming_dir / "received.dcm"
+received.write_bytes(data)
+spool.store(received, sop_instance_uid=sys.argv[3], sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            study_instance_uid=sys.argv[4], series_instance_uid=sys.argv[5], calling_ae="CT", held=data)
+os._exit(0)  # as a kill -9 or a power loss: the settler never ran
+"""
+
+
+def test_serve_writes_again_what_landed_in_the_journal_before_an_unclean_stop(tmp_path, node_factory):
+    ct_small = Path(get_testdata_file("CT_small.dcm", download=False))
+    ds = pydicom.dcmread(ct_small)
+    uids = [str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)]
+    state = tmp_path / "var"
+    subprocess.run([sys.executable, "-c", _UNCLEAN_STOP, str(state), str(ct_small), *uids], check=True)
+    stored = state / "spool" / uids[1] / f"{uids[0]}.dcm"
+    held = stored.read_bytes()
+    stored.unlink()  # the power went before the kernel wrote the file back
+
+    node = node_factory()
+
+    assert stored.read_bytes() == held
+    assert "restored 1 instance files from the journal after an unclean stop" in node.log.read_text()
+
+    # Running, it lands what it receives (the journal counts every landing) and settles it.
+    mr_small = Path(get_testdata_file("MR_small.dcm", download=False))
+    assert dcmtk("storescu", "-aec", "DICOMNODE", "127.0.0.1", str(node.port), str(mr_small)).returncode == 0
+    journal = sqlite3.connect(f"file:{state / 'journal.sqlite'}?mode=ro", uri=True)
+    assert journal.execute("SELECT seq FROM sqlite_sequence WHERE name='landed'").fetchone() == (2,)
+    wait_until(lambda: journal.execute("SELECT count(*) FROM landed").fetchone() == (0,), timeout=30)
+    journal.close()

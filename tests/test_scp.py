@@ -385,3 +385,23 @@ def test_a_half_received_file_untouched_for_twice_the_network_timeout_goes_when_
 
     wait_until(lambda: not abandoned.exists(), 10, what="abandoned file deleted")
     assert recent.exists(), "may still be being received"
+
+
+def test_a_slice_the_stream_kept_lands_in_the_journal_a_large_instance_is_synced(tmp_path, scp, monkeypatch):
+    from dicomnode.spool import instances
+
+    spool, port = scp
+    monkeypatch.setattr(instances, "SETTLE_S", 3600.0)
+    spool.start_settling()
+    ct_small = Path(get_testdata_file("CT_small.dcm", download=False))
+    large = write_large_instance(tmp_path / "large.dcm", megabytes=2)
+
+    assert _storescu(port, ct_small, large).returncode == 0
+
+    landed = spool._db().execute("SELECT sop_instance_uid, content FROM landed").fetchall()
+    slice_uid = str(pydicom.dcmread(ct_small).SOPInstanceUID)
+    assert [row[0] for row in landed] == [slice_uid], "the slice alone: the radiograph is over LANDING_BYTES"
+    (slice_file,) = (path for path in _stored_files(spool) if path.name == f"{slice_uid}.dcm")
+    assert landed[0][1] == slice_file.read_bytes()
+    spool.stop_settling()
+    assert spool._db().execute("SELECT count(*) FROM landed").fetchone()[0] == 0

@@ -155,6 +155,7 @@ def _dicomnode_scp(folder: Path, receivers: int = 1) -> Iterator[int]:
     runs them with `scp.receivers`), listening until the block ends."""
     port = free_port()
     spool = Spool(folder, min_free_bytes=0)
+    spool.start_settling()  # as serve's
     scp = ScpConfig(
         host="127.0.0.1",
         port=port,
@@ -176,6 +177,7 @@ def _dicomnode_scp(folder: Path, receivers: int = 1) -> Iterator[int]:
         if others is not None:
             others.stop()
         server.server_close()
+        spool.stop_settling()
         spool.close()
 
 

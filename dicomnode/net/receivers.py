@@ -228,6 +228,7 @@ def receive(setup: ReceiverSetup, index: int, messages, ready) -> None:
             setup.state_dir, read_only=False, min_free_bytes=setup.scp.min_free_mb << 20
         )
         tls = None if setup.scp.tls is None else server_context(setup.scp.tls, setup.tls_origin)
+        spool.start_settling()
         server = start_scp(spool, setup.scp, tls, shared_port=True, clear_incoming=False)
     except Exception as exc:
         log.error("receiver %d cannot start: %s (%s)", index, describe_error(exc), where_raised(exc))
@@ -256,6 +257,7 @@ def receive(setup: ReceiverSetup, index: int, messages, ready) -> None:
         report()
     server.shutdown()
     server.server_close()
+    spool.stop_settling()
     report()
     spool.close()
     _last_messages(messages, node)

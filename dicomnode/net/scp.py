@@ -315,6 +315,7 @@ class StorageHandlers:
                     study_instance_uid=header.study_instance_uid,
                     series_instance_uid=header.series_instance_uid,
                     calling_ae=assoc.requestor.ae_title,
+                    held=content,
                 )
             except SpoolFull as exc:
                 refusal = Refusal(OUT_OF_RESOURCES, f"node storage full: {exc}")
