@@ -83,17 +83,21 @@ def _replace(path: Path, write: Callable[[BinaryIO], object], *, sync: bool) -> 
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def sync_file_system(path: Path) -> None:
-    """Put everything written to the file system holding `path` on disk: data, names, folders.
+def sync_file_system(folder: int) -> None:
+    """Put everything written to the file system holding the open `folder` on disk: data, names,
+    folders.
 
     One pass of the kernel's write-back (syncfs(2)) with one journal commit, where syncing the
     same files one by one costs a journal commit each. Raises OSError when it fails, and, on
-    Linux 5.8 and newer, when a write-back on that file system failed since the last call.
+    Linux 5.8 and newer, when a write-back on that file system failed since `folder` was opened
+    or since the last call that reported one: keep `folder` open between calls, or a failure of
+    the kernel's own write-back in between goes unseen.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
-    finally:
-        os.close(fd)
+    if _libc.syncfs(folder) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def open_folder(path: Path) -> int:
+    """An open descriptor of folder `path`, for sync_file_system."""
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -6,6 +6,7 @@ folders the code syncs, on a real file system.
 
 from __future__ import annotations
 
+import os
 import stat
 
 import dicomnode.durable as durable
@@ -61,13 +62,16 @@ def test_a_file_written_unsynced_replaces_the_old_by_a_rename_and_syncs_nothing(
     assert [p.name for p in tmp_path.iterdir()] == ["sr.dcm"]
 
 
-def test_the_file_system_sync_runs_and_names_the_folder_it_could_not_open(tmp_path):
-    durable.sync_file_system(tmp_path)
-
-    missing = tmp_path / "missing"
+def test_the_file_system_sync_runs_on_an_open_folder_and_says_why_it_cannot(tmp_path):
+    folder = durable.open_folder(tmp_path)
     try:
-        durable.sync_file_system(missing)
-    except FileNotFoundError as exc:
-        assert exc.filename == str(missing)
+        durable.sync_file_system(folder)
+    finally:
+        os.close(folder)
+
+    try:
+        durable.sync_file_system(folder)  # closed now
+    except OSError as exc:
+        assert exc.strerror == "Bad file descriptor"
     else:
-        raise AssertionError("a missing folder must fail")
+        raise AssertionError("a sync that fails must raise")

@@ -28,6 +28,7 @@ from dicomnode.durable import (
     fsync_dir,
     fsync_file,
     make_folder_durably,
+    open_folder,
     sync_file_system,
     write_durably,
     write_unsynced,
@@ -118,11 +119,15 @@ class InstanceStore(Journal):
         super()._locate(state_dir, min_free_bytes, mode)
         self._commits: Batch[_Arrival] = Batch(self._commit_group)
         self._settler: _Settler | None = None
+        #: The spool's file system, open while it settles; landings whose sync failed.
+        self._file_system: int | None = None
+        self._suspect: set[int] = set()
 
     def start_settling(self) -> None:
         """Land small instances in the journal from now on, and settle them in a thread of this
         process (see the module). Without it every instance is synced before it is acknowledged."""
         if self._settler is None:
+            self._file_system = open_folder(self.instances_dir)
             self._settler = _Settler(self)
             self._settler.start()
 
@@ -135,6 +140,8 @@ class InstanceStore(Journal):
                 self.settle_landed()
             except (OSError, SpoolError) as exc:
                 log.error("cannot settle the instances landed in the journal: %s", exc)
+            os.close(self._file_system)
+            self._file_system = None
 
     def settle_landed(self) -> int:
         """Sync the spool's file system, then drop from the journal the instances landed before.
@@ -142,15 +149,34 @@ class InstanceStore(Journal):
         Any process's: a row is committed only after its file was written, so the file is in the
         kernel's page cache when this sees the row, and the sync puts it on disk. A row replaced
         meanwhile (a resend landed again) has a new id and waits for the next settling.
-        Raises OSError when the sync fails (the rows stay). Returns how many were settled.
+
+        The file system stays open while the spool settles, so that a failed write-back is
+        reported to the next sync whenever it happened. A sync that fails leaves the rows it was
+        to settle (raising OSError), and their files suspect: the kernel reports a failed
+        write-back once, and a later sync that succeeds says nothing of them. Those are written
+        again, each with its own fsync, before their rows go. Returns how many were settled.
         """
-        ids = [(row[0],) for row in self._db().execute("SELECT id FROM landed")]
-        if not ids:
-            return 0
-        sync_file_system(self.instances_dir)
-        with self._transaction() as db:
-            db.executemany("DELETE FROM landed WHERE id=?", ids)
-        return len(ids)
+        ids = [row[0] for row in self._db().execute("SELECT id FROM landed")]
+        suspect = [landing for landing in ids if landing in self._suspect]
+        if suspect:
+            self._write_again(suspect)
+            self._drop_landed(suspect)
+            self._suspect.difference_update(suspect)
+        rest = [landing for landing in ids if landing not in self._suspect and landing not in suspect]
+        if rest:
+            file_system = (
+                self._file_system if self._file_system is not None else open_folder(self.instances_dir)
+            )
+            try:
+                sync_file_system(file_system)
+            except OSError:
+                self._suspect.update(rest)
+                raise
+            finally:
+                if file_system is not self._file_system:
+                    os.close(file_system)
+            self._drop_landed(rest)
+        return len(suspect) + len(rest)
 
     def restore_landed(self) -> int:
         """At start-up, before anything reads the spool: write again, durably, the files of the
@@ -160,17 +186,30 @@ class InstanceStore(Journal):
         A landed instance whose row now points elsewhere (moved to another study and stored
         there) or is gone (its study was purged) is dropped, not restored.
         """
-        db = self._db()
-        rows = db.execute(
-            "SELECT l.id, l.path FROM landed l JOIN instances i "
-            "ON i.sop_instance_uid = l.sop_instance_uid AND i.path = l.path"
-        ).fetchall()
-        for row in rows:
-            (content,) = db.execute("SELECT content FROM landed WHERE id=?", (row["id"],)).fetchone()
-            write_durably(Path(row["path"]), lambda handle, content=content: handle.write(content))
+        restored = self._write_again([row[0] for row in self._db().execute("SELECT id FROM landed")])
         with self._transaction() as db:
             db.execute("DELETE FROM landed")
-        return len(rows)
+        return restored
+
+    def _write_again(self, ids: list[int]) -> int:
+        """Write the files of these landings durably from the journal, where their instance still
+        is; how many. Raises OSError at the first that fails."""
+        db = self._db()
+        written = 0
+        for landing in ids:
+            row = db.execute(
+                "SELECT l.path, l.content FROM landed l JOIN instances i "
+                "ON i.sop_instance_uid = l.sop_instance_uid AND i.path = l.path WHERE l.id=?",
+                (landing,),
+            ).fetchone()
+            if row is not None:
+                write_durably(Path(row["path"]), lambda handle, content=row["content"]: handle.write(content))
+                written += 1
+        return written
+
+    def _drop_landed(self, ids: list[int]) -> None:
+        with self._transaction() as db:
+            db.executemany("DELETE FROM landed WHERE id=?", [(landing,) for landing in ids])
 
     def _commit_group(self, arrivals: list[_Arrival]) -> None:
         """Group commit: sync each folder once, then commit all rows in one transaction.
