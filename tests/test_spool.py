@@ -1347,10 +1347,8 @@ def test_a_restore_never_brings_back_a_study_purged_since(tmp_path, landing):
     restarted.close()
 
 
-def test_after_a_failed_sync_the_files_it_was_to_settle_are_written_again_not_trusted_to_a_later_one(
-    landing, monkeypatch
-):
-    stored = _land(landing, "1.2.3.4.5", b"slice bytes")
+def _settle_failing_once(spool: Spool, monkeypatch) -> None:
+    """A settling whose file-system sync fails (EIO), the next ones succeeding."""
     failing = [OSError(5, "Input/output error")]
 
     def sync(folder: int) -> None:
@@ -1359,7 +1357,15 @@ def test_after_a_failed_sync_the_files_it_was_to_settle_are_written_again_not_tr
 
     monkeypatch.setattr(instances, "sync_file_system", sync)
     with pytest.raises(OSError):
-        landing.settle_landed()
+        spool.settle_landed()
+    assert _landed(spool), "kept"
+
+
+def test_after_a_failed_sync_the_files_it_was_to_settle_are_written_again_not_trusted_to_a_later_one(
+    landing, monkeypatch
+):
+    stored = _land(landing, "1.2.3.4.5", b"slice bytes")
+    _settle_failing_once(landing, monkeypatch)
     assert list(_landed(landing)) == ["1.2.3.4.5"]
     # The kernel dropped the page it could not write; it reports that once, to the sync above.
     stored.path.write_bytes(b"lost")
@@ -1367,4 +1373,26 @@ def test_after_a_failed_sync_the_files_it_was_to_settle_are_written_again_not_tr
     assert landing.settle_landed() == 1
 
     assert stored.path.read_bytes() == b"slice bytes"
+    assert _landed(landing) == {}
+
+
+def test_a_file_written_again_after_a_failed_sync_never_overwrites_a_resend_stored_meanwhile(
+    landing, monkeypatch
+):
+    stored = _land(landing, "1.2.3.4.5", b"first version")
+    _settle_failing_once(landing, monkeypatch)
+    looked_up = Spool._landed_instance
+    resent = []
+
+    def resend_once_looked_up(self, landing_id: int, columns: str):
+        row = looked_up(self, landing_id, columns)
+        if not resent:  # a changed resend, synced in full, commits between the look-up and the write
+            resent.append(_store(landing, "1.2.3.4.5", content=_received(landing, b"second version")))
+        return row
+
+    monkeypatch.setattr(Spool, "_landed_instance", resend_once_looked_up)
+
+    landing.settle_landed()
+
+    assert stored.path.read_bytes() == b"second version"
     assert _landed(landing) == {}

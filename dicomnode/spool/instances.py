@@ -138,10 +138,11 @@ class InstanceStore(Journal):
             settler.stop()
             try:
                 self.settle_landed()
-            except (OSError, SpoolError) as exc:
+            except (OSError, SpoolError, sqlite3.Error) as exc:
                 log.error("cannot settle the instances landed in the journal: %s", exc)
-            os.close(self._file_system)
-            self._file_system = None
+            finally:
+                os.close(self._file_system)
+                self._file_system = None
 
     def settle_landed(self) -> int:
         """Sync the spool's file system, then drop from the journal the instances landed before.
@@ -193,19 +194,35 @@ class InstanceStore(Journal):
 
     def _write_again(self, ids: list[int]) -> int:
         """Write the files of these landings durably from the journal, where their instance still
-        is; how many. Raises OSError at the first that fails."""
-        db = self._db()
+        is; how many. Raises OSError at the first that fails.
+
+        Each under its study's lock held alone, as a purge holds it: a store into the study (a
+        resend replacing the file) either committed before, and then replaced or deleted the
+        landing (read again under the lock, it is gone), or waits until the file is written.
+        """
         written = 0
         for landing in ids:
-            row = db.execute(
-                "SELECT l.path, l.content FROM landed l JOIN instances i "
+            study = self._landed_instance(landing, "i.study_instance_uid")
+            if study is None:
+                continue
+            with self._study_locked(study[0], exclusive=True):
+                row = self._landed_instance(landing, "l.path, l.content")
+                if row is not None:
+                    write_durably(Path(row[0]), lambda handle, content=row[1]: handle.write(content))
+                    written += 1
+        return written
+
+    def _landed_instance(self, landing: int, columns: str) -> sqlite3.Row | None:
+        """Columns of a landing and the instance it is the file of, if that still refers to it."""
+        return (
+            self._db()
+            .execute(
+                f"SELECT {columns} FROM landed l JOIN instances i "
                 "ON i.sop_instance_uid = l.sop_instance_uid AND i.path = l.path WHERE l.id=?",
                 (landing,),
-            ).fetchone()
-            if row is not None:
-                write_durably(Path(row["path"]), lambda handle, content=row["content"]: handle.write(content))
-                written += 1
-        return written
+            )
+            .fetchone()
+        )
 
     def _drop_landed(self, ids: list[int]) -> None:
         with self._transaction() as db:
