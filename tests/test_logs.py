@@ -13,11 +13,14 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 
 from dicomnode.config import AuditConfig, load_config
 from dicomnode.logs import JsonLinesFormatter, syslog_handler
-from tests.conftest import dcmtk, free_port, run_cli, write_node_config
+from dicomnode.privacy import uid_tag
+from tests.conftest import dcmtk, free_port, run_cli, wait_until, write_node_config
 
 JSON_KEYS = {"time", "level", "logger", "message", "thread"}
 
@@ -129,3 +132,32 @@ def test_a_bad_audit_setting_names_its_key(tmp_path, tiny_architecture, audit, m
 
     with pytest.raises(ValueError, match=message):
         load_config(config)
+
+
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+def test_stored_instances_are_counted_per_association_and_listed_one_by_one_only_when_debugging(
+    node_factory, tmp_path, level
+):
+    """A CT study of 2,000 slices must not write 2,000 lines at INFO: the association's audit line
+    counts what it stored. At DEBUG each instance has its line, tagged, never with its UID."""
+    from dicomnode.bench.receive import make_instances
+
+    (tmp_path / "in").mkdir()
+    slices = make_instances(Path(get_testdata_file("CT_small.dcm")), 3, tmp_path / "in")
+    node = node_factory(log_level=level)
+    sent = dcmtk("storescu", "-aec", "DICOMNODE", "127.0.0.1", str(node.port), *map(str, slices))
+    assert sent.returncode == 0, sent.stderr
+    logs = node.config.parent / "var" / "logs"
+    wait_until(
+        lambda: "association released" in (logs / "audit.log").read_text(),
+        what="the association's audit line",
+    )
+    assert "stored=3 refused=0" in (logs / "audit.log").read_text()
+    lines = [line for line in (logs / "dicomnode.log").read_text().splitlines() if "stored instance" in line]
+    uids = [pydicom.dcmread(path).SOPInstanceUID for path in slices]
+    if level == "INFO":
+        assert lines == []
+    else:
+        assert len(lines) == 3
+        assert all(any(uid_tag(uid) in line for line in lines) for uid in uids)
+    assert not any(uid in (logs / "dicomnode.log").read_text() for uid in uids)
