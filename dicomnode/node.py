@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from dicomnode.config import AuditConfig, ConfigError, NodeConfig, RoutingConfig, load_routing
 from dicomnode.engine import Engine, EngineError
@@ -66,10 +66,14 @@ class StartupError(RuntimeError):
 
 
 def configure_logging(
-    state_dir: Path, level: str, log_format: str = "text", audit: AuditConfig | None = None
+    state_dir: Path,
+    level: str,
+    log_format: str = "text",
+    audit: AuditConfig | None = None,
+    stream: TextIO | None = None,
 ) -> None:
-    """Log to stderr (journald under systemd) and to files under state_dir/logs, as text or JSON
-    lines; the audit also to syslog when `audit.syslog` is set.
+    """Log to stderr (journald under systemd; `stream` instead, when given) and to files under
+    state_dir/logs, as text or JSON lines; the audit also to syslog when `audit.syslog` is set.
 
     The DICOM libraries are silenced: pynetdicom's debug output dumps datasets, and pydicom
     and highdicom quote attribute values (names included) in their messages. The node logs
@@ -83,7 +87,7 @@ def configure_logging(
     for handler in list(root.handlers):
         root.removeHandler(handler)
     for handler in (
-        logging.StreamHandler(),
+        logging.StreamHandler(stream),
         logging.handlers.RotatingFileHandler(logs / "dicomnode.log", maxBytes=20 << 20, backupCount=5),
     ):
         handler.setFormatter(fmt)

@@ -5,11 +5,14 @@ No timing is asserted: only that both receivers got every instance and a ratio c
 
 from __future__ import annotations
 
+import logging
 import re
+from pathlib import Path
 
 import pytest
+from pydicom.data import get_testdata_file
 
-from tests.conftest import run_cli
+from tests.conftest import dcmtk, run_cli
 
 
 def test_bench_receive_prints_rates_and_speed_against_storescp_for_each_standard_scenario():
@@ -24,6 +27,27 @@ def test_bench_receive_prints_rates_and_speed_against_storescp_for_each_standard
         rate = rf"{receiver}\s+[\d.]+ s\s+[\d.]+ MB/s\s+[\d.]+ instances/s  \(range [\d.]+-[\d.]+ s\)"
         assert len(re.findall(rate, done.stdout)) == 4
     assert len(re.findall(r"speed dicomnode/storescp: \d+\.\d\dx", done.stdout)) == 4
+
+
+def test_the_node_in_the_bench_receive_logs_as_serve_logs_and_leaves_the_logging_as_it_was(tmp_path):
+    """What serve writes per association and instance costs the receiving thread; the bench's node
+    must pay it too, at serve's default level, with its receivers' records coming to the same
+    files, and leave this process's handlers as they were."""
+    from dicomnode.bench.receive import _dicomnode_scp, make_instances
+
+    (tmp_path / "in").mkdir()
+    slices = make_instances(Path(get_testdata_file("CT_small.dcm")), 2, tmp_path / "in")
+    handlers = [list(logging.getLogger(name).handlers) for name in ("", "dicomnode.audit")]
+    state = tmp_path / "node"
+    for receivers in (1, 2):
+        with _dicomnode_scp(state / str(receivers), receivers) as port:
+            for path in slices:  # an association each, taken by whichever process the kernel picks
+                sent = dcmtk("storescu", "-aec", "DICOMNODE", "127.0.0.1", str(port), str(path))
+                assert sent.returncode == 0, sent.stderr
+        audit = (state / str(receivers) / "logs" / "audit.log").read_text()
+        assert audit.count("stored=1 refused=0") == 2, audit
+        assert "association released" in (state / str(receivers) / "stderr.log").read_text()
+    assert [list(logging.getLogger(name).handlers) for name in ("", "dicomnode.audit")] == handlers
 
 
 def test_bench_receive_compares_counts_of_receiving_processes_against_one_storescp_run():

@@ -7,6 +7,7 @@ how much longer a study takes to reach us than to reach a plain DICOM archive.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import statistics
@@ -25,7 +26,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicomnode.bench import BenchError, free_port, wait_for_port
-from dicomnode.config import ScpConfig
+from dicomnode.config import NodeConfig, ScpConfig
 from dicomnode.net.receivers import Receivers, ReceiverSetup
 from dicomnode.net.scp import start_scp
 from dicomnode.progress import progress
@@ -150,9 +151,37 @@ def _storescp(folder: Path, fork: bool) -> Iterator[int]:
 
 
 @contextmanager
+def _logging_as_serve(folder: Path) -> Iterator[None]:
+    """serve's logging at its default level, into `folder/logs`, with what serve writes to stderr
+    (journald's, under systemd) going to `folder/stderr.log`: the node in the bench writes the
+    lines that serve writes, the audit's included. This process's logging is restored after."""
+    from dicomnode.node import configure_logging  # torch and the model's imports: bench_receive's
+
+    loggers = (logging.getLogger(), logging.getLogger("dicomnode.audit"))
+    kept = [list(logger.handlers) for logger in loggers]
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "stderr.log").open("w") as stream:
+        configure_logging(folder, NodeConfig.model_fields["log_level"].default, stream=stream)
+        try:
+            yield
+        finally:
+            for logger, handlers in zip(loggers, kept, strict=True):
+                for handler in logger.handlers:
+                    if handler not in handlers:
+                        handler.close()
+                logger.handlers[:] = handlers
+
+
+@contextmanager
 def _dicomnode_scp(folder: Path, receivers: int = 1) -> Iterator[int]:
     """The node's SCP and spool, and `receivers - 1` receiving processes beside it (as `serve`
-    runs them with `scp.receivers`), listening until the block ends."""
+    runs them with `scp.receivers`), logging as serve logs, listening until the block ends."""
+    with _logging_as_serve(folder), _dicomnode_listening(folder, receivers) as port:
+        yield port
+
+
+@contextmanager
+def _dicomnode_listening(folder: Path, receivers: int) -> Iterator[int]:
     port = free_port()
     spool = Spool(folder, min_free_bytes=0)
     spool.start_settling()  # as serve's
@@ -168,7 +197,7 @@ def _dicomnode_scp(folder: Path, receivers: int = 1) -> Iterator[int]:
     others = None
     try:
         if receivers > 1:
-            others = Receivers(ReceiverSetup(scp, folder, log_level="WARNING", count=False), receivers - 1)
+            others = Receivers(ReceiverSetup(scp, folder, count=False), receivers - 1)
             others.start()
         wait_for_port(port)
         yield port
@@ -223,7 +252,8 @@ def bench_receive(
     measured against the same reference in the same run.
 
     The node's SCP runs in this process, which first takes the shape of `serve`'s: what serve
-    imports (torch, open_clip, highdicom) loaded, and the heap settled as serve settles it.
+    imports (torch, open_clip, highdicom) loaded, and the heap settled as serve settles it; it
+    logs as serve logs (see _logging_as_serve).
     """
     from dicomnode.node import settle_heap
 
