@@ -1396,3 +1396,19 @@ def test_a_file_written_again_after_a_failed_sync_never_overwrites_a_resend_stor
 
     assert stored.path.read_bytes() == b"second version"
     assert _landed(landing) == {}
+
+
+def test_settling_does_not_write_the_landed_bytes_into_the_journal_again(landing):
+    """Dropping what landed frees its pages; zeroing them (Debian's SQLite zeroes every freed page
+    unless told otherwise) wrote every landed byte into the WAL a second time while the writers
+    waited. What settling writes must not grow with the bytes it drops."""
+    slice_bytes = bytes(range(256)) * 160  # 40 KiB, ten overflow pages
+    for number in range(20):
+        _land(landing, f"1.2.3.4.{number}", slice_bytes)
+    db = landing._db()
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the WAL empty: what follows is settling's
+
+    assert landing.settle_landed() == 20
+
+    _, frames, _ = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert frames < 20, f"settling 20 landed slices wrote {frames} pages into the WAL"
