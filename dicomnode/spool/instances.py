@@ -159,11 +159,11 @@ class InstanceStore(Journal):
         """
         ids = [row[0] for row in self._db().execute("SELECT id FROM landed")]
         suspect = [landing for landing in ids if landing in self._suspect]
+        rest = [landing for landing in ids if landing not in self._suspect]
         if suspect:
             self._write_again(suspect)
             self._drop_landed(suspect)
             self._suspect.difference_update(suspect)
-        rest = [landing for landing in ids if landing not in self._suspect and landing not in suspect]
         if rest:
             file_system = (
                 self._file_system if self._file_system is not None else open_folder(self.instances_dir)
