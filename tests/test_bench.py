@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,33 @@ def test_bench_receive_of_a_file_that_is_not_dicom_fails_naming_it(tmp_path):
 
     assert done.returncode != 0
     assert "notes.txt" in done.stderr
+
+
+def test_bench_receive_that_would_fill_its_file_system_fails_before_sending_naming_the_space(tmp_path):
+    """Every round's copies stay until the scenario ends; on a file system too small for them a
+    receiver ran out of space mid-run and storescu failed with nothing to say."""
+    from dicomnode.bench import BenchError
+    from dicomnode.bench.receive import Scenario, _bench_scenario
+
+    ct = Path(get_testdata_file("CT_small.dcm"))
+    rounds = int(shutil.disk_usage(tmp_path).free / ct.stat().st_size)  # 2 copies a round: over
+
+    with pytest.raises(BenchError) as raised:
+        _bench_scenario(Scenario("small", ct, 1), rounds, tmp_path / "bench", print)
+
+    message = str(raised.value)
+    assert "small scenario needs about" in message and "MB free in" in message
+    assert "--rounds" in message and "TMPDIR" in message
+    assert not (tmp_path / "bench" / "in").exists()  # nothing was written
+
+
+def test_the_space_a_receive_scenario_needs_counts_every_copy_it_keeps():
+    from dicomnode.bench.receive import _SPACE_HEADROOM, Scenario, _space_needed
+
+    ct = Path(get_testdata_file("CT_small.dcm"))
+    copies = _space_needed(Scenario("small", ct, 10), 3, 2) - _SPACE_HEADROOM
+
+    assert copies == (1 + 3 * (1 + 2)) * 10 * ct.stat().st_size  # sent, then storescp and 2 nodes a round
 
 
 def test_bench_infer_times_every_method_against_the_backbone_of_the_same_run(tmp_path, tiny_architecture):

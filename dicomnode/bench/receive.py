@@ -123,7 +123,8 @@ def _send_all(port: int, ae_title: str, paths: list[Path], associations: int, ea
     seconds = time.perf_counter() - started
     for sender, stderr in zip(senders, errors, strict=True):
         if sender.returncode != 0 or "Refused" in stderr or "Failed" in stderr:
-            raise BenchError(f"storescu to port {port} failed: {stderr.strip()[-300:]}")
+            said = stderr.strip()[-300:] or "nothing on stderr"
+            raise BenchError(f"storescu to port {port} failed (exit status {sender.returncode}): {said}")
     return seconds
 
 
@@ -275,7 +276,9 @@ def _bench_scenario(
     report: Callable[[str], None],
     receivers: Sequence[int] = (1,),
 ) -> dict[int, float]:
-    (root / "in").mkdir(parents=True)
+    root.mkdir(parents=True)
+    _check_space(root, _space_needed(scenario, rounds, len(receivers)), scenario.name)
+    (root / "in").mkdir()
     paths = make_instances(scenario.source, scenario.count, root / "in")
     megabytes = sum(p.stat().st_size for p in paths) / 1e6
     processes = ", ".join(str(count) for count in receivers)
@@ -319,6 +322,30 @@ def _bench_scenario(
         speeds[count] = statistics.median(times["storescp"]) / statistics.median(times[name])
         report(f"  speed {name}/storescp: {speeds[count]:.2f}x")
     return speeds
+
+
+#: Beside the received copies: a node's journal holding landed instances until they settle.
+_SPACE_HEADROOM = 256 * 2**20
+
+
+def _space_needed(scenario: Scenario, rounds: int, receivers: int) -> int:
+    """Bytes a scenario writes before it deletes anything: the instances to send, and what
+    storescp and each of the node's runs received in every round (see _bench_scenario)."""
+    copies = 1 + rounds * (1 + receivers)
+    return copies * scenario.count * scenario.source.stat().st_size + _SPACE_HEADROOM
+
+
+def _check_space(folder: Path, needed: int, scenario: str) -> None:
+    """BenchError, before anything is written, when `folder`'s file system has not `needed`
+    bytes free: a receiver that runs out of space fails its sender, and the figures mean nothing."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise BenchError(
+            f"the {scenario} scenario needs about {needed / 1e6:,.0f} MB free in {folder.parent}"
+            f" (it keeps what every round received until its last round ends), and"
+            f" {free / 1e6:,.0f} MB are free there: give fewer --rounds or --count, or set TMPDIR"
+            " to a folder on a larger file system"
+        )
 
 
 def _peak_rss_mib() -> float:
