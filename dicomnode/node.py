@@ -30,7 +30,7 @@ from dicomnode.model.backbone import BackboneError
 from dicomnode.model.library import PromptSetLibrary
 from dicomnode.model.promptset import PromptSet, PromptSetError
 from dicomnode.monitor import Monitor
-from dicomnode.net.receivers import Receivers, ReceiverSetup, check_port_free
+from dicomnode.net.receivers import Receivers, ReceiverSetup
 from dicomnode.net.scp import start_scp
 from dicomnode.net.stow import check_endpoints
 from dicomnode.net.tls import check_tls, scp_context
@@ -348,8 +348,6 @@ class Node:
         scp = self.cfg.scp
         if scp.receivers == 1:
             return start_scp(self.spool, scp, scp_context(self.cfg))
-        check_port_free(scp)
-        server = start_scp(self.spool, scp, scp_context(self.cfg), shared_port=True)
         setup = ReceiverSetup(
             scp,
             self.cfg.state_dir,
@@ -358,6 +356,11 @@ class Node:
             count=self.cfg.metrics.enabled,
         )
         self.receivers = Receivers(setup, scp.receivers - 1, self.monitor.metrics.count)
+        try:
+            server = start_scp(self.spool, scp, scp_context(self.cfg), share=self.receivers.share)
+        except BaseException:
+            self.receivers.stop()
+            raise
         try:
             self.receivers.start()
         except BaseException:

@@ -194,11 +194,10 @@ def _dicomnode_listening(folder: Path, receivers: int) -> Iterator[int]:
         receivers=receivers,
         max_associations=100,
     )
-    server = start_scp(spool, scp, shared_port=receivers > 1)
-    others = None
+    others = Receivers(ReceiverSetup(scp, folder, count=False), receivers - 1) if receivers > 1 else None
+    server = start_scp(spool, scp, share=others and others.share)
     try:
-        if receivers > 1:
-            others = Receivers(ReceiverSetup(scp, folder, count=False), receivers - 1)
+        if others is not None:
             others.start()
         wait_for_port(port)
         yield port

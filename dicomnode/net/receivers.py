@@ -3,8 +3,8 @@
 One Python process receives about 1,000 CT slices a second however many associations send:
 its threads take turns at one interpreter lock. DCMTK's storescp forks a process per
 association. Here the node runs its own SCP and starts `receivers - 1` more processes, each an
-SCP and spool on the node's state folder, all listening on the port with SO_REUSEPORT: the
-kernel spreads the connections over them.
+SCP and spool on the node's state folder, all accepting from the one socket the node listens
+on; a connection goes to a process with the fewest associations open (net.balance).
 
 What the processes share goes through the state folder, made for several processes: the
 journal (its writers take turns on `journal.sqlite-writer`), each study (a byte of
@@ -23,7 +23,6 @@ import logging.handlers
 import multiprocessing
 import os
 import queue
-import socket
 import sys
 import threading
 from collections import Counter
@@ -35,6 +34,7 @@ from pathlib import Path
 
 from dicomnode.config import ScpConfig
 from dicomnode.logs import set_levels
+from dicomnode.net.balance import ABSENT, Share
 from dicomnode.notify import StopSignals
 from dicomnode.privacy import describe_error, where_raised
 
@@ -63,27 +63,12 @@ class ReceiverSetup:
     count: bool = True
 
 
-def check_port_free(scp: ScpConfig) -> None:
-    """Raise OSError if something listens on the SCP's port already.
-
-    Sockets with SO_REUSEPORT share a port with any other of the same user that sets it: a
-    second node started by mistake would silently take half the connections. A socket bound
-    without it fails on a port any process holds.
-    """
-    family = socket.AF_INET6 if ":" in scp.host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((scp.host, scp.port))
-        except OSError as exc:
-            raise OSError(f"Storage SCP cannot listen on {scp.host}:{scp.port}: {exc.strerror}") from exc
-
-
 class Receivers:
     """The node's receiving processes beside its own SCP: started, watched, started again, stopped.
 
     `count(family, outcome, times)` is called in the node for the receivers' SCP outcomes
-    (metrics.NodeMetrics.count).
+    (metrics.NodeMetrics.count). Made, it listens on the SCP's port (OSError naming the address
+    if that is taken); `share` is what the node's own SCP accepts from, as process 0.
     """
 
     def __init__(
@@ -92,6 +77,7 @@ class Receivers:
         self.setup = setup
         self.count = count or (lambda family, outcome, times: None)
         self._context = multiprocessing.get_context("spawn")  # no threads, locks or torch inherited
+        self.share = Share.listen(setup.scp, processes + 1, self._context)
         self._messages = self._context.Queue()
         self._processes: dict[int, multiprocessing.process.BaseProcess] = {}
         self._wanted = processes
@@ -122,7 +108,7 @@ class Receivers:
         ready, says_ready = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=receive,
-            args=(self.setup, index, self._messages, says_ready),
+            args=(self.setup, self.share, index, self._messages, says_ready),
             name=f"receiver-{index}",
             daemon=False,
         )
@@ -147,6 +133,7 @@ class Receivers:
                 index = sentinels[sentinel]
                 process = self._processes[index]
                 process.join()
+                self.share.set(index, ABSENT)  # its associations died with it: wait for nobody
                 if self._stopping.is_set() or process.exitcode == 0:
                     continue  # told to stop (the service is stopping): not a failure
                 log.error(
@@ -198,6 +185,7 @@ class Receivers:
             self.supervisor.join()
         if self._listener.is_alive():
             self._listener.join(STOP_TIMEOUT_S)
+        self.share.close()
         self._messages.close()
 
 
@@ -209,7 +197,7 @@ def _said_ready(ready) -> bool:
         return False
 
 
-def receive(setup: ReceiverSetup, index: int, messages, ready) -> None:
+def receive(setup: ReceiverSetup, share: Share, index: int, messages, ready) -> None:
     """A receiver process: an SCP and spool on the node's state folder until told to stop.
 
     Exits 0 when told to stop (SIGTERM, SIGINT) or when the node is gone, and not 0 on failure.
@@ -229,7 +217,7 @@ def receive(setup: ReceiverSetup, index: int, messages, ready) -> None:
         )
         tls = None if setup.scp.tls is None else server_context(setup.scp.tls, setup.tls_origin)
         spool.start_settling()
-        server = start_scp(spool, setup.scp, tls, shared_port=True, clear_incoming=False)
+        server = start_scp(spool, setup.scp, tls, share=share, index=index, clear_incoming=False)
     except Exception as exc:
         log.error("receiver %d cannot start: %s (%s)", index, describe_error(exc), where_raised(exc))
         _last_messages(messages, node)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import socket
 import ssl
 import tempfile
 import threading
@@ -38,6 +37,7 @@ from dicomnode.config import ScpConfig
 from dicomnode.identity import NODE_MANUFACTURER
 from dicomnode.locks import take_slot
 from dicomnode.net.access import SERVICE_PROVIDER_PRESENTATION, AccessPolicy, Rejection, describe_rejection
+from dicomnode.net.balance import BalancedServer, Share, balanced_server
 from dicomnode.net.header import Header, Unusual, read_header
 from dicomnode.net.reactor import EventDrivenDUL, acceptor_association
 from dicomnode.net.storestream import StoreRequest, StoreStream
@@ -455,6 +455,8 @@ class BoundedPduRequestHandler(RequestHandler):
         assoc = acceptor_association(self)
         _stream_stores(assoc)
         _free_slot_at_end(assoc)
+        if isinstance(self.server, BalancedServer):
+            self.server.association_started(self.request, assoc)
         sock = assoc.dul.socket
         read = sock.recv
 
@@ -512,28 +514,20 @@ def _transport(assoc) -> str:
     return f"tls={connection.version()} client_certificate={subject.get('commonName', 'none')}"
 
 
-class SharedPortServer(HandshakingServer):
-    """An SCP that shares its port with the node's other receivers (SO_REUSEPORT): the kernel
-    spreads the connections over the processes listening."""
-
-    def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
-
 def start_scp(
     spool: Spool,
     scp: ScpConfig,
     ssl_context: ssl.SSLContext | None = None,
     *,
-    shared_port: bool = False,
+    share: Share | None = None,
+    index: int = 0,
     clear_incoming: bool = True,
 ) -> ThreadedAssociationServer:
     """Start listening in the background; every storage SOP class, every transfer syntax.
 
     With `ssl_context` (net.tls.scp_context) only DICOM TLS is spoken on the port.
-    `shared_port`: one of several receiving processes (net.receivers); `clear_incoming`: see
-    StorageHandlers.
+    `share`: one of several receiving processes (net.receivers), number `index` (0: the node's
+    own), accepting from the shared socket (net.balance); `clear_incoming`: see StorageHandlers.
     """
     ae = AE(ae_title=scp.ae_title)
     ae.add_supported_context(Verification)
@@ -553,7 +547,7 @@ def start_scp(
             (scp.host, scp.port),
             ssl_context=ssl_context,
             evt_handlers=handlers.bindings(),
-            server_class=SharedPortServer if shared_port else HandshakingServer,
+            server_class=HandshakingServer if share is None else balanced_server(share, index),
             request_handler=BoundedPduRequestHandler,
         )
     except OSError as exc:
