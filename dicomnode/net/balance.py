@@ -45,11 +45,24 @@ ABSENT = 1 << 30
 
 class Share:
     """The listening socket the node and its receiving processes accept from, and each
-    process's count of open associations; made by the node and passed to each receiver."""
+    process's count of open associations; made by the node and passed to each receiver.
+
+    The counts are shared memory without a lock between processes: a process killed while
+    holding one would stop every other from accepting. Each process writes only its own count
+    (under a lock of its threads), and the node's supervisor that of a process that died; the
+    others read them, an aligned int at a time.
+    """
 
     def __init__(self, listening: socket.socket, open_counts) -> None:
         self.socket = listening
         self.open = open_counts
+        self._writing = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {"socket": self.socket, "open": self.open}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["socket"], state["open"])
 
     @classmethod
     def listen(cls, scp: ScpConfig, processes: int, context: BaseContext) -> Share:
@@ -66,21 +79,22 @@ class Share:
             raise OSError(f"Storage SCP cannot listen on {scp.host}:{scp.port}: {exc.strerror}") from exc
         # Shared by every process's copy: an accept that another process won raises at once.
         listening.setblocking(False)
-        counts = context.Array("i", [ABSENT] * processes)
+        counts = context.RawArray("i", [ABSENT] * processes)
         return cls(listening, counts)
 
     def set(self, index: int, value: int) -> None:
-        with self.open.get_lock():
+        """Set process `index`'s count: its own, or a dead one's (by the node)."""
+        with self._writing:
             self.open[index] = value
 
     def add(self, index: int, change: int) -> None:
-        with self.open.get_lock():
+        """Change this process's count, `index`."""
+        with self._writing:
             self.open[index] += change
 
     def others_have_fewer(self, index: int) -> bool:
         """Whether a live process other than `index` has fewer associations open."""
-        with self.open.get_lock():
-            counts = self.open[:]
+        counts = self.open[:]
         return min(counts) < counts[index]
 
     def close(self) -> None:
