@@ -653,6 +653,23 @@ def bench_receive(
         typer.Option(help="Instance to send (default: CT slices, radiographs, 4 associations at once)."),
     ] = None,
     count: Annotated[int | None, typer.Option(min=1, help="Instances per run (default: 500 and 40).")] = None,
+    slice_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--slice",
+            exists=True,
+            dir_okay=False,
+            help="The standard runs' slice (default: pydicom's CT_small.dcm).",
+        ),
+    ] = None,
+    radiograph: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="The standard runs' radiograph (default: pydicom's RG1_UNCR.dcm).",
+        ),
+    ] = None,
     associations: Annotated[int, typer.Option(min=1, help="With --file: associations at once.")] = 1,
     rounds: Annotated[int, typer.Option(min=1, help="Runs per receiver; the median counts.")] = 3,
     receivers: Annotated[
@@ -677,8 +694,12 @@ def bench_receive(
         if memory:
             bench_receive_memory(memory, typer.echo)
             return
+        if file is not None and (slice_file or radiograph):
+            raise BenchError(
+                "--file runs a scenario of its own; --slice and --radiograph are the standard runs'"
+            )
         if file is None:
-            scenarios = standard_scenarios(count)
+            scenarios = standard_scenarios(count, slice_file, radiograph)
         else:
             scenarios = [Scenario(file.name, file, count or 50, associations)]
         run(scenarios, rounds, typer.echo, receivers=receivers or [1])

@@ -30,6 +30,75 @@ def test_bench_receive_prints_rates_and_speed_against_storescp_for_each_standard
     assert len(re.findall(r"speed dicomnode/storescp: \d+\.\d\dx", done.stdout)) == 4
 
 
+def test_bench_receive_runs_the_standard_scenarios_with_a_slice_and_radiograph_of_ones_own(tmp_path):
+    own_slice, own_radiograph = tmp_path / "slice.dcm", tmp_path / "radiograph.dcm"
+    shutil.copy(get_testdata_file("CT_small.dcm", download=False), own_slice)
+    shutil.copy(get_testdata_file("RG1_UNCR.dcm", download=False), own_radiograph)
+
+    done = run_cli(
+        "bench",
+        "receive",
+        "--slice",
+        str(own_slice),
+        "--radiograph",
+        str(own_radiograph),
+        "--count",
+        "4",
+        "--rounds",
+        "1",
+    )
+
+    assert done.returncode == 0, done.stderr
+    for name, file in (
+        ("small", "slice"),
+        ("large", "radiograph"),
+        ("concurrent", "slice"),
+        ("per-instance", "slice"),
+    ):
+        assert f"receive {name}: 4 instances of {file}.dcm" in done.stdout
+    assert len(re.findall(r"speed dicomnode/storescp: \d+\.\d\dx", done.stdout)) == 4
+
+
+def test_bench_receive_without_pydicom_data_asks_for_files_of_ones_own(monkeypatch):
+    """A node installed without the test extras has no pydicom-data."""
+    import pydicom.data
+
+    from dicomnode.bench import BenchError
+    from dicomnode.bench.receive import standard_scenarios
+
+    monkeypatch.setattr(pydicom.data, "get_testdata_file", lambda name, download=True: None)
+    with pytest.raises(
+        BenchError, match=r"^CT_small\.dcm and RG1_UNCR\.dcm not found .*--slice, --radiograph\)$"
+    ):
+        standard_scenarios()
+    own = Path(get_testdata_file("CT_small.dcm", download=False))
+    with pytest.raises(BenchError, match=r"^RG1_UNCR\.dcm not found"):
+        standard_scenarios(slice_file=own)
+    assert {s.source for s in standard_scenarios(slice_file=own, radiograph=own)} == {own}
+
+
+def test_bench_receive_refuses_fewer_instances_than_associations_before_sending():
+    done = run_cli("bench", "receive", "--count", "3", "--rounds", "1")
+
+    assert done.returncode == 1
+    assert "concurrent: 3 instances cannot go over 4 associations; --count at least 4" in done.stderr
+    assert "receive small" not in done.stdout  # nothing was run
+
+
+def test_bench_receive_refuses_a_file_with_the_standard_runs_files(tmp_path):
+    done = run_cli(
+        "bench",
+        "receive",
+        "--file",
+        get_testdata_file("CT_small.dcm", download=False),
+        "--slice",
+        get_testdata_file("CT_small.dcm", download=False),
+    )
+
+    assert done.returncode == 1
+    assert "--file runs a scenario of its own; --slice and --radiograph are the standard runs'" in done.stderr
+
+
 def test_the_node_in_the_bench_receive_logs_as_serve_logs_and_leaves_the_logging_as_it_was(tmp_path):
     """What serve writes per association and instance costs the receiving thread; the bench's node
     must pay it too, at serve's default level, with its receivers' records coming to the same

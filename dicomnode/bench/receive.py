@@ -223,20 +223,31 @@ class Scenario:
     association_each: bool = False
 
 
-def standard_scenarios(count: int | None = None) -> list[Scenario]:
+def standard_scenarios(
+    count: int | None = None, slice_file: Path | None = None, radiograph: Path | None = None
+) -> list[Scenario]:
     """The issue's three: 500 CT slices of 39 KB, 40 radiographs of 7.2 MB, and the slices over 4
-    associations at once; and 100 slices, each on an association of its own (pydicom's test
-    files CT_small.dcm and RG1_UNCR.dcm)."""
+    associations at once; and 100 slices, each on an association of its own. The slice and the
+    radiograph are pydicom's test files CT_small.dcm and RG1_UNCR.dcm unless given (a node
+    installed without the test extras has not got them)."""
     from pydicom.data import get_testdata_file
 
-    ct, cr = (get_testdata_file(name, download=False) for name in ("CT_small.dcm", "RG1_UNCR.dcm"))
-    if ct is None or cr is None:
-        raise BenchError("pydicom's test files are not installed (package pydicom-data)")
+    missing = []
+    for name, given in (("CT_small.dcm", slice_file), ("RG1_UNCR.dcm", radiograph)):
+        if given is None and get_testdata_file(name, download=False) is None:
+            missing.append(name)
+    if missing:
+        raise BenchError(
+            f"{' and '.join(missing)} not found (pydicom's test files, package pydicom-data): "
+            "give a slice and a radiograph of your own (--slice, --radiograph)"
+        )
+    ct = slice_file or Path(get_testdata_file("CT_small.dcm", download=False))
+    cr = radiograph or Path(get_testdata_file("RG1_UNCR.dcm", download=False))
     return [
-        Scenario("small", Path(ct), count or 500),
-        Scenario("large", Path(cr), count or 40),
-        Scenario("concurrent", Path(ct), count or 500, associations=4),
-        Scenario("per-instance", Path(ct), count or 100, association_each=True),
+        Scenario("small", ct, count or 500),
+        Scenario("large", cr, count or 40),
+        Scenario("concurrent", ct, count or 500, associations=4),
+        Scenario("per-instance", ct, count or 100, association_each=True),
     ]
 
 
@@ -257,6 +268,12 @@ def bench_receive(
     """
     from dicomnode.node import settle_heap
 
+    for scenario in scenarios:  # before any is run
+        if scenario.count < scenario.associations:
+            raise BenchError(
+                f"{scenario.name}: {scenario.count} instances cannot go over "
+                f"{scenario.associations} associations; --count at least {scenario.associations}"
+            )
     settle_heap()
     receivers = list(dict.fromkeys(receivers))
     speeds = {}
