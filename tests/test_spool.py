@@ -1307,6 +1307,23 @@ def test_a_burst_wakes_the_settler_before_its_interval(spool, monkeypatch):
         spool.stop_settling()
 
 
+def test_a_receivers_settler_leaves_what_other_processes_landed_to_the_nodes(landing, tmp_path, monkeypatch):
+    """With several receiving processes, each settler syncing the file system every SETTLE_S for
+    what one of them landed would sync it that many times as often."""
+    _land(landing, "1.2.3.4.1", b"landed by the node")  # whose settler sleeps for the test
+    monkeypatch.setattr(instances, "SETTLE_S", 0.02)
+    receiver = Spool.open_existing(tmp_path / "var", read_only=False)
+    receiver.start_settling(everyones=False)
+    try:
+        time.sleep(0.3)  # fifteen of the receiver's intervals
+        assert list(_landed(landing)) == ["1.2.3.4.1"]
+        _land(receiver, "1.2.3.4.2", b"landed by the receiver")
+        wait_until(lambda: not _landed(landing), timeout=10, what="both settled by the receiver")
+    finally:
+        receiver.stop_settling()
+        receiver.close()
+
+
 def test_stopping_settles_what_landed_and_stops_landing(landing, monkeypatch):
     _land(landing, "1.2.3.4.1", b"slice")
 

@@ -123,12 +123,17 @@ class InstanceStore(Journal):
         self._file_system: int | None = None
         self._suspect: set[int] = set()
 
-    def start_settling(self) -> None:
+    def start_settling(self, everyones: bool = True) -> None:
         """Land small instances in the journal from now on, and settle them in a thread of this
-        process (see the module). Without it every instance is synced before it is acknowledged."""
+        process (see the module). Without it every instance is synced before it is acknowledged.
+
+        `everyones`: settle every SETTLE_S whatever any process landed, as the node's spool does.
+        Without it (a receiving process's) a settling comes only after this process landed
+        something: N processes would otherwise each sync the file system every second while one
+        sender sends to one of them."""
         if self._settler is None:
             self._file_system = open_folder(self.instances_dir)
-            self._settler = _Settler(self)
+            self._settler = _Settler(self, everyones)
             self._settler.start()
 
     def stop_settling(self) -> None:
@@ -472,9 +477,10 @@ def _move(received: Path, path: Path) -> None:
 class _Settler(threading.Thread):
     """Settles the instances landed in the journal every SETTLE_S, or sooner after SETTLE_COUNT."""
 
-    def __init__(self, store: InstanceStore) -> None:
+    def __init__(self, store: InstanceStore, everyones: bool = True) -> None:
         super().__init__(name="spool-settler", daemon=True)
         self._store = store
+        self._everyones = everyones
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._count_lock = threading.Lock()
@@ -497,7 +503,9 @@ class _Settler(threading.Thread):
                 self._wake.wait(SETTLE_S)
                 self._wake.clear()
                 with self._count_lock:
-                    self._since = 0
+                    since, self._since = self._since, 0
+                if not (self._everyones or since or self._stopping.is_set()):
+                    continue  # nothing of this process's to settle; the node's settler runs
                 try:
                     self._store.settle_landed()
                 except (OSError, SpoolError, sqlite3.Error) as exc:  # kept in the journal: tried again
