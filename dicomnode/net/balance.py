@@ -20,7 +20,6 @@ yet, dead, restarting) counts as ABSENT, so nobody waits for it.
 
 from __future__ import annotations
 
-import logging
 import os
 import select
 import socket
@@ -31,8 +30,6 @@ from multiprocessing.context import BaseContext
 from dicomnode.config import ScpConfig
 from dicomnode.net.tls import HandshakingServer
 
-log = logging.getLogger(__name__)
-
 #: Longest a process leaves a waiting connection to a process with fewer associations open.
 DEFER_S = 0.02
 
@@ -41,6 +38,11 @@ _DEFER_STEP_S = 0.0005
 
 #: The count of a process that is not listening: never the fewest.
 ABSENT = 1 << 30
+
+
+def cannot_listen(scp: ScpConfig, exc: OSError) -> OSError:
+    """The error of an SCP that cannot listen on its address, naming it."""
+    return OSError(f"Storage SCP cannot listen on {scp.host}:{scp.port}: {exc.strerror}")
 
 
 class Share:
@@ -76,7 +78,7 @@ class Share:
             listening.listen(max(socket.SOMAXCONN, 128))
         except OSError as exc:
             listening.close()
-            raise OSError(f"Storage SCP cannot listen on {scp.host}:{scp.port}: {exc.strerror}") from exc
+            raise cannot_listen(scp, exc) from exc
         # Shared by every process's copy: an accept that another process won raises at once.
         listening.setblocking(False)
         counts = context.RawArray("i", [ABSENT] * processes)
@@ -102,22 +104,6 @@ class Share:
         self.socket.close()
 
 
-class _Opened:
-    """One accepted connection's place in its process's count, given back once."""
-
-    def __init__(self, share: Share, index: int) -> None:
-        self._share, self._index = share, index
-        self._lock = threading.Lock()
-        self._held = True
-        share.add(index, 1)
-
-    def release(self) -> None:
-        with self._lock:
-            held, self._held = self._held, False
-        if held:
-            self._share.add(self._index, -1)
-
-
 def _readable(listening: socket.socket) -> bool:
     return bool(select.select([listening], [], [], 0)[0])
 
@@ -139,7 +125,9 @@ class BalancedServer(HandshakingServer):
         self.socket = socket.socket(shared.family, shared.type, shared.proto, fileno=os.dup(shared.fileno()))
         self.socket.setblocking(False)
         self.server_address = self.socket.getsockname()
-        self._opened: dict[object, _Opened] = {}
+        #: Accepted connections counted in this process's count and not yet handed to an
+        #: association: whoever takes one out (association_started, _release) gives it back.
+        self._opened: set[object] = set()
         self._opened_lock = threading.Lock()
 
     def server_activate(self) -> None:
@@ -154,14 +142,13 @@ class BalancedServer(HandshakingServer):
             time.sleep(_DEFER_STEP_S)
         client, address = super().get_request()  # BlockingIOError if another took it first
         with self._opened_lock:
-            self._opened[client] = _Opened(self.share, self.index)
+            self._opened.add(client)
+        self.share.add(self.index, 1)
         return client, address
 
     def association_started(self, request, assoc) -> None:
         """Count `request`'s connection until `assoc`'s thread ends, however it ends."""
-        with self._opened_lock:
-            opened = self._opened.pop(request, None)
-        if opened is None:
+        if not self._take(request):
             return
         run = assoc.run
 
@@ -169,7 +156,7 @@ class BalancedServer(HandshakingServer):
             try:
                 run()
             finally:
-                opened.release()
+                self.share.add(self.index, -1)
 
         assoc.run = run_then_release
 
@@ -184,10 +171,16 @@ class BalancedServer(HandshakingServer):
         super().shutdown_request(request)
 
     def _release(self, request) -> None:
+        if self._take(request):
+            self.share.add(self.index, -1)
+
+    def _take(self, request) -> bool:
+        """Take `request` out of the connections not yet handed on; whether it was there."""
         with self._opened_lock:
-            opened = self._opened.pop(request, None)
-        if opened is not None:
-            opened.release()
+            if request not in self._opened:
+                return False
+            self._opened.remove(request)
+            return True
 
     def server_close(self) -> None:
         """Close this process's copy only: pynetdicom's shutdown(SHUT_RDWR) of a listening

@@ -37,7 +37,7 @@ from dicomnode.config import ScpConfig
 from dicomnode.identity import NODE_MANUFACTURER
 from dicomnode.locks import take_slot
 from dicomnode.net.access import SERVICE_PROVIDER_PRESENTATION, AccessPolicy, Rejection, describe_rejection
-from dicomnode.net.balance import BalancedServer, Share, balanced_server
+from dicomnode.net.balance import BalancedServer, Share, balanced_server, cannot_listen
 from dicomnode.net.header import Header, Unusual, read_header
 from dicomnode.net.reactor import EventDrivenDUL, acceptor_association
 from dicomnode.net.storestream import StoreRequest, StoreStream
@@ -551,7 +551,7 @@ def start_scp(
             request_handler=BoundedPduRequestHandler,
         )
     except OSError as exc:
-        raise OSError(f"Storage SCP cannot listen on {scp.host}:{scp.port}: {exc.strerror}") from exc
+        raise cannot_listen(scp, exc) from exc
     # What ae.start_server(block=False) does with its server: serve from a daemon thread, and
     # keep it in the AE's list that server.shutdown() removes it from.
     threading.Thread(target=server.serve_forever, name=f"scp-{scp.port}", daemon=True).start()
