@@ -312,7 +312,7 @@ class Node:
         """Resume interrupted work, then start receiving, processing and delivering."""
         restored = self.spool.restore_landed()
         if restored:
-            log.info("restored %d instance files from the journal after an unclean stop", restored)
+            log.info("restored %d instance files after an unclean stop", restored)
         recovered = self.spool.recover(self.cfg.studies.quiet_period_s)
         if recovered:
             log.info("resumed %d studies interrupted by the last stop", recovered)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import stat
 
-from dicomnode.spool.landing import Landing, LandingLog, encode, read_segment
+from dicomnode.spool.landing import SEGMENT_BYTES, Landing, LandingLog, encode, read_segment
 
 
 def _landing(seq: int, size: int = 1000) -> Landing:
@@ -35,9 +35,29 @@ def test_a_torn_last_record_is_not_read(tmp_path):
     log = LandingLog(tmp_path / "landing", "0")
     log.append([_landing(1), _landing(2)])
     segment = log.paths[0]
-    os.truncate(segment, segment.stat().st_size - 1)
+    end = len(encode(_landing(1))) + len(encode(_landing(2)))
+    with segment.open("r+b") as handle:  # the power went before the second record's last bytes
+        handle.seek(end - 10)
+        handle.write(bytes(10))
 
     assert [r.seq for r in read_segment(segment)] == [1]
+
+
+def test_a_record_cut_short_by_the_end_of_the_segment_is_not_read(tmp_path):
+    log = LandingLog(tmp_path / "landing", "0")
+    log.append([_landing(1), _landing(2)])
+    segment = log.paths[0]
+    os.truncate(segment, len(encode(_landing(1))) + len(encode(_landing(2))) - 1)
+
+    assert [r.seq for r in read_segment(segment)] == [1]
+
+
+def test_segments_are_created_with_room_so_that_appending_overwrites(tmp_path):
+    log = LandingLog(tmp_path / "landing", "0")
+
+    assert [path.stat().st_size for path in log.paths] == [SEGMENT_BYTES, SEGMENT_BYTES]
+    log.append([_landing(1)])
+    assert log.paths[0].stat().st_size == SEGMENT_BYTES
 
 
 def test_reading_stops_at_a_corrupt_record(tmp_path):

@@ -387,8 +387,9 @@ def test_a_half_received_file_untouched_for_twice_the_network_timeout_goes_when_
     assert recent.exists(), "may still be being received"
 
 
-def test_a_slice_the_stream_kept_lands_in_the_journal_a_large_instance_is_synced(tmp_path, scp, monkeypatch):
+def test_a_slice_the_stream_kept_lands_in_the_log_a_large_instance_is_synced(tmp_path, scp, monkeypatch):
     from dicomnode.spool import instances
+    from dicomnode.spool.landing import read_segment
 
     spool, port = scp
     monkeypatch.setattr(instances, "SETTLE_S", 3600.0)
@@ -398,10 +399,13 @@ def test_a_slice_the_stream_kept_lands_in_the_journal_a_large_instance_is_synced
 
     assert _storescu(port, ct_small, large).returncode == 0
 
-    landed = spool._db().execute("SELECT sop_instance_uid, content FROM landed").fetchall()
+    landing_log = spool._landing_log
+    landed = list(read_segment(landing_log.current))
     slice_uid = str(pydicom.dcmread(ct_small).SOPInstanceUID)
-    assert [row[0] for row in landed] == [slice_uid], "the slice alone: the radiograph is over LANDING_BYTES"
+    assert [r.sop_instance_uid for r in landed] == [slice_uid], (
+        "the slice alone: the radiograph is over LANDING_BYTES"
+    )
     (slice_file,) = (path for path in _stored_files(spool) if path.name == f"{slice_uid}.dcm")
-    assert landed[0][1] == slice_file.read_bytes()
+    assert landed[0].content == slice_file.read_bytes()
     spool.stop_settling()
-    assert spool._db().execute("SELECT count(*) FROM landed").fetchone()[0] == 0
+    assert list(read_segment(landing_log.current)) == [], "settled on stopping"

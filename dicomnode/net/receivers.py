@@ -216,7 +216,7 @@ def receive(setup: ReceiverSetup, share: Share, index: int, messages, ready) -> 
             setup.state_dir, read_only=False, min_free_bytes=setup.scp.min_free_mb << 20
         )
         tls = None if setup.scp.tls is None else server_context(setup.scp.tls, setup.tls_origin)
-        spool.start_settling(everyones=False)  # the node's settles what a receiver left
+        spool.start_settling(str(index))  # its own landing log, made durable first
         server = start_scp(spool, setup.scp, tls, share=share, index=index, clear_incoming=False)
     except Exception as exc:
         log.error("receiver %d cannot start: %s (%s)", index, describe_error(exc), where_raised(exc))

@@ -36,6 +36,7 @@ from dicomnode.durable import (
 from dicomnode.flow import StoredInstance
 from dicomnode.spool.batch import Batch
 from dicomnode.spool.journal import Journal, SpoolError, SpoolFull, is_valid_uid
+from dicomnode.spool.landing import Landing, LandingLog, forget_segment, read_segment
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,8 @@ class InstanceStore(Journal):
             held = content
         landing = held if held is not None and len(held) == size <= LANDING_BYTES else None
         settler = self._settler
-        arrival = _Arrival(stored, content, size, landing if settler is not None else None)
+        lands = settler is not None and not self._suspect_log
+        arrival = _Arrival(stored, content, size, landing if lands else None)
         # A purge of the study waits until the row is committed, or it could delete the file
         # from under it; stores into one study go side by side and meet at the flushes.
         with self._study_locked(study_instance_uid, exclusive=False):
@@ -121,81 +123,171 @@ class InstanceStore(Journal):
         self._settler: _Settler | None = None
         #: The spool's file system, open while it settles; landings whose sync failed.
         self._file_system: int | None = None
-        self._suspect: set[int] = set()
+        self._landing_log: LandingLog | None = None
+        self._log_name = "0"
+        self._next_seq = 1
+        #: A sync failed: the landing log's files are written again before anything lands.
+        self._suspect_log = False
 
-    def start_settling(self, everyones: bool = True) -> None:
-        """Land small instances in the journal from now on, and settle them in a thread of this
-        process (see the module). Without it every instance is synced before it is acknowledged.
-
-        `everyones`: settle every SETTLE_S whatever any process landed, as the node's spool does.
-        Without it (a receiving process's) a settling comes only after this process landed
-        something: N processes would otherwise each sync the file system every second while one
-        sender sends to one of them."""
+    def start_settling(self, log_name: str = "0") -> None:
+        """Land small instances in this process's landing log (`landing/<log_name>-*.log`) from
+        now on, and settle them in a thread of this process (see the module). Without it every
+        instance is synced before it is acknowledged. What the log holds from an earlier run of
+        this process is made durable first (replay_landing_logs)."""
         if self._settler is None:
+            self.replay_landing_logs([log_name])
+            landing_log = LandingLog(self.state_dir / "landing", log_name)
+            self._next_seq = self._landing_mark(log_name) + 1
             self._file_system = open_folder(self.instances_dir)
-            self._settler = _Settler(self, everyones)
+            with self._commits.running:
+                self._landing_log, self._log_name = landing_log, log_name
+            self._settler = _Settler(self)
             self._settler.start()
 
     def stop_settling(self) -> None:
-        """Stop landing and settle what landed; what cannot be settled now stays in the journal."""
+        """Stop landing and settle what landed; what cannot be settled now stays in the log."""
         settler, self._settler = self._settler, None
         if settler is not None:
             settler.stop()
             try:
                 self.settle_landed()
             except (OSError, SpoolError, sqlite3.Error) as exc:
-                log.error("cannot settle the instances landed in the journal: %s", exc)
+                log.error("cannot settle the instances landed in the log: %s", exc)
             finally:
+                with self._commits.running:
+                    landing_log, self._landing_log = self._landing_log, None
+                if landing_log.pending:  # the sync failed: what it holds is made durable at the next start
+                    log.warning("instances landed in the log stay there until the node starts again")
+                landing_log.close()
                 os.close(self._file_system)
                 self._file_system = None
 
     def settle_landed(self) -> int:
-        """Sync the spool's file system, then drop from the journal the instances landed before.
+        """Sync the spool's file system; the landing log's segment written until now is then free.
 
-        Any process's: a row is committed only after its file was written, so the file is in the
-        kernel's page cache when this sees the row, and the sync puts it on disk. A row replaced
-        meanwhile (a resend landed again) has a new id and waits for the next settling.
-
-        The file system stays open while the spool settles, so that a failed write-back is
-        reported to the next sync whenever it happened. A sync that fails leaves the rows it was
-        to settle (raising OSError), and their files suspect: the kernel reports a failed
-        write-back once, and a later sync that succeeds says nothing of them. Those are written
-        again, each with its own fsync, before their rows go. Returns how many were settled.
+        The segment is left under the group commit's lock, so every record in it has had its
+        commit, and its file was written before: the sync puts both on disk. The file system
+        stays open while the spool settles, so that a failed write-back is reported to the next
+        sync whenever it happened. A sync that fails leaves the records of both segments
+        suspect (the kernel reports a failed write-back once): nothing lands until each file
+        that a row still names has been written again with its own fsync (raising OSError until
+        then). Returns how many records the sync settled.
         """
-        ids = [row[0] for row in self._db().execute("SELECT id FROM landed")]
-        suspect = [landing for landing in ids if landing in self._suspect]
-        rest = [landing for landing in ids if landing not in self._suspect]
-        if suspect:
-            self._write_again(suspect)
-            self._drop_landed(suspect)
-            self._suspect.difference_update(suspect)
-        if rest:
-            file_system = (
-                self._file_system if self._file_system is not None else open_folder(self.instances_dir)
-            )
-            try:
-                sync_file_system(file_system)
-            except OSError:
-                self._suspect.update(rest)
-                raise
-            finally:
-                if file_system is not self._file_system:
-                    os.close(file_system)
-            self._drop_landed(rest)
-        return len(suspect) + len(rest)
+        if self._suspect_log:
+            self._rewrite_logged()
+        with self._commits.running:
+            landing_log = self._landing_log
+            left = landing_log.switch() if landing_log is not None and landing_log.pending else None
+        if left is None:
+            return 0
+        file_system = self._file_system if self._file_system is not None else open_folder(self.instances_dir)
+        try:
+            sync_file_system(file_system)
+        except OSError:
+            self._suspect_log = True
+            raise
+        finally:
+            if file_system is not self._file_system:
+                os.close(file_system)
+        return sum(1 for _ in read_segment(left))
+
+    def _rewrite_logged(self) -> None:
+        """Write again, durably, every file a row still names in this process's landing log."""
+        folder = self.state_dir / "landing"
+        for part in (0, 1):
+            for record in read_segment(folder / f"{self._log_name}-{part}.log"):
+                self._rewrite_if_named(record)
+        self._suspect_log = False
 
     def restore_landed(self) -> int:
-        """At start-up, before anything reads the spool: write again, durably, the files of the
-        instances that landed in the journal and were not settled when the node last stopped
-        (after a power loss the file may be missing or torn). Returns how many were restored.
+        """At start-up, before anything reads the spool: make durable, from the journal and from
+        every landing log, the files of instances acknowledged before they were synced, and the
+        stores whose commit a power loss undid. Returns how many files were written again.
 
-        A landed instance whose row now points elsewhere (moved to another study and stored
-        there) or is gone (its study was purged) is dropped, not restored.
+        A version 4 journal's landed instance whose row now points elsewhere (moved to another
+        study and stored there) or is gone (its study was purged) is dropped, not restored.
         """
         restored = self._write_again([row[0] for row in self._db().execute("SELECT id FROM landed")])
         with self._transaction() as db:
             db.execute("DELETE FROM landed")
-        return restored
+        stored_again, rewritten = self.replay_landing_logs()
+        return restored + stored_again + rewritten
+
+    def replay_landing_logs(self, names: list[str] | None = None) -> tuple[int, int]:
+        """At start-up, before anything reads the spool (branch landing-log, not yet called):
+        make durable what the landing logs of every receiving process hold. Returns how many
+        stores were done again and how many files were written again.
+
+        A log's mark is the sequence number of its last record whose rows reached the disk: the
+        journal's commits reach it in order, and any later synced commit carries the earlier
+        ones with it. A record above its log's mark is a store whose commit was lost (or never
+        made: then it was never acknowledged, and storing it is harmless); it is done again, the
+        newest last. A record at or below the mark only has its file written again, and only
+        while its instance's row still names it: a later resend, a synced store, a purge or a
+        move took its place otherwise.
+        """
+        folder = self.state_dir / "landing"
+        if names is None:
+            names = sorted({path.name.rsplit("-", 1)[0] for path in folder.glob("*-[01].log")})
+        lost: list[tuple[str, Landing]] = []
+        rewritten = 0
+        for name in names:
+            mark = self._landing_mark(name)
+            records = sorted(
+                (r for part in (0, 1) for r in read_segment(folder / f"{name}-{part}.log")),
+                key=lambda record: record.seq,
+            )
+            for record in records:
+                if record.seq > mark:
+                    lost.append((name, record))
+                elif self._rewrite_if_named(record):
+                    rewritten += 1
+        for name, record in sorted(lost, key=lambda lost_one: lost_one[1].received_at):
+            self._store_again(name, record)
+        for name in names:
+            for part in (0, 1):
+                forget_segment(folder / f"{name}-{part}.log")
+        return len(lost), rewritten
+
+    def _landing_mark(self, name: str) -> int:
+        row = self._db().execute("SELECT seq FROM landing_marks WHERE log=?", (name,)).fetchone()
+        return 0 if row is None else row[0]
+
+    def _rewrite_if_named(self, record: Landing) -> bool:
+        """Write a committed landing's file durably if its instance's row still names it."""
+        with self._study_locked(record.study_instance_uid, exclusive=True):
+            row = (
+                self._db()
+                .execute(
+                    "SELECT path, landing_seq FROM instances WHERE sop_instance_uid=?",
+                    (record.sop_instance_uid,),
+                )
+                .fetchone()
+            )
+            if row is None or row["landing_seq"] != record.seq or row["path"] != record.path:
+                return False
+            write_durably(Path(record.path), lambda handle: handle.write(record.content))
+            return True
+
+    def _store_again(self, name: str, record: Landing) -> None:
+        """Do again a landed store whose commit was lost: its file, durably, then its rows."""
+        stored = StoredInstance(
+            sop_instance_uid=record.sop_instance_uid,
+            sop_class_uid=record.sop_class_uid,
+            study_instance_uid=record.study_instance_uid,
+            series_instance_uid=record.series_instance_uid,
+            path=Path(record.path),
+            calling_ae=record.calling_ae,
+        )
+        with self._study_locked(record.study_instance_uid, exclusive=True):
+            write_durably(stored.path, lambda handle: handle.write(record.content))
+            with self._transaction() as db:
+                _record_instance(db, stored, record.received_at, record.seq)
+                db.execute(
+                    "INSERT INTO landing_marks (log, seq) VALUES (?, ?) "
+                    "ON CONFLICT(log) DO UPDATE SET seq=max(seq, excluded.seq)",
+                    (name, record.seq),
+                )
 
     def _write_again(self, ids: list[int]) -> int:
         """Write the files of these landings durably from the journal, where their instance still
@@ -333,41 +425,40 @@ class InstanceStore(Journal):
         return True
 
     def _journal(self, arrivals: list[_Arrival]) -> None:
-        """Record the arrivals' instances, and their studies as receiving, in one transaction."""
+        """Record the arrivals' instances, and their studies as receiving, in one transaction.
+
+        Run under the group commit's lock. Landed arrivals go into the landing log first, in one
+        write and one flush; when every arrival of the group landed, the rows are committed
+        without a flush of their own (the log holds them, see replay_landing_logs). Landed
+        arrivals that find the log closed (settling stopped meanwhile) have their files synced.
+        """
         now = time.time()
-        with self._transaction() as db:
+        landed = [arrival for arrival in arrivals if arrival.landing is not None]
+        if landed and self._landing_log is None:
+            for arrival in landed:
+                fsync_file(arrival.stored.path)
+                fsync_dir(arrival.stored.path.parent)
+                arrival.landing = None
+            landed = []
+        seqs: dict[int, int] = {}
+        if landed:
+            records = []
+            for arrival in landed:
+                seqs[id(arrival)] = self._next_seq + len(records)
+                records.append(_landing_record(arrival, seqs[id(arrival)], now))
+            try:
+                self._landing_log.append(records)
+            except OSError as exc:
+                raise SpoolError(f"cannot write the landing log: {exc.strerror}") from None
+            self._next_seq += len(records)
+        with self._transaction(flush=len(landed) < len(arrivals)) as db:
             for arrival in arrivals:
-                stored = arrival.stored
-                if arrival.landing is not None:
-                    db.execute(
-                        "INSERT OR REPLACE INTO landed (sop_instance_uid, path, content) VALUES (?, ?, ?)",
-                        (stored.sop_instance_uid, str(stored.path), arrival.landing),
-                    )
-                else:  # synced: an earlier landing of this instance must not be restored over it
-                    db.execute("DELETE FROM landed WHERE sop_instance_uid=?", (stored.sop_instance_uid,))
+                _record_instance(db, arrival.stored, now, seqs.get(id(arrival)))
+            if landed:
                 db.execute(
-                    "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT(sop_instance_uid) DO UPDATE SET sop_class_uid=excluded.sop_class_uid, "
-                    "study_instance_uid=excluded.study_instance_uid, "
-                    "series_instance_uid=excluded.series_instance_uid, path=excluded.path, "
-                    "calling_ae=excluded.calling_ae, received_at=excluded.received_at",
-                    (
-                        stored.sop_instance_uid,
-                        stored.sop_class_uid,
-                        stored.study_instance_uid,
-                        stored.series_instance_uid,
-                        str(stored.path),
-                        stored.calling_ae,
-                        now,
-                    ),
-                )
-                db.execute(
-                    "INSERT INTO studies (study_instance_uid, state, generation, last_received_at, "
-                    "updated_at) VALUES (?, 'receiving', 0, ?, ?) "
-                    "ON CONFLICT(study_instance_uid) DO UPDATE SET state='receiving', "
-                    "generation=generation+1, last_received_at=excluded.last_received_at, "
-                    "reason=NULL, attempts=0, not_before=0, updated_at=excluded.updated_at",
-                    (stored.study_instance_uid, now, now),
+                    "INSERT INTO landing_marks (log, seq) VALUES (?, ?) "
+                    "ON CONFLICT(log) DO UPDATE SET seq=excluded.seq",
+                    (self._log_name, self._next_seq - 1),
                 )
 
     def wrote_result(self, study_instance_uid: str, sop_instance_uid: str) -> bool:
@@ -421,6 +512,54 @@ class InstanceStore(Journal):
             )
             for r in rows
         )
+
+
+def _landing_record(arrival: _Arrival, seq: int, now: float) -> Landing:
+    stored = arrival.stored
+    return Landing(
+        seq=seq,
+        sop_instance_uid=stored.sop_instance_uid,
+        sop_class_uid=stored.sop_class_uid,
+        study_instance_uid=stored.study_instance_uid,
+        series_instance_uid=stored.series_instance_uid,
+        path=str(stored.path),
+        calling_ae=stored.calling_ae,
+        received_at=now,
+        content=arrival.landing,
+    )
+
+
+def _record_instance(
+    db: sqlite3.Connection, stored: StoredInstance, now: float, landing_seq: int | None = None
+) -> None:
+    """The instance's row (replacing an earlier one of its SOP Instance UID), its study receiving."""
+    db.execute(
+        "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid, "
+        "series_instance_uid, path, calling_ae, received_at, landing_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT(sop_instance_uid) DO UPDATE SET sop_class_uid=excluded.sop_class_uid, "
+        "study_instance_uid=excluded.study_instance_uid, "
+        "series_instance_uid=excluded.series_instance_uid, path=excluded.path, "
+        "calling_ae=excluded.calling_ae, received_at=excluded.received_at, "
+        "landing_seq=excluded.landing_seq",
+        (
+            stored.sop_instance_uid,
+            stored.sop_class_uid,
+            stored.study_instance_uid,
+            stored.series_instance_uid,
+            str(stored.path),
+            stored.calling_ae,
+            now,
+            landing_seq,
+        ),
+    )
+    db.execute(
+        "INSERT INTO studies (study_instance_uid, state, generation, last_received_at, "
+        "updated_at) VALUES (?, 'receiving', 0, ?, ?) "
+        "ON CONFLICT(study_instance_uid) DO UPDATE SET state='receiving', "
+        "generation=generation+1, last_received_at=excluded.last_received_at, "
+        "reason=NULL, attempts=0, not_before=0, updated_at=excluded.updated_at",
+        (stored.study_instance_uid, now, now),
+    )
 
 
 @dataclass
@@ -477,10 +616,9 @@ def _move(received: Path, path: Path) -> None:
 class _Settler(threading.Thread):
     """Settles the instances landed in the journal every SETTLE_S, or sooner after SETTLE_COUNT."""
 
-    def __init__(self, store: InstanceStore, everyones: bool = True) -> None:
+    def __init__(self, store: InstanceStore) -> None:
         super().__init__(name="spool-settler", daemon=True)
         self._store = store
-        self._everyones = everyones
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._count_lock = threading.Lock()
@@ -503,9 +641,7 @@ class _Settler(threading.Thread):
                 self._wake.wait(SETTLE_S)
                 self._wake.clear()
                 with self._count_lock:
-                    since, self._since = self._since, 0
-                if not (self._everyones or since or self._stopping.is_set()):
-                    continue  # nothing of this process's to settle; the node's settler runs
+                    self._since = 0
                 try:
                     self._store.settle_landed()
                 except (OSError, SpoolError, sqlite3.Error) as exc:  # kept in the journal: tried again

@@ -81,6 +81,10 @@ CREATE TABLE IF NOT EXISTS landed (
     path TEXT NOT NULL,
     content BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS landing_marks (
+    log TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL
+);
 """
 
 #: Longest a write transaction waits for the journal's writer lock before it fails, as long as
@@ -94,8 +98,12 @@ WRITER_WAIT_S = 30.0
 #: several sets has a chain of versions per set.
 #: Version 4: small instances land in the journal (table `landed`, created above when missing)
 #: until their files are synced; a node that does not know it would lose them after a power loss.
-SCHEMA_VERSION = 4
+#: Version 5 (branch landing-log, work in progress): small instances land in a log of their
+#: own (spool/landing.py); each instance row names the record its file is in (`landing_seq`,
+#: NULL for a synced file) and `landing_marks` holds each log's last committed record.
+SCHEMA_VERSION = 5
 _ADDED_COLUMNS = {
+    "instances": {"landing_seq": "INTEGER"},
     "studies": {
         "attempts": "INTEGER NOT NULL DEFAULT 0",
         "not_before": "REAL NOT NULL DEFAULT 0",
@@ -253,7 +261,7 @@ class Journal:
         return db
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, *, flush: bool = True) -> Iterator[sqlite3.Connection]:
         """A write transaction, taken in turn with every other writer of this journal.
 
         SQLite lets one writer in at a time and has the others poll, sleeping 1, 2, 5, 10 ms
@@ -262,16 +270,25 @@ class Journal:
         and the next one goes in as soon as the last is done: threads of this process on a
         lock of their own, processes on this state folder (a CLI command beside the node) on
         `journal.sqlite-writer`. Each waits up to WRITER_WAIT_S, then fails with SpoolError.
+
+        `flush=False` commits without a device flush: for rows that a log of the node's own
+        already holds durably (the landing log), and that a later flushed commit carries with it.
         """
         db = self._db()
         with self._writer_locked():
-            db.execute("BEGIN IMMEDIATE")
+            if not flush:
+                db.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+            finally:
+                if not flush:
+                    db.execute("PRAGMA synchronous=FULL")
 
     @contextmanager
     def _writer_locked(self) -> Iterator[None]:

@@ -102,6 +102,39 @@ def read_segment(path: Path) -> Iterator[Landing]:
         offset, expected = start + length, seq + 1
 
 
+def _extend(fd: int, size: int) -> None:
+    """Give a segment `size` bytes of written zeros past what it holds, durably, if it is smaller."""
+    end = os.fstat(fd).st_size
+    if end >= size:
+        return
+    while end < size:
+        end += os.pwrite(fd, _ZEROS[: size - end], end)
+    os.fsync(fd)
+
+
+def forget_segment(path: Path) -> None:
+    """Make a segment whose records are all durable elsewhere read as empty (its first record's
+    magic zeroed, flushed), keeping its size so that its next use overwrites in place."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        if os.fstat(fd).st_size >= len(_MAGIC):
+            os.pwrite(fd, bytes(len(_MAGIC)), 0)
+            os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+#: Size a segment is given when it is created (written with zeros, then synced), so that
+#: appending to it overwrites blocks it has: an overwrite's flush commits no file-system metadata
+#: (a CT slice's record: 0.22-0.34 ms against 0.56-0.81 ms growing the file). A settling
+#: interval's records that go beyond it grow the segment, which keeps that size for its next use.
+SEGMENT_BYTES = 16 << 20
+_ZEROS = bytes(1 << 20)
+
+
 class LandingLog:
     """A receiving process's two segments, `<folder>/<name>-0.log` and `-1.log` (0600, in a 0700
     folder), written in turn from their start."""
@@ -110,6 +143,8 @@ class LandingLog:
         make_folder_durably(folder)
         self.paths = (folder / f"{name}-0.log", folder / f"{name}-1.log")
         self._fds = tuple(os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600) for p in self.paths)
+        for fd in self._fds:
+            _extend(fd, SEGMENT_BYTES)
         self._current = 0
         self._offset = 0
 
@@ -129,12 +164,28 @@ class LandingLog:
         os.fdatasync(fd)
         self._offset = offset
 
+    @property
+    def pending(self) -> bool:
+        """Whether records were written to the current segment since it was switched to."""
+        return self._offset > 0
+
     def switch(self) -> Path:
         """Write the other segment from its start from now on; the segment left, whose records
-        are free once the file system has been synced."""
+        are free once the file system has been synced.
+
+        The other segment's first record is zeroed (not flushed), so that until a record is
+        written there it reads as empty, not as what it held before (records a replay would
+        find at or below the journal's mark anyway).
+        """
         left = self.paths[self._current]
         self._current, self._offset = 1 - self._current, 0
+        os.pwrite(self._fds[self._current], bytes(len(_MAGIC)), 0)
         return left
+
+    @property
+    def current(self) -> Path:
+        """The segment written to now."""
+        return self.paths[self._current]
 
     def close(self) -> None:
         for fd in self._fds:
