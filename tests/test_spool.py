@@ -1298,6 +1298,102 @@ def test_a_restore_never_writes_an_older_landing_over_what_was_stored_since(tmp_
     restarted.close()
 
 
+def _undone(spool: Spool, seq: int, sop: str, data: bytes, at: float | None = None) -> Landing:
+    """A record as a store writes it to the log before its commit."""
+    return Landing(
+        seq,
+        sop,
+        CT_IMAGE_STORAGE,
+        STUDY,
+        SERIES,
+        str(spool.instances_dir / STUDY / f"{sop}.dcm"),
+        "MODALITY",
+        time.time() if at is None else at,
+        data,
+    )
+
+
+def test_a_record_of_another_log_with_the_same_number_is_not_written_over_the_file(tmp_path, landing):
+    """Sequence numbers are per log: a row names the log as well as the record."""
+    sop = "1.2.3.4.7"
+    _land(landing, sop, b"first landing, log 0 record 1")
+    _land(landing, sop, b"moved away, log 0 record 2", study=OTHER_STUDY)
+    receiver = Spool.open_existing(tmp_path / "var", read_only=False)
+    receiver.start_settling("1")
+    back = _land(receiver, sop, b"moved back, log 1 record 1")  # the same path as record 1 of log 0
+    receiver._landing_log.close()  # the receiver dies: its settler never runs
+    receiver._landing_log = None
+    back.path.write_bytes(b"torn")  # and the power goes
+
+    restarted = Spool(tmp_path / "var")
+    assert restarted.restore_landed() == 1
+
+    assert back.path.read_bytes() == b"moved back, log 1 record 1"
+    restarted.close()
+
+
+def test_a_receiver_started_again_drops_what_it_logged_but_never_committed(tmp_path, landing):
+    """A receiving process that died between its log's flush and its commit never acknowledged
+    those stores; the node ran on (the study may have finished since), so they are not done."""
+    kept = _land(landing, "1.2.3.4.1", b"committed")  # the node's log, not the receiver's
+    receiver = Spool.open_existing(tmp_path / "var", read_only=False)
+    receiver.start_settling("1")
+    committed = _land(receiver, "1.2.3.4.2", b"committed by the receiver")
+    receiver._landing_log.append([_undone(receiver, 2, "1.2.3.4.3", b"never committed")])
+    receiver._landing_log.close()  # it dies there
+    receiver._landing_log = None
+    landing.finish_study(_claim(landing), state="done")
+
+    again = Spool.open_existing(tmp_path / "var", read_only=False)
+    again.start_settling("1")
+    try:
+        assert [i.sop_instance_uid for i in again.instances(STUDY)] == ["1.2.3.4.1", "1.2.3.4.2"]
+        assert again.study(STUDY).state == "done", "not re-opened"
+        assert committed.path.read_bytes() == b"committed by the receiver"
+        assert kept.path.read_bytes() == b"committed"
+        assert not read_segment_records(again, "1"), "what the log held is forgotten"
+        assert _land(again, "1.2.3.4.4", b"next").path.exists()
+        assert _landing_seq(again, "1.2.3.4.4") == 2, "numbers go on from the journal's mark"
+    finally:
+        again.stop_settling()
+        again.close()
+
+
+def test_a_restore_does_not_do_again_a_store_older_than_the_instance_in_the_journal(tmp_path, landing):
+    """A lost commit's record is older than a store of the same instance that came after it
+    (the sender sent it again, to another process): that one stays."""
+    before = time.time() - 60
+    later = _land(landing, "1.2.3.4.5", b"sent again and committed")
+    landing._landing_log.append([_undone(landing, 2, "1.2.3.4.5", b"first try, commit lost", at=before)])
+
+    restarted = Spool(tmp_path / "var")
+    restarted.restore_landed()
+
+    assert later.path.read_bytes() == b"sent again and committed"
+    assert restarted._landing_mark("0") == 2
+    restarted.close()
+
+
+def test_the_logs_are_forgotten_only_after_the_file_system_is_synced(tmp_path, landing, monkeypatch):
+    """Rows at or below the mark were committed without a flush: until the file system is synced,
+    the log is what holds them."""
+    _land(landing, "1.2.3.4.1", b"slice")
+    events = []
+    monkeypatch.setattr(instances, "sync_file_system", lambda folder: events.append("sync"))
+    monkeypatch.setattr(instances, "forget_segment", lambda path: events.append("forget"))
+
+    restarted = Spool(tmp_path / "var")
+    restarted.restore_landed()
+
+    assert events == ["sync", "forget", "forget"]
+    restarted.close()
+
+
+def read_segment_records(spool: Spool, name: str) -> list:
+    folder = spool.state_dir / "landing"
+    return [r for part in (0, 1) for r in read_segment(folder / f"{name}-{part}.log")]
+
+
 def test_an_instance_landed_while_the_file_system_syncs_waits_for_the_next_settling(landing, monkeypatch):
     _land(landing, "1.2.3.4.5", b"in the first study")
 

@@ -4,12 +4,14 @@ An instance is durable when its file and folder are fsync'd and its row is commi
 then may the SCP acknowledge it. The SCP receives into `incoming/` on the same file system,
 so an instance of any size is stored by a rename, never held in memory or copied.
 
-A small instance (LANDING_BYTES at most) whose bytes the receiver kept lands in the journal
-instead, while the spool settles (`start_settling`): its bytes go into the transaction that
-commits its row, its file takes its place unsynced, and one device flush (the journal's)
-makes it durable where a file's own sync costs a file-system journal commit more. The settler
-syncs the file system every SETTLE_S and then drops what landed before; after an unclean stop
-`restore_landed` writes the files again from the journal before anything reads them.
+A small instance (LANDING_BYTES at most) whose bytes the receiver kept lands in its process's
+landing log instead (spool/landing.py), while the spool settles (`start_settling`): its bytes
+and its row go into the log with one flush, its file takes its place unsynced, and its row is
+committed without a flush of its own; one device flush makes it durable where a file's own
+sync costs a file-system journal commit more, and processes storing at once flush side by
+side. The settler syncs the file system every SETTLE_S, after which the log's records are
+free; after an unclean stop `restore_landed` makes the logs' records durable before anything
+reads the spool.
 """
 
 from __future__ import annotations
@@ -40,17 +42,17 @@ from dicomnode.spool.landing import Landing, LandingLog, forget_segment, read_se
 
 log = logging.getLogger(__name__)
 
-#: Largest instance that lands in the journal. Measured on ext4 with a journal (one association,
-#: a store per transaction): 0.45 against 0.76 ms at 40 KB, 0.71 against 0.84 ms at 128 KB, and
-#: slower than its own file's sync from 256 KB (1.2 against 0.9 ms), where writing the bytes
-#: twice (journal, then its checkpoint into the database) costs more than the flush it saves.
+#: Largest instance that lands. Chosen when landing was into the journal (ext4 with a journal,
+#: one association, a store per transaction: 0.45 against 0.76 ms at 40 KB, 0.71 against 0.84
+#: ms at 128 KB, slower than its own file's sync from 256 KB); the log writes the bytes once
+#: where the journal wrote them twice, so the bound is if anything low. Not measured since.
 LANDING_BYTES = 128 << 10
 
-#: Longest an instance's bytes stay in the journal before the settler syncs its file.
+#: Longest an instance's file stays unsynced, held by the landing log, before the settler syncs it.
 SETTLE_S = 1.0
 
 #: Instances landed since the last settling that make the settler run before SETTLE_S is up,
-#: which bounds the journal's share of a burst (64 MiB at most, 20 MiB of 40 KB slices).
+#: which bounds a segment's share of a burst (64 MiB at most, 20 MiB of 40 KB slices).
 SETTLE_COUNT = 512
 
 
@@ -133,9 +135,10 @@ class InstanceStore(Journal):
         """Land small instances in this process's landing log (`landing/<log_name>-*.log`) from
         now on, and settle them in a thread of this process (see the module). Without it every
         instance is synced before it is acknowledged. What the log holds from an earlier run of
-        this process is made durable first (replay_landing_logs)."""
+        this process is made durable first (replay_landing_logs; the node has replayed every log
+        at its start, so this finds only what a receiving process left when it died)."""
         if self._settler is None:
-            self.replay_landing_logs([log_name])
+            self.replay_landing_logs([log_name], acknowledged=False)
             landing_log = LandingLog(self.state_dir / "landing", log_name)
             self._next_seq = self._landing_mark(log_name) + 1
             self._file_system = open_folder(self.instances_dir)
@@ -180,23 +183,28 @@ class InstanceStore(Journal):
             left = landing_log.switch() if landing_log is not None and landing_log.pending else None
         if left is None:
             return 0
-        file_system = self._file_system if self._file_system is not None else open_folder(self.instances_dir)
         try:
-            sync_file_system(file_system)
+            self._sync_file_system()
         except OSError:
             self._suspect_log = True
             raise
+        return sum(1 for _ in read_segment(left))
+
+    def _sync_file_system(self) -> None:
+        """One sync of the spool's file system (through the folder held open while it settles)."""
+        file_system = self._file_system if self._file_system is not None else open_folder(self.instances_dir)
+        try:
+            sync_file_system(file_system)
         finally:
             if file_system is not self._file_system:
                 os.close(file_system)
-        return sum(1 for _ in read_segment(left))
 
     def _rewrite_logged(self) -> None:
         """Write again, durably, every file a row still names in this process's landing log."""
         folder = self.state_dir / "landing"
         for part in (0, 1):
             for record in read_segment(folder / f"{self._log_name}-{part}.log"):
-                self._rewrite_if_named(record)
+                self._rewrite_if_named(self._log_name, record)
         self._suspect_log = False
 
     def restore_landed(self) -> int:
@@ -213,64 +221,82 @@ class InstanceStore(Journal):
         stored_again, rewritten = self.replay_landing_logs()
         return restored + stored_again + rewritten
 
-    def replay_landing_logs(self, names: list[str] | None = None) -> tuple[int, int]:
-        """At start-up, before anything reads the spool (branch landing-log, not yet called):
-        make durable what the landing logs of every receiving process hold. Returns how many
-        stores were done again and how many files were written again.
+    def replay_landing_logs(
+        self, names: list[str] | None = None, *, acknowledged: bool = True
+    ) -> tuple[int, int]:
+        """Make durable what the landing logs hold (every log's, or those `names`), then forget
+        it. Returns how many stores were done again and how many files were written again.
 
-        A log's mark is the sequence number of its last record whose rows reached the disk: the
-        journal's commits reach it in order, and any later synced commit carries the earlier
-        ones with it. A record above its log's mark is a store whose commit was lost (or never
-        made: then it was never acknowledged, and storing it is harmless); it is done again, the
-        newest last. A record at or below the mark only has its file written again, and only
-        while its instance's row still names it: a later resend, a synced store, a purge or a
-        move took its place otherwise.
+        A log's mark is the sequence number of its last record whose rows are committed: the
+        journal's commits reach the disk in order, and any later synced commit carries the
+        earlier ones with it. A record at or below the mark only has its file written again,
+        and only while its instance's row still names it (this log, this record): a later
+        resend, a synced store, a purge or a move took its place otherwise.
+
+        A record above the mark is a store whose commit did not happen or did not reach the
+        disk. At the node's start (`acknowledged`), after a power loss, it may have been
+        acknowledged: it is done again, oldest first, unless a later store of the instance is
+        in the journal. When one receiving process starts again after it died, the node and
+        the disk ran on: such a record was never committed, so never acknowledged, and storing
+        it now could re-open a study that finished since; it is dropped.
+
+        The file system is synced before the records are forgotten: rows at or below a mark
+        may have been committed without a flush of their own, and until then the log is what
+        holds them.
         """
         folder = self.state_dir / "landing"
         if names is None:
             names = sorted({path.name.rsplit("-", 1)[0] for path in folder.glob("*-[01].log")})
         lost: list[tuple[str, Landing]] = []
-        rewritten = 0
+        rewritten = held = 0
         for name in names:
             mark = self._landing_mark(name)
-            records = sorted(
+            for record in sorted(
                 (r for part in (0, 1) for r in read_segment(folder / f"{name}-{part}.log")),
                 key=lambda record: record.seq,
-            )
-            for record in records:
+            ):
+                held += 1
                 if record.seq > mark:
-                    lost.append((name, record))
-                elif self._rewrite_if_named(record):
+                    if acknowledged:
+                        lost.append((name, record))
+                elif self._rewrite_if_named(name, record):
                     rewritten += 1
-        for name, record in sorted(lost, key=lambda lost_one: lost_one[1].received_at):
-            self._store_again(name, record)
+        lost.sort(key=lambda lost_one: lost_one[1].received_at)
+        stored_again = sum(self._store_again(name, record) for name, record in lost)
+        if held:
+            self._sync_file_system()
         for name in names:
             for part in (0, 1):
                 forget_segment(folder / f"{name}-{part}.log")
-        return len(lost), rewritten
+        return stored_again, rewritten
 
     def _landing_mark(self, name: str) -> int:
         row = self._db().execute("SELECT seq FROM landing_marks WHERE log=?", (name,)).fetchone()
         return 0 if row is None else row[0]
 
-    def _rewrite_if_named(self, record: Landing) -> bool:
+    def _rewrite_if_named(self, name: str, record: Landing) -> bool:
         """Write a committed landing's file durably if its instance's row still names it."""
         with self._study_locked(record.study_instance_uid, exclusive=True):
             row = (
                 self._db()
                 .execute(
-                    "SELECT path, landing_seq FROM instances WHERE sop_instance_uid=?",
+                    "SELECT path, landing_log, landing_seq FROM instances WHERE sop_instance_uid=?",
                     (record.sop_instance_uid,),
                 )
                 .fetchone()
             )
-            if row is None or row["landing_seq"] != record.seq or row["path"] != record.path:
+            named = row is not None and (row["landing_log"], row["landing_seq"]) == (name, record.seq)
+            if not named or row["path"] != record.path:
                 return False
-            write_durably(Path(record.path), lambda handle: handle.write(record.content))
+            try:
+                write_durably(Path(record.path), lambda handle: handle.write(record.content))
+            except FileNotFoundError:  # its study purged by another process since the query
+                return False
             return True
 
-    def _store_again(self, name: str, record: Landing) -> None:
-        """Do again a landed store whose commit was lost: its file, durably, then its rows."""
+    def _store_again(self, name: str, record: Landing) -> bool:
+        """Do again a landed store whose commit was lost, its file durably, then its rows; not
+        when the journal holds a later store of the instance. Whether it was done again."""
         stored = StoredInstance(
             sop_instance_uid=record.sop_instance_uid,
             sop_class_uid=record.sop_class_uid,
@@ -280,14 +306,26 @@ class InstanceStore(Journal):
             calling_ae=record.calling_ae,
         )
         with self._study_locked(record.study_instance_uid, exclusive=True):
-            write_durably(stored.path, lambda handle: handle.write(record.content))
+            since = (
+                self._db()
+                .execute(
+                    "SELECT 1 FROM instances WHERE sop_instance_uid=? AND received_at>=?",
+                    (record.sop_instance_uid, record.received_at),
+                )
+                .fetchone()
+            )
+            if since is None:
+                make_folder_durably(stored.path.parent)
+                write_durably(stored.path, lambda handle: handle.write(record.content))
             with self._transaction() as db:
-                _record_instance(db, stored, record.received_at, record.seq)
+                if since is None:
+                    _record_instance(db, stored, record.received_at, (name, record.seq))
                 db.execute(
                     "INSERT INTO landing_marks (log, seq) VALUES (?, ?) "
                     "ON CONFLICT(log) DO UPDATE SET seq=max(seq, excluded.seq)",
                     (name, record.seq),
                 )
+        return since is None
 
     def _write_again(self, ids: list[int]) -> int:
         """Write the files of these landings durably from the journal, where their instance still
@@ -453,7 +491,8 @@ class InstanceStore(Journal):
             self._next_seq += len(records)
         with self._transaction(flush=len(landed) < len(arrivals)) as db:
             for arrival in arrivals:
-                _record_instance(db, arrival.stored, now, seqs.get(id(arrival)))
+                seq = seqs.get(id(arrival))
+                _record_instance(db, arrival.stored, now, None if seq is None else (self._log_name, seq))
             if landed:
                 db.execute(
                     "INSERT INTO landing_marks (log, seq) VALUES (?, ?) "
@@ -530,17 +569,19 @@ def _landing_record(arrival: _Arrival, seq: int, now: float) -> Landing:
 
 
 def _record_instance(
-    db: sqlite3.Connection, stored: StoredInstance, now: float, landing_seq: int | None = None
+    db: sqlite3.Connection, stored: StoredInstance, now: float, landing: tuple[str, int] | None = None
 ) -> None:
-    """The instance's row (replacing an earlier one of its SOP Instance UID), its study receiving."""
+    """The instance's row (replacing an earlier one of its SOP Instance UID), its study receiving;
+    `landing`, the log and the record that hold its file until it is synced."""
     db.execute(
         "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid, "
-        "series_instance_uid, path, calling_ae, received_at, landing_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+        "series_instance_uid, path, calling_ae, received_at, landing_log, landing_seq) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT(sop_instance_uid) DO UPDATE SET sop_class_uid=excluded.sop_class_uid, "
         "study_instance_uid=excluded.study_instance_uid, "
         "series_instance_uid=excluded.series_instance_uid, path=excluded.path, "
         "calling_ae=excluded.calling_ae, received_at=excluded.received_at, "
-        "landing_seq=excluded.landing_seq",
+        "landing_log=excluded.landing_log, landing_seq=excluded.landing_seq",
         (
             stored.sop_instance_uid,
             stored.sop_class_uid,
@@ -549,7 +590,7 @@ def _record_instance(
             str(stored.path),
             stored.calling_ae,
             now,
-            landing_seq,
+            *(landing or (None, None)),
         ),
     )
     db.execute(

@@ -98,12 +98,12 @@ WRITER_WAIT_S = 30.0
 #: several sets has a chain of versions per set.
 #: Version 4: small instances land in the journal (table `landed`, created above when missing)
 #: until their files are synced; a node that does not know it would lose them after a power loss.
-#: Version 5 (branch landing-log, work in progress): small instances land in a log of their
-#: own (spool/landing.py); each instance row names the record its file is in (`landing_seq`,
-#: NULL for a synced file) and `landing_marks` holds each log's last committed record.
+#: Version 5: small instances land in their receiving process's log (spool/landing.py); each
+#: instance row names the log and record its file is in (`landing_log`, `landing_seq`, NULL for
+#: a synced file) and `landing_marks` holds each log's last committed record.
 SCHEMA_VERSION = 5
 _ADDED_COLUMNS = {
-    "instances": {"landing_seq": "INTEGER"},
+    "instances": {"landing_log": "TEXT", "landing_seq": "INTEGER"},
     "studies": {
         "attempts": "INTEGER NOT NULL DEFAULT 0",
         "not_before": "REAL NOT NULL DEFAULT 0",

@@ -1,12 +1,14 @@
 """The landing log: one receiving process's record of the small instances it acknowledged
-before their files were synced (WORK IN PROGRESS on branch landing-log, not yet wired in).
+before their files were synced.
 
-Where it is going (the design is in the note of stop 26): a group of landed instances is
-appended here in one write and made durable by one `fdatasync`; their rows are committed in
-the journal without a flush of their own, with the log's mark (the last sequence number
-committed). After a power loss, the records above the journal's mark are the stores whose
+A group of landed instances is appended here in one write and made durable by one
+`fdatasync`, outside the journal's writer lock; their rows are then committed in the journal
+without a flush of their own, with the log's mark (the last sequence number committed). Each
+receiving process has its own log (the node's is "0", a receiver's its index), so that
+processes storing at once flush side by side instead of queueing for the journal's flush one
+after another. After a power loss, the records above the journal's mark are the stores whose
 commit did not reach the disk, and are done again; those at or below it only have their files
-written again where the row still names them.
+written again where the row still names them (`InstanceStore.replay_landing_logs`).
 
 Two segment files are used in turn, each overwritten from its start (an overwrite's
 `fdatasync` on ext4 with a journal: 0.22-0.34 ms for 72 KB, an append's 0.56-0.81 ms). The
