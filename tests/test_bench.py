@@ -295,3 +295,30 @@ def test_bench_imaging_sets_each_inputs_preparation_rate_beside_the_engine(tmp_p
         assert row["samples_per_s"] == pytest.approx(row["samples_per_unit"] / (row["unit_ms"] / 1e3))
         assert row["workers_to_feed_engine"] >= 1
     assert re.search(r"wsi\s+\d+ samples/unit .* engine/imaging\s+[\d.]+x", done.stdout)
+
+
+def test_a_bench_node_whose_scp_cannot_start_stops_what_it_started(tmp_path, monkeypatch):
+    """Its other receiving processes' socket and its spool's settler do not outlive the error."""
+    from dicomnode.bench import receive as bench_receive
+    from dicomnode.net.receivers import Receivers
+
+    made: list[Receivers] = []
+
+    class Recorded(Receivers):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    def cannot_listen(spool, *args, **kwargs):
+        made.append(spool)
+        raise OSError("port taken")
+
+    monkeypatch.setattr(bench_receive, "Receivers", Recorded)
+    monkeypatch.setattr(bench_receive, "start_scp", cannot_listen)
+    with pytest.raises(OSError, match="port taken"):
+        with bench_receive._dicomnode_listening(tmp_path / "node", 3):
+            pytest.fail("listening")
+
+    others, spool = made
+    assert others.share.socket.fileno() == -1, "the shared socket is closed"
+    assert spool._settler is None, "the settler is stopped"

@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,9 +183,9 @@ def _dicomnode_scp(folder: Path, receivers: int = 1) -> Iterator[int]:
 
 @contextmanager
 def _dicomnode_listening(folder: Path, receivers: int) -> Iterator[int]:
+    """The node's SCP (and its other receiving processes) on a free port, as serve runs them;
+    whatever started is stopped again, also when a later part cannot start."""
     port = free_port()
-    spool = Spool(folder, min_free_bytes=0)
-    spool.start_settling()  # as serve's
     scp = ScpConfig(
         host="127.0.0.1",
         port=port,
@@ -194,20 +194,21 @@ def _dicomnode_listening(folder: Path, receivers: int) -> Iterator[int]:
         receivers=receivers,
         max_associations=100,
     )
-    others = Receivers(ReceiverSetup(scp, folder, count=False), receivers - 1) if receivers > 1 else None
-    server = start_scp(spool, scp, share=others and others.share)
-    try:
+    with ExitStack() as started:
+        spool = Spool(folder, min_free_bytes=0)
+        started.callback(spool.close)
+        spool.start_settling()  # as serve's
+        started.callback(spool.stop_settling)
+        others = Receivers(ReceiverSetup(scp, folder, count=False), receivers - 1) if receivers > 1 else None
+        if others is not None:
+            started.callback(others.stop)
+        server = start_scp(spool, scp, share=others and others.share)
+        started.callback(server.server_close)
+        started.callback(server.shutdown)
         if others is not None:
             others.start()
         wait_for_port(port)
         yield port
-    finally:
-        server.shutdown()
-        if others is not None:
-            others.stop()
-        server.server_close()
-        spool.stop_settling()
-        spool.close()
 
 
 @dataclass(frozen=True)
