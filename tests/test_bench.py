@@ -315,9 +315,8 @@ def test_a_bench_node_whose_scp_cannot_start_stops_what_it_started(tmp_path, mon
 
     monkeypatch.setattr(bench_receive, "Receivers", Recorded)
     monkeypatch.setattr(bench_receive, "start_scp", cannot_listen)
-    with pytest.raises(OSError, match="port taken"):
-        with bench_receive._dicomnode_listening(tmp_path / "node", 3):
-            pytest.fail("listening")
+    with pytest.raises(OSError, match="port taken"), bench_receive._dicomnode_listening(tmp_path / "node", 3):
+        pytest.fail("listening")
 
     others, spool = made
     assert others.share.socket.fileno() == -1, "the shared socket is closed"

@@ -248,14 +248,15 @@ class InstanceStore(Journal):
         if names is None:
             names = sorted({path.name.rsplit("-", 1)[0] for path in folder.glob("*-[01].log")})
         lost: list[tuple[str, Landing]] = []
-        rewritten = held = 0
+        highest: dict[str, int] = {}
+        rewritten = 0
         for name in names:
             mark = self._landing_mark(name)
             for record in sorted(
                 (r for part in (0, 1) for r in read_segment(folder / f"{name}-{part}.log")),
                 key=lambda record: record.seq,
             ):
-                held += 1
+                highest[name] = record.seq
                 if record.seq > mark:
                     if acknowledged:
                         lost.append((name, record))
@@ -263,12 +264,24 @@ class InstanceStore(Journal):
                     rewritten += 1
         lost.sort(key=lambda lost_one: lost_one[1].received_at)
         stored_again = sum(self._store_again(name, record) for name, record in lost)
-        if held:
+        if highest:
+            self._raise_marks(highest)
             self._sync_file_system()
         for name in names:
             for part in (0, 1):
                 forget_segment(folder / f"{name}-{part}.log")
         return stored_again, rewritten
+
+    def _raise_marks(self, highest: dict[str, int]) -> None:
+        """Raise each log's mark to the highest number it held, also over records dropped: a
+        number is never written twice, so a stale record left in a reused segment can never
+        read as the next one."""
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO landing_marks (log, seq) VALUES (?, ?) "
+                "ON CONFLICT(log) DO UPDATE SET seq=max(seq, excluded.seq)",
+                list(highest.items()),
+            )
 
     def _landing_mark(self, name: str) -> int:
         row = self._db().execute("SELECT seq FROM landing_marks WHERE log=?", (name,)).fetchone()
