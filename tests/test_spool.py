@@ -6,6 +6,7 @@ on the same folder, as after a crash of the node.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -1471,6 +1472,28 @@ def test_a_settler_syncs_only_after_its_own_process_landed(landing, tmp_path, mo
     finally:
         receiver.stop_settling()
         receiver.close()
+
+
+def test_stopping_when_the_sync_fails_says_so_and_leaves_the_log_to_the_next_start(
+    tmp_path, landing, monkeypatch, caplog
+):
+    stored = _land(landing, "1.2.3.4.1", b"slice")
+
+    def failing(*args) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    # Neither the file system's sync nor, after it, writing each file again with its own.
+    monkeypatch.setattr(instances, "sync_file_system", failing)
+    monkeypatch.setattr(instances, "write_durably", failing)
+    landing.stop_settling()
+
+    assert "instances landed in the log stay there until the node starts again" in caplog.text
+    monkeypatch.undo()
+    stored.path.unlink()  # as after a power loss
+    restarted = Spool(tmp_path / "var")
+    assert restarted.restore_landed() == 1
+    assert stored.path.read_bytes() == b"slice"
+    restarted.close()
 
 
 def test_stopping_settles_what_landed_and_stops_landing(landing, monkeypatch):

@@ -159,7 +159,7 @@ class InstanceStore(Journal):
             finally:
                 with self._commits.running:
                     landing_log, self._landing_log = self._landing_log, None
-                if landing_log.pending:  # the sync failed: what it holds is made durable at the next start
+                if landing_log.pending or self._suspect_log:  # made durable at the next start
                     log.warning("instances landed in the log stay there until the node starts again")
                 landing_log.close()
                 os.close(self._file_system)
@@ -668,7 +668,7 @@ def _move(received: Path, path: Path) -> None:
 
 
 class _Settler(threading.Thread):
-    """Settles the instances landed in the journal every SETTLE_S, or sooner after SETTLE_COUNT."""
+    """Settles the instances landed in its landing log every SETTLE_S, or sooner after SETTLE_COUNT."""
 
     def __init__(self, store: InstanceStore) -> None:
         super().__init__(name="spool-settler", daemon=True)
@@ -699,6 +699,6 @@ class _Settler(threading.Thread):
                 try:
                     self._store.settle_landed()
                 except (OSError, SpoolError, sqlite3.Error) as exc:  # kept in the journal: tried again
-                    log.error("cannot settle the instances landed in the journal: %s", exc)
+                    log.error("cannot settle the instances landed in the log: %s", exc)
         finally:
             self._store.close()
