@@ -95,9 +95,12 @@ class Share:
             self.open[index] += change
 
     def others_have_fewer(self, index: int) -> bool:
-        """Whether a live process other than `index` has fewer associations open."""
-        counts = self.open[:]
-        return min(counts) < counts[index]
+        """Whether a live process other than `index` has fewer associations open. The node's own
+        (0), which also decodes and runs inference, counts half an association more: it takes a
+        connection only when every receiver has more open than it has, so a lone sender goes to
+        a receiver. Half, so that the node and a receiver never tie and both defer."""
+        load = [2 * count + (process == 0) for process, count in enumerate(self.open[:])]
+        return min(load) < load[index]
 
     def close(self) -> None:
         """Close this process's copy of the listening socket (the others keep theirs)."""
