@@ -38,7 +38,7 @@ from dicomnode.durable import (
 from dicomnode.flow import StoredInstance
 from dicomnode.spool.batch import Batch
 from dicomnode.spool.journal import Journal, SpoolError, SpoolFull, is_valid_uid
-from dicomnode.spool.landing import Landing, LandingLog, forget_segment, read_segment
+from dicomnode.spool.landing import Landing, LandingLog, forget_segment, landing_of, read_segment, stored_of
 
 log = logging.getLogger(__name__)
 
@@ -310,14 +310,7 @@ class InstanceStore(Journal):
     def _store_again(self, name: str, record: Landing) -> bool:
         """Do again a landed store whose commit was lost, its file durably, then its rows; not
         when the journal holds a later store of the instance. Whether it was done again."""
-        stored = StoredInstance(
-            sop_instance_uid=record.sop_instance_uid,
-            sop_class_uid=record.sop_class_uid,
-            study_instance_uid=record.study_instance_uid,
-            series_instance_uid=record.series_instance_uid,
-            path=Path(record.path),
-            calling_ae=record.calling_ae,
-        )
+        stored = stored_of(record)
         with self._study_locked(record.study_instance_uid, exclusive=True):
             since = (
                 self._db()
@@ -330,14 +323,8 @@ class InstanceStore(Journal):
             if since is None:
                 make_folder_durably(stored.path.parent)
                 write_durably(stored.path, lambda handle: handle.write(record.content))
-            with self._transaction() as db:
-                if since is None:
+                with self._transaction() as db:
                     _record_instance(db, stored, record.received_at, (name, record.seq))
-                db.execute(
-                    "INSERT INTO landing_marks (log, seq) VALUES (?, ?) "
-                    "ON CONFLICT(log) DO UPDATE SET seq=max(seq, excluded.seq)",
-                    (name, record.seq),
-                )
         return since is None
 
     def _write_again(self, ids: list[int]) -> int:
@@ -496,7 +483,7 @@ class InstanceStore(Journal):
             records = []
             for arrival in landed:
                 seqs[id(arrival)] = self._next_seq + len(records)
-                records.append(_landing_record(arrival, seqs[id(arrival)], now))
+                records.append(landing_of(arrival.stored, seqs[id(arrival)], now, arrival.landing))
             try:
                 self._landing_log.append(records)
             except OSError as exc:
@@ -564,21 +551,6 @@ class InstanceStore(Journal):
             )
             for r in rows
         )
-
-
-def _landing_record(arrival: _Arrival, seq: int, now: float) -> Landing:
-    stored = arrival.stored
-    return Landing(
-        seq=seq,
-        sop_instance_uid=stored.sop_instance_uid,
-        sop_class_uid=stored.sop_class_uid,
-        study_instance_uid=stored.study_instance_uid,
-        series_instance_uid=stored.series_instance_uid,
-        path=str(stored.path),
-        calling_ae=stored.calling_ae,
-        received_at=now,
-        content=arrival.landing,
-    )
 
 
 def _record_instance(

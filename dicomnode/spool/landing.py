@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicomnode.durable import make_folder_durably
+from dicomnode.flow import StoredInstance
 
 _MAGIC = b"DNL1"
 _HEADER = struct.Struct("<4sQII")  # magic, sequence number, payload length, CRC-32
@@ -58,6 +59,18 @@ class Landing:
     calling_ae: str
     received_at: float
     content: bytes
+
+
+def landing_of(stored: StoredInstance, seq: int, received_at: float, content: bytes) -> Landing:
+    """The record of a store of `stored` with the file's bytes `content`."""
+    return Landing(seq, *(str(getattr(stored, name)) for name in _FIELDS), received_at, content)
+
+
+def stored_of(landing: Landing) -> StoredInstance:
+    """The instance a record stores."""
+    return StoredInstance(
+        **{name: getattr(landing, name) for name in _FIELDS if name != "path"}, path=Path(landing.path)
+    )
 
 
 def encode(landing: Landing) -> bytes:
