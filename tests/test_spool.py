@@ -1509,6 +1509,33 @@ def test_stopping_settles_what_landed_and_stops_landing(landing, monkeypatch):
     assert [event[0] for event in events] == ["fsync", "fsync_dir"]
 
 
+def test_a_version_4_journals_landed_instances_are_restored_after_the_upgrade(tmp_path):
+    """A node of version 4 landed small instances in the journal itself (table `landed`); one
+    that stopped uncleanly with some there leaves them to this version's start."""
+    old = Spool(tmp_path / "var")
+    stored = _store(old, "1.2.3.4.1", content=b"landed by version 4")
+    old.close()
+    db = sqlite3.connect(tmp_path / "var" / "journal.sqlite")
+    with db:  # the journal as version 4 left it
+        db.execute("ALTER TABLE instances DROP COLUMN landing_log")
+        db.execute("ALTER TABLE instances DROP COLUMN landing_seq")
+        db.execute("DROP TABLE landing_marks")
+        db.execute(
+            "INSERT INTO landed (sop_instance_uid, path, content) VALUES (?, ?, ?)",
+            ("1.2.3.4.1", str(stored.path), b"landed by version 4"),
+        )
+        db.execute("PRAGMA user_version=4")
+    db.close()
+    stored.path.unlink()  # its file not yet synced when the power went
+
+    upgraded = Spool(tmp_path / "var")
+    assert upgraded.restore_landed() == 1
+    assert stored.path.read_bytes() == b"landed by version 4"
+    assert upgraded.restore_landed() == 0
+    assert _landing_seq(upgraded, "1.2.3.4.1") is None
+    upgraded.close()
+
+
 def test_a_journal_of_a_newer_node_is_refused_not_opened_and_downgraded(tmp_path):
     Spool(tmp_path / "var").close()
     newer = sqlite3.connect(tmp_path / "var" / "journal.sqlite")
