@@ -301,10 +301,9 @@ class InstanceStore(Journal):
             named = row is not None and (row["landing_log"], row["landing_seq"]) == (name, record.seq)
             if not named or row["path"] != record.path:
                 return False
-            try:
-                write_durably(Path(record.path), lambda handle: handle.write(record.content))
-            except FileNotFoundError:  # its study purged by another process since the query
-                return False
+            # Under the study's lock held alone, which a purge in any process also takes: the row
+            # read above stays until the file is written.
+            write_durably(Path(record.path), lambda handle: handle.write(record.content))
             return True
 
     def _store_again(self, name: str, record: Landing) -> bool:
