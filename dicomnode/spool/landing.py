@@ -117,6 +117,23 @@ def read_segment(path: Path) -> Iterator[Landing]:
         offset, expected = start + length, seq + 1
 
 
+def segment_paths(folder: Path, name: str) -> tuple[Path, Path]:
+    """The two segments of the log `name` in `folder`."""
+    return folder / f"{name}-0.log", folder / f"{name}-1.log"
+
+
+def log_names(folder: Path) -> list[str]:
+    """The names of the logs that have segments in `folder`."""
+    return sorted({path.name.rsplit("-", 1)[0] for path in folder.glob("*-[01].log")})
+
+
+def read_log(folder: Path, name: str) -> list[Landing]:
+    """Every readable record of both segments of the log `name`, by sequence number."""
+    return sorted(
+        (r for path in segment_paths(folder, name) for r in read_segment(path)), key=lambda r: r.seq
+    )
+
+
 def _extend(fd: int, size: int) -> None:
     """Give a segment `size` bytes of written zeros past what it holds, durably, if it is smaller."""
     end = os.fstat(fd).st_size
@@ -156,7 +173,8 @@ class LandingLog:
 
     def __init__(self, folder: Path, name: str) -> None:
         make_folder_durably(folder)
-        self.paths = (folder / f"{name}-0.log", folder / f"{name}-1.log")
+        self._folder, self._name = folder, name
+        self.paths = segment_paths(folder, name)
         self._fds = tuple(os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600) for p in self.paths)
         for fd in self._fds:
             _extend(fd, SEGMENT_BYTES)
@@ -165,7 +183,7 @@ class LandingLog:
 
     def records(self) -> list[Landing]:
         """Every readable record of both segments, by sequence number."""
-        return sorted((r for path in self.paths for r in read_segment(path)), key=lambda r: r.seq)
+        return read_log(self._folder, self._name)
 
     def append(self, landings: list[Landing]) -> None:
         """Write the records at the current segment's end in one write, then flush them to disk
