@@ -355,6 +355,34 @@ def test_receivers_do_not_start_on_a_port_another_process_listens_on(tmp_path):
             Receivers(ReceiverSetup(scp, tmp_path), 1)
 
 
+def test_receivers_of_a_node_killed_while_they_start_exit_and_free_the_port(node_factory):
+    """The node is killed the moment its port listens, about a second before its receivers
+    have imported what they need: they must still see that their node is gone (they once took
+    init for it and held the port for ever, and the node started again could not listen)."""
+    node = node_factory(scp={"receivers": 3})
+    spawned = wait_until(lambda: _receivers_of(node.process.pid), timeout=30, interval=0.005, what="spawned")
+    node.process.kill()
+    node.process.wait()
+    assert "receiving processes beside the node's own" not in node.log.read_text(), "started too late"
+
+    wait_until(lambda: not any(map(running, spawned)), timeout=15, what="receivers gone")
+    assert port_free(node.port)
+
+
+def _receivers_of(pid: int) -> list[int]:
+    """The receiving processes the node `pid` started: its children by multiprocessing's spawn."""
+    found = []
+    for process in Path("/proc").glob("[0-9]*"):
+        try:
+            parent = int((process / "stat").read_text().rpartition(")")[2].split()[1])
+            spawned = parent == pid and b"spawn_main" in (process / "cmdline").read_bytes()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # ended meanwhile
+        if spawned:
+            found.append(int(process.name))
+    return found
+
+
 def port_free(port: int) -> bool:
     """Whether a socket can listen on `port` (a listening socket holds it, with or without
     SO_REUSEPORT)."""

@@ -108,7 +108,7 @@ class Receivers:
         ready, says_ready = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=receive,
-            args=(self.setup, self.share, index, self._messages, says_ready),
+            args=(self.setup, self.share, index, self._messages, says_ready, os.getpid()),
             name=f"receiver-{index}",
             daemon=False,
         )
@@ -197,10 +197,13 @@ def _said_ready(ready) -> bool:
         return False
 
 
-def receive(setup: ReceiverSetup, share: Share, index: int, messages, ready) -> None:
+def receive(setup: ReceiverSetup, share: Share, index: int, messages, ready, node: int) -> None:
     """A receiver process: an SCP and spool on the node's state folder until told to stop.
 
-    Exits 0 when told to stop (SIGTERM, SIGINT) or when the node is gone, and not 0 on failure.
+    Exits 0 when told to stop (SIGTERM, SIGINT) or when the node (process `node`, its parent)
+    is gone, and not 0 on failure. The node's process ID comes from the node: this process
+    starts in about a second (it imports pydicom and pynetdicom), and a node killed meanwhile
+    would leave it the parent of init's, a receiver of no node holding the port for ever.
     """
     from dicomnode.metrics import count_scp
     from dicomnode.net.scp import start_scp
@@ -210,7 +213,8 @@ def receive(setup: ReceiverSetup, share: Share, index: int, messages, ready) -> 
     os.umask(0o077)
     _log_to(messages, setup.log_level)
     stop = StopSignals()
-    node = os.getppid()
+    if os.getppid() != node:
+        sys.exit(0)  # the node is gone already: nobody to receive for, nor to tell
     try:
         spool = Spool.open_existing(
             setup.state_dir, read_only=False, min_free_bytes=setup.scp.min_free_mb << 20
