@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +52,21 @@ def wait_for_port(port: int, timeout: float = 60.0, process: subprocess.Popen | 
                 return
         time.sleep(0.1)
     raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+
+
+def listens(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a socket listening on TCP `port` (/proc/net/tcp and tcp6)."""
+    listening = {
+        fields[9]
+        for table in ("/proc/net/tcp", "/proc/net/tcp6")
+        for fields in (line.split() for line in Path(table).read_text().splitlines()[1:])
+        if fields[1].endswith(f":{port:04X}") and fields[3] == "0A"  # 0A: TCP_LISTEN
+    }
+    held = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with suppress(FileNotFoundError):  # closed meanwhile
+            held.add(os.readlink(fd))
+    return any(f"socket:[{inode}]" in held for inode in listening)
 
 
 def wait_until(predicate, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"):
@@ -289,7 +304,11 @@ def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
 
 
 def start_node(config: Path, port: int, env: dict[str, str] | None = None) -> RunningNode:
-    """Start `dicomnode serve` (with `env` added to its environment) and wait until its SCP listens."""
+    """Start `dicomnode serve` (with `env` added to its environment) and wait until its SCP listens.
+
+    Its own SCP: the receivers of a node killed just before may hold the port for a second
+    more (their node gone, they stop), so the port accepting is not enough; the socket
+    listening on it must be the new node's."""
     log = config.parent / "node.out"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log, "ab") as out:
@@ -299,7 +318,14 @@ def start_node(config: Path, port: int, env: dict[str, str] | None = None) -> Ru
             stderr=subprocess.STDOUT,
             env=env,
         )
+
+    def listening() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"node exited with {process.returncode} before listening on {port}")
+        return listens(process.pid, port)
+
     try:
+        wait_until(listening, timeout=120, interval=0.1, what="the node's SCP listening")
         wait_for_port(port, timeout=120, process=process)
     except Exception:
         stop_process(process)
