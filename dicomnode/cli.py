@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from dicomnode.config import DEFAULT_CONFIG, ConfigError, default_config, load_config, load_routing
+from dicomnode.config import DEFAULT_CONFIG, ConfigError, ScpConfig, default_config, load_config, load_routing
 
 # Tracebacks never show local variables: they could hold patient data.
 app = typer.Typer(
@@ -677,7 +677,8 @@ def bench_receive(
         typer.Option(
             min=1,
             max=64,
-            help="dicomnode's receiving processes (scp.receivers); repeat to compare counts in one run.",
+            help="dicomnode's receiving processes (scp.receivers; default: as serve's auto on this"
+            " host); repeat to compare counts in one run.",
         ),
     ] = None,
     memory: Annotated[
@@ -702,7 +703,7 @@ def bench_receive(
             scenarios = standard_scenarios(count, slice_file, radiograph)
         else:
             scenarios = [Scenario(file.name, file, count or 50, associations)]
-        run(scenarios, rounds, typer.echo, receivers=receivers or [1])
+        run(scenarios, rounds, typer.echo, receivers=receivers or [ScpConfig().receiving_processes()])
     except BenchError as exc:
         typer.echo(f"benchmark failed: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -1,6 +1,6 @@
 """`dicomnode serve`: wires receive -> route -> image -> infer -> results -> deliver.
 
-One process (and `scp.receivers - 1` more that only receive, net.receivers): the SCP's
+One process (and `scp.receivers` - 1 more that only receive, net.receivers): the SCP's
 association threads write the spool; one study worker takes quiet
 studies from the journal and processes them; one outbox worker per destination sends the
 results. Every hand-over goes through the journal, so a crash at any point resumes on the
@@ -21,7 +21,7 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from dicomnode.config import AuditConfig, ConfigError, NodeConfig, RoutingConfig, load_routing
+from dicomnode.config import AuditConfig, ConfigError, NodeConfig, RoutingConfig, load_routing, usable_cores
 from dicomnode.engine import Engine, EngineError
 from dicomnode.flow import ResultSet, StudyJob
 from dicomnode.health import Heartbeat
@@ -344,9 +344,14 @@ class Node:
             thread.start()
 
     def _start_receiving(self) -> ThreadedAssociationServer:
-        """The node's own SCP, and `scp.receivers - 1` receiving processes beside it."""
+        """The node's own SCP, and `scp.receivers` - 1 receiving processes beside it."""
         scp = self.cfg.scp
-        if scp.receivers == 1:
+        processes = scp.receiving_processes()
+        log.info(
+            "receiving in %d process(es): scp.receivers %s, %d usable cores",
+            processes, scp.receivers, usable_cores(),
+        )  # fmt: skip
+        if processes == 1:
             return start_scp(self.spool, scp, scp_context(self.cfg))
         setup = ReceiverSetup(
             scp,
@@ -355,7 +360,7 @@ class Node:
             log_level=self.cfg.log_level,
             count=self.cfg.metrics.enabled,
         )
-        self.receivers = Receivers(setup, scp.receivers - 1, self.monitor.metrics.count)
+        self.receivers = Receivers(setup, processes - 1, self.monitor.metrics.count)
         try:
             server = start_scp(self.spool, scp, scp_context(self.cfg), share=self.receivers.share)
         except BaseException:

@@ -150,6 +150,35 @@ def test_scp_port_out_of_range_or_not_a_number_is_rejected(tmp_path, port):
     assert_names(config_error(path), path, "scp.port")
 
 
+@pytest.mark.parametrize("receivers", [0, 65, -1, True, "4", "many", 2.0, None])
+def test_scp_receivers_other_than_a_count_or_auto_is_rejected_saying_what_to_give(tmp_path, receivers):
+    path = write(tmp_path / "dicomnode.yaml", {"scp": {"receivers": receivers}})
+
+    message = config_error(path)
+    assert_names(message, path, "scp.receivers")
+    assert "a number of processes from 1 to 64, or auto" in message
+    assert len(message.splitlines()) == 1, message  # one line, not one per member of the union
+
+
+@pytest.mark.parametrize(("cores", "processes"), [(1, 1), (2, 2), (3, 3), (4, 4), (8, 4), (16, 4), (128, 4)])
+def test_scp_receivers_auto_is_one_process_per_usable_core_at_most_four(
+    tmp_path, monkeypatch, cores, processes
+):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
+    defaulted = load_config(write(tmp_path / "empty.yaml", ""))
+    given = load_config(write(tmp_path / "auto.yaml", {"scp": {"receivers": "auto"}}))
+
+    assert defaulted.scp.receivers == given.scp.receivers == "auto"
+    assert defaulted.scp.receiving_processes() == given.scp.receiving_processes() == processes
+
+
+def test_scp_receivers_given_as_a_count_is_kept_whatever_the_cores(tmp_path, monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    cfg = load_config(write(tmp_path / "dicomnode.yaml", {"scp": {"receivers": 7}}))
+
+    assert cfg.scp.receiving_processes() == 7
+
+
 def test_destination_port_out_of_range_is_rejected_naming_its_index(tmp_path):
     destinations = [
         {"name": "pacs", "host": "pacs.example", "port": 104, "ae_title": "PACS"},
