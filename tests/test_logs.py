@@ -47,6 +47,8 @@ def test_json_log_format_writes_one_object_per_line_to_stderr_and_the_files(node
     assert dcmtk("echoscu", "-aec", "NOTUS", "127.0.0.1", str(node.port)).returncode != 0
 
     logs = node.config.parent / "var" / "logs"
+    # Ready once its receiving processes are, a moment after its own SCP listens.
+    wait_until(lambda: "dicomnode ready" in (logs / "dicomnode.log").read_text(), what="ready")
     for records in (_json_lines(node.log), _json_lines(logs / "dicomnode.log")):
         assert all(set(record) >= JSON_KEYS for record in records)
         assert any(r["message"].startswith("dicomnode ready") and r["level"] == "INFO" for r in records)
