@@ -1135,6 +1135,12 @@ def landing(spool, monkeypatch) -> Iterator[Spool]:
     spool.stop_settling()
 
 
+def _dies(spool: Spool) -> None:
+    """The process of `spool` dies, as far as other processes can tell: the kernel lets go of
+    its landing log. (The rest of it lingers in this test's process, its settler asleep.)"""
+    spool._let_go()
+
+
 def _land(spool: Spool, sop: str, data: bytes, study: str = STUDY):
     """Store as the SCP does an instance whose bytes it kept: the received file and its bytes."""
     return spool.store(
@@ -1235,6 +1241,7 @@ def test_after_an_unclean_stop_landed_files_are_written_again_from_the_log(tmp_p
     lost.path.unlink()
     torn.path.write_bytes(b"torn")
 
+    _dies(landing)
     restarted = Spool(tmp_path / "var")
     assert restarted.restore_landed() == 3
 
@@ -1270,6 +1277,7 @@ def test_stores_whose_commit_a_power_loss_undid_are_done_again_from_the_log(tmp_
     ]
     landing_log.append(undone)
 
+    _dies(landing)
     restarted = Spool(tmp_path / "var")
     assert restarted.restore_landed() == 3, "one file written again, two stores done again"
 
@@ -1289,6 +1297,7 @@ def test_a_restore_never_writes_an_older_landing_over_what_was_stored_since(tmp_
     moved = _land(landing, "1.2.3.4.6", b"moved instance")
     _land(landing, "1.2.3.4.6", b"moved instance", study=OTHER_STUDY)
 
+    _dies(landing)
     restarted = Spool(tmp_path / "var")
     assert restarted.restore_landed() == 1, "the moved instance, where it now is"
 
@@ -1324,8 +1333,10 @@ def test_a_record_of_another_log_with_the_same_number_is_not_written_over_the_fi
     back = _land(receiver, sop, b"moved back, log 1 record 1")  # the same path as record 1 of log 0
     receiver._landing_log.close()  # the receiver dies: its settler never runs
     receiver._landing_log = None
+    _dies(receiver)
     back.path.write_bytes(b"torn")  # and the power goes
 
+    _dies(landing)
     restarted = Spool(tmp_path / "var")
     assert restarted.restore_landed() == 1
 
@@ -1343,6 +1354,7 @@ def test_a_receiver_started_again_drops_what_it_logged_but_never_committed(tmp_p
     receiver._landing_log.append([_undone(receiver, 2, "1.2.3.4.3", b"never committed")])
     receiver._landing_log.close()  # it dies there
     receiver._landing_log = None
+    _dies(receiver)
     landing.finish_study(_claim(landing), state="done")
 
     again = Spool.open_existing(tmp_path / "var", read_only=False)
@@ -1360,6 +1372,47 @@ def test_a_receiver_started_again_drops_what_it_logged_but_never_committed(tmp_p
         again.close()
 
 
+def test_a_restore_waits_for_a_log_another_process_still_writes_and_then_keeps_what_it_wrote(
+    tmp_path, landing
+):
+    """A receiving process of a node that was killed lives on for a moment, still landing. The
+    node started again must not replay and forget its log meanwhile: what it acknowledged after
+    the replay read the log would be forgotten before its file was synced."""
+    _dies(landing)
+    receiver = Spool.open_existing(tmp_path / "var", read_only=False)
+    receiver.start_settling("1")
+    early = _land(receiver, "1.2.3.4.1", b"landed before the restart")
+    restarted = Spool(tmp_path / "var")
+    restore = threading.Thread(target=restarted.restore_landed)
+    restore.start()
+    time.sleep(0.5)
+    assert restore.is_alive(), "the restore waits while the receiver holds its log"
+    late = _land(receiver, "1.2.3.4.2", b"landed while the node started")
+    receiver._landing_log.close()  # then it dies, its settler never ran
+    receiver._landing_log = None
+    _dies(receiver)
+    late.path.write_bytes(b"torn")  # and the power goes
+
+    restore.join(10)
+    assert not restore.is_alive()
+    assert early.path.read_bytes() == b"landed before the restart"
+    assert late.path.read_bytes() == b"landed while the node started"
+    restarted.close()
+
+
+def test_a_log_held_by_another_process_for_too_long_fails_the_start_naming_it(tmp_path, landing, monkeypatch):
+    monkeypatch.setattr(instances, "HOLD_WAIT_S", 0.2)
+    again = Spool.open_existing(tmp_path / "var", read_only=False)
+
+    with pytest.raises(SpoolError, match="landing log 0 stayed in use by another process for 0.2 s"):
+        again.start_settling("0")
+    assert again._held is None and again._landing_log is None
+    _dies(landing)
+    again.start_settling("0")  # once the other lets go
+    again.stop_settling()
+    again.close()
+
+
 def test_a_restore_does_not_do_again_a_store_older_than_the_instance_in_the_journal(tmp_path, landing):
     """A lost commit's record is older than a store of the same instance that came after it
     (the sender sent it again, to another process): that one stays."""
@@ -1367,6 +1420,7 @@ def test_a_restore_does_not_do_again_a_store_older_than_the_instance_in_the_jour
     later = _land(landing, "1.2.3.4.5", b"sent again and committed")
     landing._landing_log.append([_undone(landing, 2, "1.2.3.4.5", b"first try, commit lost", at=before)])
 
+    _dies(landing)
     restarted = Spool(tmp_path / "var")
     restarted.restore_landed()
 
@@ -1383,6 +1437,7 @@ def test_the_logs_are_forgotten_only_after_the_file_system_is_synced(tmp_path, l
     monkeypatch.setattr(instances, "sync_file_system", lambda folder: events.append("sync"))
     monkeypatch.setattr(instances, "forget_segment", lambda path: events.append("forget"))
 
+    _dies(landing)
     restarted = Spool(tmp_path / "var")
     restarted.restore_landed()
 
@@ -1555,6 +1610,7 @@ def test_a_restore_never_brings_back_a_study_purged_since(tmp_path, landing):
     assert sorted(_landed(landing)) == ["1.2.9.1.1", "1.2.9.6.1"], "stored as bytes, they landed too"
     assert landing.purge_finished(time.time() + 1) == 1
 
+    _dies(landing)
     restarted = Spool(tmp_path / "var")
     assert restarted.restore_landed() == 1
 

@@ -36,12 +36,14 @@ from dicomnode.durable import (
     write_unsynced,
 )
 from dicomnode.flow import StoredInstance
+from dicomnode.locks import lock_byte
 from dicomnode.spool.batch import Batch
 from dicomnode.spool.journal import Journal, SpoolError, SpoolFull, is_valid_uid
 from dicomnode.spool.landing import (
     Landing,
     LandingLog,
     forget_segment,
+    holder_path,
     landing_of,
     log_names,
     read_log,
@@ -57,6 +59,10 @@ log = logging.getLogger(__name__)
 #: ms at 128 KB, slower than its own file's sync from 256 KB). With the log, 1 MiB measured
 #: against it for 531 KB CT slices (README): no gain, so it stays.
 LANDING_BYTES = 128 << 10
+
+#: Longest a process waits for a landing log another process holds. A receiving process of a
+#: node that was killed sees within half a second that its node is gone, settles and exits.
+HOLD_WAIT_S = 30.0
 
 #: Longest an instance's file stays unsynced, held by the landing log, before the settler syncs it.
 SETTLE_S = 1.0
@@ -144,6 +150,9 @@ class InstanceStore(Journal):
         self._landing_dir = self.state_dir / "landing"
         self._landing_log: LandingLog | None = None
         self._log_name = "0"
+        #: The name of this process's landing log and the descriptor holding it while it
+        #: settles (_hold_log).
+        self._held: tuple[str, int] | None = None
         self._next_seq = 1
         #: A sync failed: the landing log's files are written again before anything lands.
         self._suspect_log = False
@@ -155,8 +164,13 @@ class InstanceStore(Journal):
         this process is made durable first (replay_landing_logs; the node has replayed every log
         at its start, so this finds only what a receiving process left when it died)."""
         if self._settler is None:
-            self.replay_landing_logs([log_name], acknowledged=False)
-            landing_log = LandingLog(self._landing_dir, log_name)
+            self._held = (log_name, self._hold_log(log_name))
+            try:
+                self.replay_landing_logs([log_name], acknowledged=False)
+                landing_log = LandingLog(self._landing_dir, log_name)
+            except BaseException:
+                self._let_go()
+                raise
             self._next_seq = self._landing_mark(log_name) + 1
             self._file_system = open_folder(self.instances_dir)
             with self._commits.running:
@@ -181,6 +195,36 @@ class InstanceStore(Journal):
                 landing_log.close()
                 os.close(self._file_system)
                 self._file_system = None
+                self._let_go()
+
+    def _hold_log(self, name: str) -> int:
+        """A descriptor holding the landing log `name` for this process alone: an exclusive
+        lock on its lock file, which the kernel releases when the descriptor is closed or the
+        process dies. Waits while another process holds it (a receiving process of a node
+        that was killed, not yet gone: replaying or forgetting a log it still writes could
+        forget what it acknowledged since); SpoolError after HOLD_WAIT_S."""
+        make_folder_durably(self._landing_dir)
+        fd = os.open(holder_path(self._landing_dir, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + HOLD_WAIT_S
+        said = False
+        while not lock_byte(fd, 0, exclusive=True, wait=False):
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise SpoolError(
+                    f"landing log {name} stayed in use by another process for {HOLD_WAIT_S:g} s"
+                    " (a receiving process of an earlier run that does not stop?)"
+                )
+            if not said:
+                log.warning("landing log %s is in use by another process; waiting for it to stop", name)
+                said = True
+            time.sleep(0.05)
+        return fd
+
+    def _let_go(self) -> None:
+        """Close the descriptor holding this process's landing log: another may use it now."""
+        held, self._held = self._held, None
+        if held is not None:
+            os.close(held[1])
 
     def settle_landed(self) -> int:
         """Sync the spool's file system; the landing log's segment written until now is then free.
@@ -262,6 +306,18 @@ class InstanceStore(Journal):
         folder = self._landing_dir
         if names is None:
             names = log_names(folder)
+        mine = self._held[0] if self._held is not None else None
+        held: list[int] = []
+        try:
+            for name in names:
+                if name != mine:
+                    held.append(self._hold_log(name))
+            return self._replay(folder, names, acknowledged)
+        finally:
+            for fd in held:
+                os.close(fd)
+
+    def _replay(self, folder: Path, names: list[str], acknowledged: bool) -> tuple[int, int]:
         lost: list[tuple[str, Landing]] = []
         highest: dict[str, int] = {}
         rewritten = 0

@@ -127,6 +127,12 @@ def log_names(folder: Path) -> list[str]:
     return sorted({path.name.rsplit("-", 1)[0] for path in folder.glob("*-[01].log")})
 
 
+def holder_path(folder: Path, name: str) -> Path:
+    """The lock file of the log `name`: the process that writes the log, or replays it, holds it
+    exclusively (`InstanceStore._hold_log`), so that no two ever use one log at once."""
+    return folder / f"{name}.lock"
+
+
 def read_log(folder: Path, name: str) -> list[Landing]:
     """Every readable record of both segments of the log `name`, by sequence number."""
     return sorted(
