@@ -40,7 +40,7 @@ from dicomnode.pipeline import classify, imaging_pool
 from dicomnode.privacy import describe_error, uid_tag, where_raised
 from dicomnode.results import write_results
 from dicomnode.routing import Ignored, route_study
-from dicomnode.spool import Spool, StudyRecord
+from dicomnode.spool import Spool, SpoolError, StudyRecord
 
 if TYPE_CHECKING:
     from pynetdicom.transport import ThreadedAssociationServer
@@ -361,18 +361,15 @@ class Node:
             count=self.cfg.metrics.enabled,
         )
         self.receivers = Receivers(setup, processes - 1, self.monitor.metrics.count)
+        # The receivers first (connections wait in the socket's backlog until one accepts): the
+        # node's own SCP is counted and watched only once this returns (Monitor.start), and
+        # while the receivers start, about a second, it would be the only one accepting.
+        self.receivers.start()  # stops them all if one cannot start
         try:
-            server = start_scp(self.spool, scp, scp_context(self.cfg), share=self.receivers.share)
+            return start_scp(self.spool, scp, scp_context(self.cfg), share=self.receivers.share)
         except BaseException:
             self.receivers.stop()
             raise
-        try:
-            self.receivers.start()
-        except BaseException:
-            server.shutdown()
-            server.server_close()
-            raise
-        return server
 
     def stop(self) -> None:
         """Stop accepting, let workers finish their current step, close the journal."""
@@ -422,11 +419,13 @@ def serve(cfg: NodeConfig) -> None:
     try:
         node = Node(cfg, notifier)
         log.info("start-up objects exempt from garbage collection: %d", settle_heap())
+        # From here a stop waits for the start to finish, then stops as from serving: killed
+        # midway, receiving processes and landing logs would be left to the next start.
+        stopping = StopSignals()
         node.start()
-    except (ConfigError, PromptSetError, BackboneError, EngineError, OSError) as exc:
+    except (ConfigError, PromptSetError, BackboneError, EngineError, OSError, SpoolError) as exc:
         log.error("cannot start: %s", exc)
         raise StartupError(str(exc)) from None
-    stopping = StopSignals()
     log.info("dicomnode ready: state in %s", cfg.state_dir)
     # Ready for systemd only now: the SCP listens and every served prompt set is warm.
     notifier.ready(f"serving: Storage SCP {cfg.scp.ae_title} on port {cfg.scp.port}")

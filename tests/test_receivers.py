@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import os
 import re
+import signal
 import socket
 import stat
 import subprocess
@@ -367,6 +368,18 @@ def test_receivers_of_a_node_killed_while_they_start_exit_and_free_the_port(node
 
     wait_until(lambda: not any(map(running, spawned)), timeout=15, what="receivers gone")
     assert port_free(node.port)
+
+
+def test_a_stop_while_the_receivers_start_waits_for_the_start_and_stops_cleanly(node_factory):
+    """systemd stops a service that is still starting with SIGTERM: the node must not die of it
+    midway (receivers half started, the landing log held), but finish starting and stop."""
+    node = node_factory(scp={"receivers": 3})
+    wait_until(lambda: _receivers_of(node.process.pid), timeout=30, interval=0.005, what="spawned")
+    node.process.send_signal(signal.SIGTERM)
+
+    assert node.process.wait(timeout=60) == 0, node.log.read_text()
+    said = node.log.read_text()
+    assert "2 receiving processes beside the node's own" in said and "dicomnode stopped" in said
 
 
 def _receivers_of(pid: int) -> list[int]:
