@@ -31,7 +31,7 @@ from dicomnode.model.library import PromptSetLibrary
 from dicomnode.model.promptset import PromptSet, PromptSetError
 from dicomnode.monitor import Monitor
 from dicomnode.net.receivers import Receivers, ReceiverSetup
-from dicomnode.net.scp import start_scp
+from dicomnode.net.scp import clear_half_received, start_scp
 from dicomnode.net.stow import check_endpoints
 from dicomnode.net.tls import check_tls, scp_context
 from dicomnode.notify import StopSignals, SystemdNotifier
@@ -364,9 +364,12 @@ class Node:
         # The receivers first (connections wait in the socket's backlog until one accepts): the
         # node's own SCP is counted and watched only once this returns (Monitor.start), and
         # while the receivers start, about a second, it would be the only one accepting.
+        clear_half_received(self.spool)  # before anyone receives into incoming/
         self.receivers.start()  # stops them all if one cannot start
         try:
-            return start_scp(self.spool, scp, scp_context(self.cfg), share=self.receivers.share)
+            return start_scp(
+                self.spool, scp, scp_context(self.cfg), share=self.receivers.share, clear_incoming=False
+            )
         except BaseException:
             self.receivers.stop()
             raise

@@ -217,6 +217,14 @@ def _check_identity(header: Header, affected_sop_instance_uid: str) -> Refusal |
 _AT_LIMIT = (0x02, SERVICE_PROVIDER_PRESENTATION, 0x02)
 
 
+def clear_half_received(spool: Spool) -> None:
+    """Delete what `incoming/` holds, left half-received by the last run: only before any SCP
+    on the state folder receives (a receiving process's files in flight are there too)."""
+    cleared = spool.clear_incoming()
+    if cleared:
+        log.info("deleted %d instances a previous run left half-received", cleared)
+
+
 class StorageHandlers:
     """The SCP's event handlers, bound to one spool.
 
@@ -240,9 +248,8 @@ class StorageHandlers:
         self._lock = threading.Lock()
         _receive_to_disk()
         remember_uids()
-        cleared = spool.clear_incoming() if clear_incoming else 0
-        if cleared:
-            log.info("deleted %d instances a previous run left half-received", cleared)
+        if clear_incoming:
+            clear_half_received(spool)
 
     def _count(self, assoc, outcome: str) -> None:
         with self._lock:
