@@ -128,7 +128,17 @@ def write_node_config(
         "prompts_dir": str(REPO / "prompts"),
         "routing": str(REPO / "conf" / "routing.yaml"),
         "log_level": "INFO",
-        "scp": {"host": "127.0.0.1", "port": scp_port, "ae_title": "DICOMNODE", "min_free_mb": 0},
+        # One receiving process, not serve's auto: tests read the node's logs right after an
+        # exchange, and a receiver's records reach them through the node a moment later.
+        # Receiving processes are tested where asked for (test_receivers, the reliability
+        # tests); auto by the packaging test, which serves the embedded default.
+        "scp": {
+            "host": "127.0.0.1",
+            "port": scp_port,
+            "ae_title": "DICOMNODE",
+            "min_free_mb": 0,
+            "receivers": 1,
+        },
         "studies": {"quiet_period_s": 1.0, "poll_interval_s": 0.2},
         "model": {"architecture": architecture.stem, "architecture_config": str(architecture), "seed": 7},
         "destinations": destinations or [],

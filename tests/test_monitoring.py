@@ -21,7 +21,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from dicomnode.config import ScpConfig
+from dicomnode.config import load_config
 from dicomnode.health import Heartbeat, Liveness, Unreachable, Watchdog
 from dicomnode.notify import SystemdNotifier
 from tests.conftest import (
@@ -391,7 +391,7 @@ def test_a_study_moves_the_counters_with_their_labels_and_no_patient_data(orthan
     assert value(samples, "dicomnode_free_bytes") > 0
     stages = {dict(labels)["stage"] for name, labels in samples if name == "dicomnode_stage_stuck"}
     always = {"scp", "studies-0", "studies-1", "outbox-orthanc", "inference-cpu", "prompt-watcher"}
-    receiving = {"receivers"} if ScpConfig().receiving_processes() > 1 else set()  # their supervisor
+    receiving = {"receivers"} if load_config(node.config).scp.receiving_processes() > 1 else set()
     assert stages == always | receiving
     assert value(samples, "dicomnode_healthy") == 1.0
     response = healthz(node.metrics_url)

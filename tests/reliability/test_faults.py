@@ -133,6 +133,7 @@ def test_sigkill_at_random_moments_loses_no_acknowledged_instance_and_reports_ea
         tmp_path,
         tiny_architecture,
         scp_port=port,
+        scp={"receivers": "auto"},  # as serve's default: receivers of a killed node outlive it a moment
         destinations=[orthanc.destination(backoff_s=0.2, max_backoff_s=1.0)],
         studies={"quiet_period_s": QUIET_PERIOD_S, "poll_interval_s": 0.1, "imaging_processes": 0},
     )

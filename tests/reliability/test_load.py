@@ -43,7 +43,7 @@ def test_twenty_concurrent_associations_and_a_study_of_500_are_all_stored_proces
         tmp_path,
         tiny_architecture,
         scp_port=port,
-        scp={"max_associations": ASSOCIATIONS + 1},
+        scp={"max_associations": ASSOCIATIONS + 1, "receivers": "auto"},  # as serve's default
         destinations=[orthanc.destination(backoff_s=0.2, max_backoff_s=1.0)],
         studies={"quiet_period_s": QUIET_PERIOD_S, "poll_interval_s": 0.1},
     )
